@@ -1,0 +1,1 @@
+"""seg: PSPNet and PointRend semantic segmentation trainers in plain PyTorch."""

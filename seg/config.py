@@ -1,0 +1,201 @@
+"""configs.toml sections: inheritance, `key=value` overrides, and key/type checking.
+
+Every key a section may set is declared, with its default, in the `[base]` section, so defaults live
+in one visible place. Keys under `model` are the keyword arguments of the model's builder function
+(seg/pspnet.py `build_pspnet`, seg/pointrend.py `build_pointrend`) plus `name`.
+"""
+import copy
+import difflib
+import sys
+
+from seg.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+BASE = "base"
+
+
+def load_toml(path):
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as error:
+        raise UserError(f"{path}: config file not found") from error
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path}: not valid TOML ({error})") from error
+
+
+def closest(name, candidates):
+    """A 'did you mean' suffix naming the closest valid names."""
+    matches = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=3, cutoff=0.5)
+    return f"; closest: {', '.join(matches)}" if matches else ""
+
+
+def resolve_section(sections, name, path="configs.toml"):
+    """Merge a section over the chain it inherits from (`inherit = "other"`), ending at [base]."""
+    chain, current = [], name
+    while True:
+        if current not in sections:
+            raise UserError(f"{path}: no section [{current}]{closest(current, sections)}. "
+                            f"`python run.py --list` shows them all.")
+        if current in chain:
+            raise UserError(f"{path}: [{name}] inherits in a cycle: {' -> '.join(chain + [current])}")
+        chain.append(current)
+        parent = sections[current].get("inherit", BASE if current != BASE else None)
+        if parent is None:
+            break
+        current = parent
+    resolved = {}
+    for section in reversed(chain):
+        resolved = merge(resolved, sections[section])
+    resolved.pop("inherit", None)
+    resolved["section"] = name
+    return resolved
+
+
+def merge(base, update):
+    """Deep merge of nested dicts; `update` wins."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def check_keys(config, schema, model_defaults, where, prefix=""):
+    """Every key of `config` must exist in `schema` ([base]); model keys in the builder signature."""
+    for key, value in config.items():
+        dotted = prefix + key
+        if dotted == "section":
+            continue
+        if prefix == "model." and key != "name":
+            known = model_defaults
+        else:
+            known = schema
+        if key not in known:
+            raise UserError(f"{where}: unknown key '{dotted}'{closest(key, known)}")
+        if isinstance(value, dict) and isinstance(known[key], dict):
+            check_keys(value, known[key], model_defaults, where, dotted + ".")
+
+
+def parse_override(text):
+    """`a.b=value` -> (["a", "b"], value); the value is a TOML literal, else a bare string."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not key=value (e.g. model.num_classes=21)")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # paths and names need no quotes on the command line
+    return key.strip().split("."), value
+
+
+def type_name(value):
+    return type(value).__name__
+
+
+def check_type(key, value, default):
+    """An override must have the type of the value it replaces (an int may replace a float)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif isinstance(default, (int, str, list)):
+        ok = type(value) is type(default)
+        if key == "loss_scale":  # "dynamic" or a number
+            ok = value == "dynamic" or isinstance(value, (int, float))
+    else:
+        ok = True
+    if not ok:
+        raise UserError(f"override {key}={value!r}: expected a {type_name(default)} like {default!r}")
+    return value
+
+
+def apply_overrides(config, overrides, model_defaults):
+    for text in overrides:
+        keys, value = parse_override(text)
+        node, dotted = config, ".".join(keys)
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                raise UserError(f"unknown key '{dotted}'{closest(key, node)}")
+            node = node[key]
+        last = keys[-1]
+        if keys[0] == "model" and len(keys) == 2 and last not in node and last in model_defaults:
+            default = model_defaults[last]
+        elif last in node:
+            default = node[last]
+        else:
+            candidates = list(node) + (list(model_defaults) if keys[0] == "model" else [])
+            raise UserError(f"unknown key '{dotted}'{closest(last, candidates)}")
+        node[last] = check_type(dotted, value, default)
+    return config
+
+
+def load_config(path, section, overrides=(), model_defaults_for=lambda name: {}):
+    """The fully resolved, checked config of one section with command-line overrides applied.
+
+    model_defaults_for(name) returns the builder's keyword defaults for model `name`; they fill the
+    [model] table so that --show prints every value the run uses. Every section of the file is
+    checked, so a typo anywhere is caught before a long run starts.
+    """
+    sections = load_toml(path)
+    if BASE not in sections:
+        raise UserError(f"{path}: needs a [{BASE}] section declaring every key")
+    for name in sections:
+        resolved = resolve_section(sections, name, path)
+        defaults = model_defaults_for(resolved.get("model", {}).get("name", ""))
+        check_keys(resolved, sections[BASE], defaults, f"{path} [{name}]")
+    config = resolve_section(sections, section, path)
+    model_defaults = model_defaults_for(config["model"]["name"])
+    config = apply_overrides(config, overrides, model_defaults)
+    model_defaults = model_defaults_for(config["model"]["name"])
+    config["model"] = {"name": config["model"]["name"],
+                       **{key: _plain(value) for key, value in model_defaults.items() if value is not None},
+                       **{key: value for key, value in config["model"].items() if key != "name"}}
+    return config
+
+
+def _plain(value):
+    """Builder defaults as TOML-friendly values (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def describe_sections(path):
+    """(name, description) of every runnable section (one with a task)."""
+    sections = load_toml(path)
+    rows = []
+    for name in sections:
+        resolved = resolve_section(sections, name, path)
+        if resolved.get("task"):
+            rows.append((name, resolved.get("description", "")))
+    return rows
+
+
+def to_toml(config, prefix=""):
+    """Render a resolved config back as TOML text (for --show and checkpoints)."""
+    lines, tables = [], []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_literal(value)}")
+    for key, value in tables:
+        lines.append(f"\n[{prefix}{key}]")
+        lines.append(to_toml(value, prefix=f"{prefix}{key}."))
+    return "\n".join(lines)
+
+
+def _literal(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(item) for item in value) + "]"
+    return repr(value)

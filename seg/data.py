@@ -1,0 +1,263 @@
+"""Datasets on disk (VOC12aug, Cityscapes), the infinite sharded sampler, collation and loaders.
+
+Randomness: every training sample is augmented with its own numpy Generator seeded by
+(seed, position of the sample in the global stream), so augmentations differ across ranks and workers,
+do not depend on the number of workers or processes, and a resumed run replays exactly the samples it
+would have seen.
+"""
+import glob
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from seg.errors import UserError
+
+IGNORE_INDEX = 255
+
+
+# ---------------------------------------------------------------- listing files
+
+
+def read_split(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: split file not found. Check data_root / data.root, or prepare the dataset "
+                        f"(python run.py prepare_voc_aug / prepare_cityscapes).")
+    with open(path) as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def voc_items(root, splits):
+    """[(image, label)] for splits like ["train:SegmentationClass", "aug:SegmentationClassAug"]."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root}: VOC2012 folder not found. Put VOCdevkit under data/ (see README, "
+                        f"'Preparing VOC12aug') or set data_root=PATH.")
+    items = []
+    for split in splits:
+        name, label_dir = split.split(":")
+        for stem in read_split(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt")):
+            items.append((os.path.join(root, "JPEGImages", f"{stem}.jpg"),
+                          os.path.join(root, label_dir, f"{stem}.png")))
+    return items
+
+
+def cityscapes_items(root, splits):
+    """[(image, label)] for splits like ["train"]: leftImg8bit/<split>/<city>/*_leftImg8bit.png."""
+    items = []
+    for split in splits:
+        images = sorted(glob.glob(os.path.join(root, "leftImg8bit", split, "*", "*_leftImg8bit.png")))
+        if not images:
+            raise UserError(f"{os.path.join(root, 'leftImg8bit', split)}: no *_leftImg8bit.png images. Put "
+                            f"the Cityscapes folders under data/cityscapes (see README) or set data_root=PATH.")
+        for image in images:
+            city = os.path.basename(os.path.dirname(image))
+            stem = os.path.basename(image)[: -len("_leftImg8bit.png")]
+            label = os.path.join(root, "gtFine", split, city, f"{stem}_gtFine_labelTrainIds.png")
+            items.append((image, label))
+    missing = [label for _, label in items if not os.path.isfile(label)]
+    if missing:
+        raise UserError(f"{missing[0]} (and {len(missing) - 1} more) missing: run "
+                        f"`python run.py prepare_cityscapes` to write the labelTrainIds files")
+    return items
+
+
+LISTERS = {"voc": voc_items, "cityscapes": cityscapes_items}
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def read_image_bgr(path):
+    """uint8 H×W×3 in BGR order, as both references feed their models."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot read image ({error}); replace or remove it from the split") from error
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def read_label(path, num_classes, hint=""):
+    """uint8 H×W class indices; values must be < num_classes or 255."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise UserError(f"{path}: label PNG has mode {image.mode}; expected class indices "
+                                f"(palette 'P' or grayscale 'L'){hint}")
+            label = np.asarray(image)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot read label ({error})") from error
+    bad = (label >= num_classes) & (label != IGNORE_INDEX)
+    if bad.any():
+        raise UserError(f"{path}: label value {int(label[bad][0])} is neither a class id (0..{num_classes - 1}) "
+                        f"nor {IGNORE_INDEX}{hint}")
+    return label
+
+
+LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
+               "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`"}
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Items are (index, stream position) pairs from InfiniteShardedSampler."""
+
+    def __init__(self, items, sample_fn, num_classes, seed, hint=""):
+        self.items, self.sample_fn, self.num_classes = items, sample_fn, num_classes
+        self.seed, self.hint = seed, hint
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        index, position = key
+        image_path, label_path = self.items[index]
+        image = read_image_bgr(image_path)
+        label = read_label(label_path, self.num_classes, self.hint)
+        check_same_size(image, label, image_path, label_path)
+        rng = np.random.default_rng([self.seed, position])
+        return self.sample_fn(rng, image, label)
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """Resized image (model input), original-size label and original size."""
+
+    def __init__(self, items, resize_fn, num_classes, hint=""):
+        self.items, self.resize_fn, self.num_classes, self.hint = items, resize_fn, num_classes, hint
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image_path, label_path = self.items[index]
+        image = read_image_bgr(image_path)
+        label = read_label(label_path, self.num_classes, self.hint)
+        check_same_size(image, label, image_path, label_path)
+        return self.resize_fn(image), label
+
+
+def check_same_size(image, label, image_path, label_path):
+    if image.shape[:2] != label.shape:
+        raise UserError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but {image_path} is "
+                        f"{image.shape[1]}x{image.shape[0]}")
+
+
+# ---------------------------------------------------------------- sampling and collation
+
+
+class InfiniteShardedSampler(torch.utils.data.Sampler):
+    """Endless shuffled epochs; rank r takes every world_size-th index of each shared permutation.
+
+    Yields (dataset index, position of the sample in the global stream), starting at this rank's
+    `start`-th sample, so a resumed run continues the same stream. The global position seeds the
+    sample's augmentation: one process with batch 2B and two with batch B see the same samples,
+    augmented the same way. Each epoch drops the tail that does not divide evenly across ranks.
+    """
+
+    def __init__(self, size, rank, world_size, seed, start=0):
+        if size < world_size:
+            raise UserError(f"the training set has {size} images, fewer than the {world_size} processes")
+        self.size, self.rank, self.world_size, self.seed, self.start = size, rank, world_size, seed, start
+
+    def __iter__(self):
+        per_rank = self.size // self.world_size
+        epoch, offset = divmod(self.start, per_rank)
+        while True:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            order = torch.randperm(self.size, generator=generator)[: per_rank * self.world_size]
+            for local in range(offset, per_rank):
+                position = (epoch * per_rank + local) * self.world_size + self.rank
+                yield int(order[local * self.world_size + self.rank]), position
+            epoch, offset = epoch + 1, 0
+
+
+def pad_to(size, divisor):
+    return -(-size // divisor) * divisor
+
+
+def collate(samples, divisor=1):
+    """[(image H×W×3 uint8, label H×W uint8)] -> batch dict, padded bottom/right to a common size.
+
+    Images are padded with 0 (the model zeroes padding after normalising anyway), labels with 255.
+    """
+    height = pad_to(max(image.shape[0] for image, _ in samples), divisor)
+    width = pad_to(max(image.shape[1] for image, _ in samples), divisor)
+    images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+    labels = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.int64)
+    hw = torch.zeros(len(samples), 2, dtype=torch.int64)
+    for i, (image, label) in enumerate(samples):
+        h, w = label.shape
+        images[i, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        labels[i, :h, :w] = torch.from_numpy(label.astype(np.int64))
+        hw[i] = torch.tensor([h, w])
+    return {"image": images, "label": labels, "hw": hw}
+
+
+def collate_eval(samples):
+    """Batch of one: resized image as a batch, label and original size kept apart."""
+    (image, label), = samples
+    batch = collate([(image, np.zeros(image.shape[:2], np.uint8))])
+    batch["label"] = torch.from_numpy(label.astype(np.int64))[None]
+    return batch
+
+
+class Collate:
+    """Picklable collate with a padding divisor (workers need a top-level callable)."""
+
+    def __init__(self, divisor):
+        self.divisor = divisor
+
+    def __call__(self, samples):
+        return collate(samples, self.divisor)
+
+
+def train_loader(dataset, per_device_batch, rank, world_size, seed, workers, pin_memory, start=0, divisor=1):
+    sampler = InfiniteShardedSampler(len(dataset), rank, world_size, seed, start)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=per_device_batch, sampler=sampler, num_workers=workers,
+        collate_fn=Collate(divisor), pin_memory=pin_memory, drop_last=True,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        # its own generator: creating the iterator must not draw from the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loader(dataset, rank, world_size, workers, pin_memory):
+    """Rank r evaluates images r, r + world_size, ...: every image exactly once across ranks."""
+    indices = list(range(rank, len(dataset), world_size))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=1, shuffle=False, num_workers=workers,
+        collate_fn=collate_eval, pin_memory=pin_memory)
+
+
+def to_device(batch, device):
+    """Copy a batch; non_blocking overlaps the copy with compute when the source is pinned."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def prefetch(batches, device):
+    """Yield batches already on the device, copying batch k+1 while the caller computes on batch k."""
+    iterator = iter(batches)
+    upcoming = to_device(next(iterator), device)
+    for batch in iterator:
+        current, upcoming = upcoming, to_device(batch, device)
+        yield current
+    yield upcoming
+
+
+# ---------------------------------------------------------------- building from plain arguments
+
+
+def dataset_info(name):
+    """Lister, label hint, class names and palette of a dataset kind ("voc" or "cityscapes")."""
+    from seg import prepare
+
+    infos = {"voc": (voc_items, LABEL_HINTS["voc"], prepare.VOC_CLASSES, prepare.VOC_PALETTE),
+             "cityscapes": (cityscapes_items, LABEL_HINTS["cityscapes"], prepare.CITYSCAPES_CLASSES,
+                            prepare.CITYSCAPES_PALETTE)}
+    if name not in infos:
+        raise UserError(f"data.dataset must be one of {sorted(infos)}, got {name!r}")
+    lister, hint, classes, palette = infos[name]
+    return {"list": lister, "hint": hint, "classes": list(classes), "palette": palette}

@@ -1,0 +1,39 @@
+"""Model name -> builder, loss and class metadata: plain dicts, no registries."""
+import inspect
+
+from seg import checkpoint, losses, pointrend, pspnet
+
+BUILDERS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
+
+
+def builder_defaults(name):
+    """The builder's keyword arguments and defaults: the keys a config's [model] table may set."""
+    if name not in BUILDERS:
+        return {}
+    signature = inspect.signature(BUILDERS[name])
+    return {key: p.default for key, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def build(model_config):
+    """Build from a [model] table: `name` picks the builder, every other key is its argument."""
+    kwargs = {key: tuple(value) if isinstance(value, list) else value
+              for key, value in model_config.items() if key != "name"}
+    return BUILDERS[model_config["name"]](**kwargs)
+
+
+def loss_function(config):
+    """outputs, label -> dict of losses, for the configured model."""
+    if config["model"]["name"] == "pspnet":
+        average, aux_weight = config["loss"]["average"], config["loss"]["aux_weight"]
+        return lambda outputs, label: losses.pspnet_losses(outputs, label, average, aux_weight)
+    return losses.pointrend_losses
+
+
+def load_initial_weights(model, config, log=print):
+    """`pretrained` (backbone only) then `weights` (whole model; tensors may be missing when fine-tuning)."""
+    if config["pretrained"]:
+        checkpoint.load_pretrained_backbone(model.backbone, config["pretrained"], log=log,
+                                            verbose=config["verbose"])
+    if config["weights"]:
+        checkpoint.load_model_weights(model, config["weights"], allow_missing=config["allow_missing_weights"],
+                                      log=log, verbose=config["verbose"])

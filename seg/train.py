@@ -1,0 +1,244 @@
+"""The training loop shared by PSPNet and PointRend: train_one_step, train, schedules, optimizer.
+
+Launch with `python run.py SECTION` or `torchrun --nproc_per_node N run.py SECTION`.
+"""
+import functools
+import json
+import os
+import time
+
+import torch
+
+from seg import amp, checkpoint, data, dist, evaluate, models, transforms
+from seg.errors import UserError
+
+NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
+
+
+def lr_at(iteration, base_lr, schedule, total):
+    """Learning rate before iteration `iteration` (0-based) of `total`.
+
+    poly (mmsegmentation): (base − min)·(1 − t/T)^power + min.
+    multistep (detectron2 WarmupMultiStepLR): base · warmup(t) · gamma^(number of steps ≤ t), where
+    warmup(t) = f + (1 − f)·t/W for t < W.
+    """
+    if schedule["policy"] == "poly":
+        return (base_lr - schedule["min_lr"]) * (1 - iteration / total) ** schedule["power"] + schedule["min_lr"]
+    if schedule["policy"] == "multistep":
+        factor = schedule["gamma"] ** sum(1 for step in schedule["steps"] if step <= iteration)
+        if iteration < schedule["warmup_iters"]:
+            alpha = iteration / schedule["warmup_iters"]
+            factor *= schedule["warmup_factor"] * (1 - alpha) + alpha
+        return base_lr * factor
+    raise UserError(f"schedule.policy must be 'poly' or 'multistep', got {schedule['policy']!r}")
+
+
+def param_groups(model, weight_decay, weight_decay_norm):
+    """Two groups: normalisation parameters (BN/GN γ, β) and everything else."""
+    norm_ids = {id(p) for module in model.modules() if isinstance(module, NORM_TYPES)
+                for p in module.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in norm_ids], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) in norm_ids], "weight_decay": weight_decay_norm}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(model, cfg):
+    groups = param_groups(model, cfg["weight_decay"], cfg["weight_decay_norm"])
+    return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"])
+
+
+def set_norm_eval(model, norm_eval):
+    """mmseg's norm_eval: keep BN layers in eval mode (running statistics) while training."""
+    if norm_eval:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def train_one_step(model, batch, loss_fn, optimizer, scaler, autocast):
+    """Forward, backward, step. Returns (dict of detached loss terms, whether the step was applied)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        outputs = model(batch["image"], batch["hw"])
+    losses = loss_fn(outputs, batch["label"])
+    total = sum(losses.values())
+    if scaler is None:
+        total.backward()
+        optimizer.step()
+        applied = True
+    else:
+        scaler.scale_loss(total).backward()
+        applied = scaler.step(optimizer)
+    return {key: value.detach() for key, value in losses.items()}, applied
+
+
+class Meter:
+    """Sums loss terms on the device; read (one sync) only on log steps."""
+
+    def __init__(self):
+        self.sums, self.count, self.data_time = {}, 0, 0.0
+
+    def add(self, losses, data_time):
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.count += 1
+        self.data_time += data_time
+
+    def means(self):
+        keys = sorted(self.sums)
+        stacked = dist.all_reduce_sum(torch.stack([self.sums[key].float() for key in keys]))
+        scale = max(self.count, 1) * (torch.distributed.get_world_size() if dist.is_distributed() else 1)
+        return {key: value / scale for key, value in zip(keys, stacked.tolist())}
+
+
+def log_record(record, output_dir, rank):
+    if rank != 0:
+        return
+    losses = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
+    print(f"iter {record['iteration']}/{record['total']}  {losses}  lr {record['lr']:.3e}  "
+          f"{record['images_per_s']:.1f} img/s  data {record['data_time_s']:.3f}s  "
+          f"eta {record['eta_min']:.1f} min  mem {record['peak_mem_mib']:.0f} MiB", flush=True)
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def setup_run(config):
+    """Device, process group, seeds and output folder for a train or evaluate task."""
+    torch_device, rank, world_size = dist.setup(config["device"])
+    message = amp.check_amp_supported(torch_device.type, config["amp"])
+    if message:
+        raise UserError(f"amp = \"{config['amp']}\": {message}")
+    torch.manual_seed(config["seed"] + rank)
+    os.makedirs(config["output_dir"], exist_ok=True)
+    return torch_device, rank, world_size
+
+
+def per_device_batch(config, world_size):
+    batch = config["data"]["batch_size"]
+    if batch % world_size:
+        raise UserError(f"data.batch_size = {batch} (global) is not divisible by {world_size} processes")
+    return batch // world_size
+
+
+def train(config):
+    torch_device, rank, world_size = setup_run(config)
+    model = models.build(config["model"]).to(torch_device)
+    models.load_initial_weights(model, config, log=print if rank == 0 else (lambda *a: None))
+    model = dist.convert_sync_batchnorm(model, torch_device.type, config["sync_bn"])
+    optimizer = build_optimizer(model, config["optimizer"])
+    scaler = amp.make_scaler(config["amp"], config["loss_scale"])
+    start = resume_state(config, model, optimizer, scaler, torch_device, rank)
+    batch_size = per_device_batch(config, world_size)
+    loader = data.train_loader(
+        train_dataset(config), batch_size, rank, world_size, config["seed"],
+        config["data"]["workers"], torch_device.type != "cpu", start=start * batch_size,
+        divisor=model.size_divisibility)
+    ddp_model = dist.wrap_ddp(model, torch_device)
+    run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, torch_device, rank, world_size)
+    dist.cleanup()
+
+
+def train_dataset(config):
+    """The training split with the dataset's augmentation (transforms.TRAIN_SAMPLERS)."""
+    cfg = config["data"]
+    info = data.dataset_info(cfg["dataset"])
+    items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg["train_splits"])
+    params = {"crop_hw": tuple(cfg["crop_hw"])}
+    if cfg["dataset"] == "voc":
+        params.update(scale=tuple(cfg["scale"]), ratio_range=tuple(cfg["ratio_range"]),
+                      cat_max_ratio=cfg["cat_max_ratio"])
+    else:
+        params.update(short_edges=tuple(cfg["short_edges"]), max_size=cfg["max_size"],
+                      single_category_max_area=cfg["cat_max_ratio"])
+    sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[cfg["dataset"]], **params)
+    return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"])
+
+
+def resume_state(config, model, optimizer, scaler, torch_device, rank):
+    """Iteration to start from: 0, or the latest checkpoint's when resume = true."""
+    if not config["resume"]:
+        return 0
+    path = checkpoint.latest_checkpoint(config["output_dir"])
+    if path is None:
+        if rank == 0:
+            print(f"resume = true but {config['output_dir']} holds no checkpoint; starting from scratch")
+        return 0
+    state = checkpoint.load_training_state(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"][rank % len(state["rng"]["torch"])])
+    if rank == 0:
+        print(f"resumed from {path} at iteration {state['iteration']}")
+    return state["iteration"]
+
+
+def run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, torch_device, rank, world_size):
+    total, base_lr = config["iterations"], config["optimizer"]["lr"]
+    loss_fn = models.loss_function(config)
+    autocast = lambda: amp.autocast_context(torch_device.type, config["amp"])  # noqa: E731
+    images_per_step = config["data"]["batch_size"]
+    meter, batches = Meter(), data.prefetch(loader, torch_device)
+    tick = warm_start = time.perf_counter()
+    for iteration in range(start, total):
+        ddp_model.train()
+        set_norm_eval(ddp_model, config["norm_eval"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(iteration, base_lr, config["schedule"], total)
+        fetch_start = time.perf_counter()
+        batch = next(batches)
+        data_time = time.perf_counter() - fetch_start
+        losses, applied = train_one_step(ddp_model, batch, loss_fn, optimizer, scaler, autocast)
+        if not applied and rank == 0:
+            print(f"iter {iteration + 1}: fp16 gradients overflowed, step skipped; loss scale now {scaler.scale:g}")
+        meter.add(losses, data_time)
+        done = iteration + 1 - start
+        if done == 5:
+            dist.synchronize(torch_device)
+            warm_start, warm_done = time.perf_counter(), 5
+        if (iteration + 1) % config["log_interval"] == 0 or iteration + 1 == total:
+            means = meter.means()
+            dist.synchronize(torch_device)
+            now = time.perf_counter()
+            speed = images_per_step * meter.count / (now - tick)
+            log_record({"iteration": iteration + 1, "total": total, **means, "lr": optimizer.param_groups[0]["lr"],
+                        "images_per_s": speed, "data_time_s": meter.data_time / meter.count,
+                        "eta_min": (total - iteration - 1) * images_per_step / speed / 60,
+                        "peak_mem_mib": dist.peak_memory_mib(torch_device)}, config["output_dir"], rank)
+            meter, tick = Meter(), time.perf_counter()
+        end = iteration + 1 == total
+        if should(config["checkpoint_interval"], iteration, end):
+            save_training_state(config, model, optimizer, scaler, iteration + 1, rank)
+        if should(config["eval_interval"], iteration, end and config["final_eval"]):
+            evaluate.evaluate_and_report(config, model, torch_device, rank, world_size, iteration + 1)
+    dist.synchronize(torch_device)
+    done = total - start
+    if done > 5 and rank == 0:
+        measured = (done - warm_done) * images_per_step / (time.perf_counter() - warm_start)
+        print(f"done: {done} iterations, {measured:.2f} images/s global (after 5 warm-up iterations, "
+              f"{world_size} process(es), batch {images_per_step})", flush=True)
+
+
+def should(interval, iteration, at_end):
+    return at_end or (interval > 0 and (iteration + 1) % interval == 0)
+
+
+def save_training_state(config, model, optimizer, scaler, iteration, rank):
+    """Model, optimizer, scaler, iteration, every rank's RNG state and the resolved config; rank 0 writes."""
+    rng = torch.get_rng_state()
+    if dist.is_distributed():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    else:
+        rng = [rng]
+    if rank == 0:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler else None, "iteration": iteration,
+                 "rng": {"torch": rng}, "config": config}
+        path = os.path.join(config["output_dir"], f"iter_{iteration:07d}.pth")
+        checkpoint.save_atomic(state, path)
+        print(f"saved {path}", flush=True)
+    dist.barrier()
