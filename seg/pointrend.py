@@ -1,0 +1,282 @@
+"""PointRend semantic segmentation (detectron2 SemanticFPN + PointRend, R101-FPN, Cityscapes).
+
+The point maths is written with gathers and index arithmetic instead of F.grid_sample, so the whole
+loss path stays on the device (the Ascend port ran every grid_sample on the host) and autograd flows
+through the bilinear weights. Coordinates are (x, y) in [0, 1] of the padded input, x along the width;
+pixel centres sit at ((i + 0.5)/W, (j + 0.5)/H), as for grid_sample with align_corners=False.
+
+State-dict names and shapes equal detectron2's (spec checkpoint_keys/detectron2_pointrend_r101_fpn.txt).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seg.resnet import build_resnet_fpn, c2_msra_fill, normalize_and_pad
+
+FPN_LEVELS = ("p2", "p3", "p4", "p5")
+FPN_STRIDES = (4, 8, 16, 32)
+
+
+def _pixel_coordinate(unit, size, single_rounding=False):
+    """Unit coordinates in [0, 1] -> fp32 pixel coordinates x·size − 0.5 (pixel centres at integers).
+
+    Evaluated as grid_sample does, from the grid value 2u − 1 that callers of grid_sample pass:
+    ((2u − 1) + 1)·size/2 − 0.5; for u < 1/4, 2u − 1 drops low bits of u that can decide nearest ties.
+    grid_sample's CPU and CUDA kernels fuse the final multiply-add (one rounding); fp32 here rounds twice,
+    which moves px by at most one unit in the last place. That is harmless for bilinear weights but can
+    turn a near-tie into an exact tie for nearest sampling, so single_rounding=True does the multiply-add
+    in fp64 (exact: a 24-bit value times size/2) and rounds to fp32 once, as the fused kernels do.
+    """
+    grid = 2.0 * unit.float() - 1.0
+    if single_rounding:
+        return ((grid + 1.0).double() * (size / 2) - 0.5).float()
+    return (grid + 1.0) * (size / 2) - 0.5
+
+
+def point_sample(features, points_xy):
+    """Bilinear samples of features at points, zero outside the map; = grid_sample(features, 2u − 1,
+    align_corners=False) with padding_mode="zeros".
+
+    features: N×C×H×W (any float dtype); points_xy: N×P×2, (x, y) in [0, 1].
+    Returns N×C×P in fp32 (autocast runs grid_sample in fp32 too). Differentiable in both arguments.
+    """
+    n, c, h, w = features.shape
+    p = points_xy.shape[1]
+    px = _pixel_coordinate(points_xy[..., 0], w)
+    py = _pixel_coordinate(points_xy[..., 1], h)
+    x0, y0 = px.floor(), py.floor()
+    fx, fy = px - x0, py - y0  # weights of the +1 neighbours; floor() passes no gradient
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=1)  # N×4×P: the four neighbours
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=1)
+    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=1)
+    inside = (xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1)
+    weights = weights * inside  # zero padding: outside neighbours contribute nothing, value or gradient
+    # clamp before .long() so far-away points cannot overflow; their weight is already 0
+    index = ys.clamp(0, h - 1).long() * w + xs.clamp(0, w - 1).long()
+    flat = features.float().reshape(n, c, h * w)
+    values = flat.gather(2, index.reshape(n, 1, 4 * p).expand(n, c, 4 * p)).reshape(n, c, 4, p)
+    return (values * weights[:, None]).sum(dim=2)
+
+
+def sample_labels_nearest(labels, points_xy):
+    """Nearest-neighbour label at each point, exactly as detectron2's point targets:
+    grid_sample(labels[:, None].float(), 2u − 1, mode="nearest", align_corners=False).long().
+
+    labels: N×H×W int64; points_xy: N×P×2 in [0, 1]. Returns N×P int64.
+    Ties (x·W − 0.5 exactly k + 0.5) round half to even like grid_sample. A point whose nearest pixel lies
+    outside the map gets 0, not 255 (grid_sample's zero padding); for u in [0, 1) that never happens.
+    """
+    n, h, w = labels.shape
+    # fp64 only for this N×P index maths (no autograd); torch.round is half-to-even like grid_sample
+    col = _pixel_coordinate(points_xy[..., 0], w, single_rounding=True).round()
+    row = _pixel_coordinate(points_xy[..., 1], h, single_rounding=True).round()
+    inside = (col >= 0) & (col <= w - 1) & (row >= 0) & (row <= h - 1)
+    index = row.clamp(0, h - 1).long() * w + col.clamp(0, w - 1).long()
+    sampled = labels.reshape(n, h * w).gather(1, index)
+    return torch.where(inside, sampled, torch.zeros_like(sampled))
+
+
+def uncertainty(logits):
+    """Second-largest minus largest logit over dim 1: N×C×... -> N×1×..., values <= 0, highest = most
+    uncertain. sorted=True because the NPU topk does not support sorted=False."""
+    top2 = logits.topk(2, dim=1, sorted=True).values
+    return top2[:, 1:2] - top2[:, 0:1]
+
+
+@torch.no_grad()
+def uncertain_point_coords_with_randomness(
+    coarse_logits, num_points, oversample_ratio=3, importance_sample_ratio=0.75, generator=None
+):
+    """Training points (spec §3.3): int(β·P) most uncertain of int(k·P) uniform candidates, then
+    P − int(β·P) fresh uniform points.
+
+    coarse_logits: N×C×h×w. Returns N×P×2 in [0, 1), important points first. Uncertainty is taken of
+    the interpolated logits (interpolating a grid uncertainty map is wrong, detectron2 notes).
+    generator: optional torch.Generator on coarse_logits' device (tests replay it); None = default RNG.
+    """
+    if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
+        raise ValueError(
+            f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, "
+            f"got {oversample_ratio} and {importance_sample_ratio}"
+        )
+    n, device = coarse_logits.shape[0], coarse_logits.device
+    num_candidates = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    candidates = torch.rand(n, num_candidates, 2, device=device, generator=generator)
+    candidate_uncertainty = uncertainty(point_sample(coarse_logits, candidates))[:, 0]  # N×S
+    chosen = candidate_uncertainty.topk(num_uncertain, dim=1, sorted=True).indices  # N×K
+    important = candidates.gather(1, chosen[..., None].expand(n, num_uncertain, 2))
+    uniform = torch.rand(n, num_points - num_uncertain, 2, device=device, generator=generator)
+    return torch.cat([important, uniform], dim=1)
+
+
+def uncertain_point_coords_on_grid(uncertainty_map, num_points):
+    """The min(H·W, num_points) most uncertain cells of an N×1×H×W map.
+
+    Returns (indices N×n int64 into the flattened H·W map, coords N×n×2 fp32 cell centres
+    ((i mod W) + 0.5)/W, ((i div W) + 0.5)/H).
+    """
+    n, _, h, w = uncertainty_map.shape
+    count = min(h * w, num_points)
+    indices = uncertainty_map.reshape(n, h * w).topk(count, dim=1, sorted=True).indices
+    cols = (indices % w).float()
+    rows = torch.div(indices, w, rounding_mode="floor").float()
+    return indices, torch.stack([(cols + 0.5) / w, (rows + 0.5) / h], dim=2)
+
+
+def _upsample2x(x):
+    """Bilinear ×2 (align_corners=False) with an explicit size: the NPU interpolate has no scale_factor."""
+    return F.interpolate(x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear", align_corners=False)
+
+
+def subdivision_inference(coarse, fine_features, point_head, steps=2, num_points=8192):
+    """Spec §3.5: `steps` times upsample ×2, pick the most uncertain cells and overwrite them with the point
+    head's logits. The point head always sees the ORIGINAL coarse logits, not the refined map.
+
+    coarse: N×C×h×w; fine_features: N×F×h×w (p2). Returns fp32 N×C×(h·2^steps)×(w·2^steps).
+    """
+    refined = coarse.float()
+    for _ in range(steps):
+        refined = _upsample2x(refined)
+        n, c, h, w = refined.shape
+        indices, coords = uncertain_point_coords_on_grid(uncertainty(refined), num_points)
+        point_logits = point_head(point_sample(fine_features, coords), point_sample(coarse, coords))
+        # scatter in fp32: point_head may run in fp16 under autocast, and the NPU scatter wants fp16/fp32
+        refined = refined.reshape(n, c, h * w).scatter(
+            2, indices[:, None].expand(n, c, indices.shape[1]), point_logits.float()
+        ).reshape(n, c, h, w)
+    return refined
+
+
+class ConvGNReLU(nn.Conv2d):
+    """3×3 conv without bias -> GroupNorm -> ReLU; the norm is a child named `norm` as in detectron2."""
+
+    def __init__(self, in_channels, out_channels, num_groups):
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm = nn.GroupNorm(num_groups, out_channels)
+        c2_msra_fill(self)
+
+    def forward(self, x):
+        return F.relu(self.norm(super().forward(x)))
+
+
+class Upsample2x(nn.Module):
+    """Parameter-free module form of _upsample2x, to keep detectron2's Sequential indices (p4.2, p5.4)."""
+
+    def forward(self, x):
+        return _upsample2x(x)
+
+
+class SemSegFPNHead(nn.Module):
+    """Coarse head (spec §2.4): per level p2..p5, log2(stride/4) (at least 1) conv-GN-ReLU layers, each
+    followed by ×2 upsampling except at stride 4; the four branches are summed, then a 1×1 predictor.
+
+    forward({"p2".."p5": N×in_channels×H/s×W/s}) -> N×num_classes×H/4×W/4 logits.
+    """
+
+    def __init__(self, num_classes=19, in_channels=256, channels=128, num_groups=32):
+        super().__init__()
+        for level, stride in zip(FPN_LEVELS, FPN_STRIDES):
+            layers = []
+            for i in range(max(1, stride.bit_length() - 3)):
+                layers.append(ConvGNReLU(in_channels if i == 0 else channels, channels, num_groups))
+                if stride != 4:
+                    layers.append(Upsample2x())
+            self.add_module(level, nn.Sequential(*layers))
+        self.predictor = nn.Conv2d(channels, num_classes, 1)
+        c2_msra_fill(self.predictor)
+
+    def forward(self, features):
+        summed = sum(getattr(self, level)(features[level]) for level in FPN_LEVELS)
+        return self.predictor(summed)
+
+
+class StandardPointHead(nn.Module):
+    """Per-point MLP (spec §2.5) written as 1×1 Conv1d: concat(fine, coarse) -> 3×(fc + ReLU) -> predictor.
+
+    forward(fine N×F×P, coarse N×C×P) -> N×num_classes×P.
+    """
+
+    def __init__(self, num_classes=19, fine_channels=256, channels=256):
+        super().__init__()
+        self.fc1 = nn.Conv1d(fine_channels + num_classes, channels, 1)
+        self.fc2 = nn.Conv1d(channels, channels, 1)
+        self.fc3 = nn.Conv1d(channels, channels, 1)
+        self.predictor = nn.Conv1d(channels, num_classes, 1)
+        for fc in (self.fc1, self.fc2, self.fc3):
+            c2_msra_fill(fc)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, fine, coarse):
+        x = torch.cat([fine, coarse], dim=1)
+        for fc in (self.fc1, self.fc2, self.fc3):
+            x = F.relu(fc(x))
+        return self.predictor(x)
+
+
+class PointRendSemSegHead(nn.Module):
+    """Coarse head + point head, with the point-selection settings of spec §1.1."""
+
+    def __init__(self, coarse_sem_seg_head, point_head, train_num_points, oversample_ratio,
+                 importance_sample_ratio, subdivision_steps, subdivision_num_points):
+        super().__init__()
+        self.coarse_sem_seg_head = coarse_sem_seg_head
+        self.point_head = point_head
+        self.train_num_points = train_num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.subdivision_steps = subdivision_steps
+        self.subdivision_num_points = subdivision_num_points
+
+    def forward(self, features):
+        """features {"p2".."p5"} -> train: {"coarse", "point_logits", "point_coords"}; eval: {"seg"}."""
+        coarse = self.coarse_sem_seg_head(features)
+        if not self.training:
+            seg = subdivision_inference(coarse, features["p2"], self.point_head,
+                                        self.subdivision_steps, self.subdivision_num_points)
+            return {"seg": seg}
+        coords = uncertain_point_coords_with_randomness(
+            coarse, self.train_num_points, self.oversample_ratio, self.importance_sample_ratio
+        )
+        # coarse is not detached: the point loss trains the coarse head and backbone too (spec §3.4)
+        point_logits = self.point_head(point_sample(features["p2"], coords), point_sample(coarse, coords))
+        return {"coarse": coarse, "point_logits": point_logits, "point_coords": coords}
+
+
+class PointRend(nn.Module):
+    """ResNet-FPN backbone + PointRendSemSegHead; forward(image uint8 N×3×H×W BGR, hw int64 N×2).
+
+    Outputs are at the padded size H'×W' (multiples of 32): train {"coarse": N×C×H'/4×W'/4,
+    "point_logits": N×C×P, "point_coords": N×P×2 relative to the padded input}; eval {"seg": N×C×H'×W'}.
+    """
+
+    def __init__(self, backbone, sem_seg_head):
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        # MSRA weights: BGR 0-255 input, std folded into conv1. Not persistent: detectron2 checkpoints lack them.
+        self.register_buffer("pixel_mean", torch.tensor([103.53, 116.28, 123.675]), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([1.0, 1.0, 1.0]), persistent=False)
+        self.input_rgb = False
+        self.size_divisibility = 32
+
+    def forward(self, image, hw):
+        x = normalize_and_pad(image, hw, self.pixel_mean, self.pixel_std, self.input_rgb,
+                              self.size_divisibility)
+        return self.sem_seg_head(self.backbone(x))
+
+
+def build_pointrend(num_classes=19, depth=101, fpn_channels=256, head_channels=128, head_groups=32,
+                    point_fc=256, train_num_points=2048, oversample_ratio=3, importance_sample_ratio=0.75,
+                    subdivision_steps=2, subdivision_num_points=8192, **backbone_kwargs):
+    """detectron2's pointrend_semantic_R_101_FPN_1x_cityscapes model. backbone_kwargs go to
+    build_resnet_fpn (e.g. reduced widths for tests); head_groups must divide head_channels."""
+    backbone = build_resnet_fpn(depth=depth, out_channels=fpn_channels, **backbone_kwargs)
+    head = PointRendSemSegHead(
+        SemSegFPNHead(num_classes, fpn_channels, head_channels, head_groups),
+        StandardPointHead(num_classes, fpn_channels, point_fc),
+        train_num_points, oversample_ratio, importance_sample_ratio,
+        subdivision_steps, subdivision_num_points,
+    )
+    return PointRend(backbone, head)
