@@ -1,0 +1,410 @@
+"""Checkpoints: atomic saves, resuming, and loading published weight files without running their code.
+
+Weight files seg reads (`load_weights_file` tells them apart by content, not by file name):
+- "seg": seg's own training checkpoint, {"model", "iteration", "config", ...}, from `save_atomic`.
+- "mmseg": an mmsegmentation checkpoint, {"meta", "state_dict"} with backbone./decode_head./auxiliary_head.
+  names; PSPNet uses the same names.
+- "mmcv_backbone": mmcv's ImageNet ResNetV1c (`resnet50_v1c-2cccc1ad.pth`), names like `stem.0.weight`.
+- "detectron2": a detectron2 model, a .pkl {"model": numpy arrays, "__author__"} or a .pth {"model": tensors};
+  PointRend uses the same names.
+- "caffe2": MSRA's ImageNet `R-101.pkl`, caffe2 blob names (`res2_0_branch2a_bn_gamma`) renamed by
+  `convert_c2_names`.
+- "state_dict": anything else that is a plain dict of tensors.
+
+Pickles are read by an unpickler that builds nothing but numpy arrays and containers, torch files with
+`torch.load(weights_only=True)`: opening a downloaded file can never run code from it.
+"""
+import codecs
+import collections
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seg.errors import UserError
+
+CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pth")
+# torch.save's pre-1.6 (non-zip) format starts with this pickled integer.
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# Model tensors a file may lack without harm: BN step counters only matter for momentum=None, and pixel
+# mean/std are fixed by the model builder.
+OPTIONAL_MODEL_TENSORS = ("num_batches_tracked", "pixel_mean", "pixel_std")
+# Backbone weights inside whole-model files: mmseg (backbone.*) and detectron2 (backbone.bottom_up.*).
+BACKBONE_PREFIXES = {"backbone.bottom_up.": "", "backbone.": ""}
+BACKBONE_ONLY_FORMATS = ("caffe2", "mmcv_backbone")
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def to_cpu(obj):
+    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU, so the file loads anywhere
+    (an NPU tensor would need torch_npu to unpickle)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        items = [(key, to_cpu(value)) for key, value in obj.items()]
+        return collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict) else dict(items)
+    if type(obj) in (list, tuple):
+        return type(obj)(to_cpu(value) for value in obj)
+    return obj
+
+
+def save_atomic(obj, path):
+    """torch.save `obj` (tensors moved to the CPU) to `path` through a temporary file in the same folder and
+    os.replace, so `path` is either the old file or the complete new one, never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(to_cpu(obj), file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def latest_checkpoint(output_dir):
+    """The `iter_{:07d}.pth` in `output_dir` with the highest iteration, or None when there is none."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = [(int(match.group(1)), path) for path in output_dir.iterdir()
+             if (match := CHECKPOINT_NAME.fullmatch(path.name)) and path.is_file()]
+    return max(found)[1] if found else None
+
+
+# ------------------------------------------------------------------------------------- reading safely
+def torch_load(path):
+    """torch.load(weights_only=True) onto the CPU; a refused global or unreadable file becomes a UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception as error:  # a refused global, a torn download, a non-torch file: all user input
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
+        if refused:
+            name = refused.group(1) if "." in refused.group(1) else f"builtins.{refused.group(1)}"  # torch drops it
+            raise UserError(f"{path} asks for the Python global {name}: it is not a plain weights "
+                            f"file, and loading it could run code, so seg refuses it. Use a file holding only "
+                            f"tensors (a state_dict).") from None
+        raise UserError(f"{path}: not a readable torch file ({first_line(error)})") from None
+
+
+def load_training_state(path):
+    """seg's training checkpoint as a dict with at least "model" and "iteration" (tensors on the CPU)."""
+    state = torch_load(path)
+    if not isinstance(state, dict) or not {"model", "iteration"} <= state.keys():
+        raise UserError(f"{path} is not a seg training checkpoint (it lacks 'model' or 'iteration'); resume "
+                        f"from an iter_*.pth that seg wrote, or load other weights as model weights.")
+    return state
+
+
+def first_line(error):
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def latin1_encode(text, encoding="latin1"):
+    """`_codecs.encode` as protocol-2 pickles use it to rebuild bytes; any codec but latin-1 is refused."""
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError(f"codec {encoding!r} is not used by weights files")
+    return codecs.encode(text, "latin1")
+
+
+def empty_bytes(*args):
+    """`bytes()` as protocol-2 pickles write b"" (an empty array's data); arguments (a size) are refused."""
+    if args:
+        raise pickle.UnpicklingError("bytes() with arguments is not used by weights files")
+    return b""
+
+
+def numpy_globals():
+    """(module, name) -> object for every global a numpy-array pickle needs, for numpy 1.x (`numpy.core`)
+    and 2.x (`numpy._core`) files alike. The functions come from numpy's own reducers, so no module is
+    imported by a name read from the file."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol-5 pickles of contiguous arrays
+    scalar = np.float32(0).__reduce__()[0]
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): latin1_encode,
+               ("__builtin__", "bytes"): empty_bytes, ("builtins", "bytes"): empty_bytes,
+               # A state_dict is an OrderedDict; building one runs no code chosen by the file.
+               ("collections", "OrderedDict"): collections.OrderedDict}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class WeightsUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only the globals in `numpy_globals()` (Python 2 strings as latin-1)."""
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+        self.allowed = numpy_globals()
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise UserError(f"{self.path} asks for the Python global {module}.{name}: it is not a plain weights "
+                            f"file (only numpy arrays and containers are allowed), and loading it could run "
+                            f"code, so seg refuses it.")
+        return self.allowed[(module, name)]
+
+
+def restricted_unpickle(path):
+    """The first object pickled in `path`, built by `WeightsUnpickler` and checked to hold only
+    dict/list/tuple/str/bytes/int/float/bool/None/numpy arrays and scalars."""
+    try:
+        with open(path, "rb") as file:
+            data = WeightsUnpickler(file, path).load()
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception as error:  # truncated or not a pickle at all
+        raise UserError(f"{path}: not a readable pickle ({first_line(error)})") from None
+    check_plain(data, path)
+    return data
+
+
+def check_plain(data, path):
+    """UserError unless `data` holds only plain containers, scalars and numeric numpy arrays."""
+    plain = (str, bytes, int, float, bool, type(None))
+    stack, seen = [data], set()
+    while stack:  # iterative: a crafted pickle may nest deeper than Python's recursion limit
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if type(item) in (dict, collections.OrderedDict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif type(item) in (list, tuple):
+            stack.extend(item)
+        elif isinstance(item, np.ndarray) and item.dtype.hasobject:
+            raise UserError(f"{path} holds a numpy array of Python objects: it is not a plain weights file.")
+        elif not (type(item) in plain or isinstance(item, (np.ndarray, np.generic))):
+            raise UserError(f"{path} holds a {type(item).__name__}: it is not a plain weights file.")
+
+
+# -------------------------------------------------------------------------------------- caffe2 names
+C2_NORM_RENAMES = (("bn.s", "norm.weight"), ("bn.bias", "norm.bias"), ("bn.rm", "norm.running_mean"),
+                   ("bn.running.mean", "norm.running_mean"), ("bn.riv", "norm.running_var"),
+                   ("bn.running.var", "norm.running_var"), ("bn.gamma", "norm.weight"), ("bn.beta", "norm.bias"))
+C2_BLOCK_RENAMES = ((".branch1.", ".shortcut."), (".branch2a.", ".conv1."), (".branch2b.", ".conv2."),
+                    (".branch2c.", ".conv3."))
+
+
+def convert_c2_name(name):
+    """One caffe2 blob name in detectron2's naming (pointrend spec §8, steps 1-6 in order):
+    `res4_22_branch2b_bn_running_var` -> `res4.22.conv2.norm.running_var`, `conv1_w` -> `stem.conv1.weight`."""
+    name = {"pred_b": "linear_b", "pred_w": "linear_w"}.get(name, name)
+    name = name.replace("_", ".")
+    name = re.sub(r"\.b$", ".bias", name)
+    name = re.sub(r"\.w$", ".weight", name)
+    for old, new in C2_NORM_RENAMES:
+        name = re.sub(re.escape(old) + "$", new, name)
+    name = re.sub(r"^res\.conv1\.norm\.", "conv1.norm.", name)
+    name = re.sub(r"^conv1\.", "stem.conv1.", name)
+    for old, new in C2_BLOCK_RENAMES:
+        name = name.replace(old, new)
+    return name
+
+
+def convert_c2_names(names):
+    """{caffe2 name: detectron2 name}; UserError if two blobs would get the same name."""
+    renamed = {name: convert_c2_name(name) for name in names}
+    if len(set(renamed.values())) != len(renamed):
+        clashes = collections.Counter(renamed.values()).most_common(1)[0][0]
+        sources = [old for old, new in renamed.items() if new == clashes]
+        raise UserError(f"caffe2 blobs {sources} would all load as {clashes}; the file mixes two BN layouts.")
+    return renamed
+
+
+# ----------------------------------------------------------------------------------------- formats
+def arrays_to_tensors(arrays):
+    """{name: tensor} from {name: numpy array}, dropping caffe2's `*_momentum` blobs and non-numeric values."""
+    return {name: torch.from_numpy(np.array(value))  # np.array copies: unpickled arrays may be read-only
+            for name, value in arrays.items()
+            if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "biuf"
+            and not name.endswith("_momentum")}
+
+
+def pickle_weights(data, path):
+    """(state, file_format) from an unpickled detectron2 or caffe2 .pkl."""
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, not a dict of weights.")
+    if "model" in data and "__author__" in data and isinstance(data["model"], dict):
+        return arrays_to_tensors(data["model"]), "detectron2"
+    blobs = data["blobs"] if isinstance(data.get("blobs"), dict) else data
+    arrays = arrays_to_tensors(blobs)
+    renamed = convert_c2_names(arrays)
+    return {renamed[name]: value for name, value in arrays.items()}, "caffe2"
+
+
+def torch_weights(data, path):
+    """(state, format) from a torch.load'ed file."""
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, not a dict of weights.")
+    wrapper = "state_dict" if isinstance(data.get("state_dict"), dict) else \
+        "model" if isinstance(data.get("model"), dict) else None
+    state = {str(name).removeprefix("module."): value  # saved from a DataParallel/DDP wrapper
+             for name, value in (data[wrapper] if wrapper else data).items() if isinstance(value, torch.Tensor)}
+    if wrapper == "model":
+        return state, "seg" if {"iteration", "config"} <= data.keys() else "detectron2"
+    for prefixes, file_format in ((("backbone.bottom_up.", "sem_seg_head."), "detectron2"),
+                                  (("backbone.", "decode_head.", "auxiliary_head."), "mmseg"),
+                                  (("stem.", "layer1."), "mmcv_backbone")):
+        if any(name.startswith(prefixes) for name in state):
+            return state, file_format
+    return state, "state_dict"
+
+
+def load_weights_file(path):
+    """(state: {name: CPU tensor}, format name) for any supported weights file; see the module docstring for the
+    formats. Caffe2 names come back converted (`stem.conv1.weight`, `res2.0.conv1.norm.weight`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    if zipfile.is_zipfile(path):
+        state, file_format = torch_weights(torch_load(path), path)
+    else:
+        data = restricted_unpickle(path)
+        if type(data) is int and data == TORCH_LEGACY_MAGIC:
+            state, file_format = torch_weights(torch_load(path), path)
+        else:
+            state, file_format = pickle_weights(data, path)
+    if not state:
+        raise UserError(f"{path} holds no tensors (read as {file_format}); is it a weights file?")
+    return state, file_format
+
+
+# ----------------------------------------------------------------------------------------- loading
+def map_prefix(name, prefix_map):
+    """`name` with its longest prefix found in `prefix_map` replaced by the mapped string."""
+    for old in sorted(prefix_map, key=len, reverse=True):
+        if name.startswith(old):
+            return prefix_map[old] + name[len(old):]
+    return name
+
+
+def match_names(model_names, file_names, suffix_match):
+    """{model name: file name}. Exact, or detectron2's rule: the longest file name that equals the model
+    name or is a dot-suffix of it (`res4.22.conv2.norm.running_var` for
+    `backbone.bottom_up.res4.22.conv2.norm.running_var`). A file name may serve only one model tensor."""
+    file_names = set(file_names)
+    if not suffix_match:
+        return {name: name for name in model_names if name in file_names}
+    matches = {}
+    for name in model_names:
+        parts = name.split(".")
+        suffixes = (".".join(parts[start:]) for start in range(len(parts)))  # longest first
+        found = next((suffix for suffix in suffixes if suffix in file_names), None)
+        if found is not None:
+            matches[name] = found
+    users = collections.defaultdict(list)
+    for model_name, file_name in matches.items():
+        users[file_name].append(model_name)
+    for file_name, model_names_using in users.items():
+        if len(model_names_using) > 1:
+            raise UserError(f"weights name {file_name} fits several model tensors ({', '.join(model_names_using[:3])}"
+                            f"); the file's names are too short to place it. Use a file with full names.")
+    return matches
+
+
+def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_missing=False, source="weights",
+              verbose=False, log=print):
+    """Copy `state` ({file name: tensor}) into `module`'s parameters and buffers, never broadcasting.
+
+    File names pass through `prefix_map` ({file prefix: model prefix}, longest first), then match model names
+    exactly or by `match_names`' suffix rule. A tensor whose shape differs is skipped and reported.
+    Returns {"loaded": [model name], "shape_mismatch": [(model name, file shape, model shape)],
+    "missing": [model names the file lacks], "unused": [file names nothing took]}; logs one line (`verbose`:
+    every name). With `strict_missing`, any model tensor left unloaded (except OPTIONAL_MODEL_TENSORS) is a
+    UserError and nothing is copied.
+    """
+    mapped = {map_prefix(name, prefix_map or {}): value for name, value in state.items()}
+    if len(mapped) != len(state):
+        raise UserError(f"{source}: two names in the file become the same name after removing prefixes.")
+    model_state = module.state_dict()
+    matches = match_names(list(model_state), list(mapped), suffix_match)
+    report = {"loaded": [], "shape_mismatch": [], "missing": [], "unused": []}
+    for name, target in model_state.items():
+        if name not in matches:
+            report["missing"].append(name)
+        elif tuple(mapped[matches[name]].shape) != tuple(target.shape):
+            report["shape_mismatch"].append((name, tuple(mapped[matches[name]].shape), tuple(target.shape)))
+        else:
+            report["loaded"].append(name)
+    taken = set(matches.values())
+    report["unused"] = [name for name in mapped if name not in taken]
+    if strict_missing:
+        check_complete(report, source)
+    with torch.no_grad():  # state_dict() tensors share storage with the module's parameters and buffers
+        for name in report["loaded"]:
+            model_state[name].copy_(mapped[matches[name]])
+    log_report(report, len(model_state), source, verbose, log)
+    return report
+
+
+def check_complete(report, source):
+    """UserError naming the first model tensors `report` left unloaded, optional ones aside."""
+    unloaded = [name for name in report["missing"] if name.rsplit(".", 1)[-1] not in OPTIONAL_MODEL_TENSORS]
+    unloaded += [f"{name} (file {tuple(file)}, model {tuple(model)})" for name, file, model in report["shape_mismatch"]]
+    if unloaded:
+        raise UserError(f"{source}: {len(unloaded)} model tensors would stay unloaded (missing from the file or "
+                        f"shaped differently), e.g. {'; '.join(unloaded[:4])}. To fine-tune from these weights "
+                        f"(other classes or dataset), use a fine-tune section or set allow_missing_weights = true; "
+                        f"otherwise pass the weights that match this model.")
+
+
+def log_report(report, total, source, verbose, log):
+    log(f"{source}: loaded {len(report['loaded'])}/{total} model tensors, {len(report['shape_mismatch'])} "
+        f"skipped for shape mismatch, {len(report['missing'])} missing from the file, "
+        f"{len(report['unused'])} in the file unused")
+    if verbose:
+        for name, file, model in report["shape_mismatch"]:
+            log(f"  shape mismatch: {name} file {tuple(file)} model {tuple(model)}")
+        for kind in ("missing", "unused"):
+            for name in report[kind]:
+                log(f"  {kind}: {name}")
+
+
+def load_pretrained_backbone(backbone, path, log=print, verbose=False):
+    """ImageNet weights into a backbone module: PSPNet's ResNetV1c from mmcv's `resnet50_v1c-*.pth` (or the
+    backbone.* part of an mmseg checkpoint), PointRend's ResNet-FPN or its `bottom_up` from MSRA's
+    `R-101.pkl` (or a detectron2 model). Names match by detectron2's suffix rule, which is exact matching
+    where the names are equal; R-101's fc1000.* and conv1_b stay unused. Returns `load_into`'s report."""
+    state, file_format = load_weights_file(path)
+    report = load_into(backbone, state, prefix_map=BACKBONE_PREFIXES, suffix_match=True,
+                       source=f"pretrained backbone {Path(path).name} ({file_format})", verbose=verbose, log=log)
+    if not report["loaded"]:
+        raise UserError(f"{path} ({file_format}) has no tensor whose name and shape fit this backbone (file names "
+                        f"like {', '.join(list(state)[:3])}); is it the pretrained file for this model and depth?")
+    return report
+
+
+def load_model_weights(model, path, allow_missing=False, log=print, verbose=False):
+    """Whole-model weights: seg's own checkpoint, an mmseg checkpoint (PSPNet) or a detectron2 model
+    (PointRend). Model tensors the file does not fill are a UserError unless `allow_missing` (fine-tuning,
+    e.g. a head with another class count). Returns `load_into`'s report."""
+    state, file_format = load_weights_file(path)
+    if file_format in BACKBONE_ONLY_FORMATS:
+        raise UserError(f"{path} holds ImageNet backbone weights ({file_format}), not a whole model; give it as the "
+                        f"model's pretrained backbone instead.")
+    if file_format == "detectron2":  # seg's models take their pixel mean/std from the builder
+        state = {name: value for name, value in state.items() if name not in ("pixel_mean", "pixel_std")}
+    report = load_into(model, state, suffix_match=file_format == "detectron2", strict_missing=not allow_missing,
+                       source=f"model weights {Path(path).name} ({file_format})", verbose=verbose, log=log)
+    if not report["loaded"]:
+        raise UserError(f"{path} ({file_format}) has no tensor whose name and shape fit this model (file names like "
+                        f"{', '.join(list(state)[:3])}); is it a checkpoint of this model?")
+    return report
