@@ -28,6 +28,10 @@ def run_task(config):
         return train.train(config)
     if task == "evaluate":
         return evaluate.evaluate(config)
+    if task == "predict":
+        from seg import predict
+
+        return predict.predict(config)
     if task == "demo":
         generate = prepare.make_demo_voc if config["data"]["dataset"] == "voc" else prepare.make_demo_cityscapes
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -43,6 +47,16 @@ def run_task(config):
         return prepare.prepare_voc_aug(root, sbd)
     if task == "prepare_cityscapes":
         return prepare.prepare_cityscapes(root, workers=config["data"]["workers"])
+    if task == "bench":
+        from seg import bench
+
+        return bench.model_bench(config)
+    if task == "data_bench":
+        from seg import bench
+
+        recipes = [config_module.load_config(CONFIG_PATH, name, [], models.builder_defaults)
+                   for name in config["bench"]["sections"]]
+        return bench.data_bench(config, recipes)
     raise UserError(f"[{config['section']}] task = {task!r} is not runnable; see `python run.py --list`")
 
 

@@ -152,8 +152,10 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {})
         defaults = model_defaults_for(resolved.get("model", {}).get("name", ""))
         check_keys(resolved, sections[BASE], defaults, f"{path} [{name}]")
     config = resolve_section(sections, section, path)
-    model_defaults = model_defaults_for(config["model"]["name"])
-    config = apply_overrides(config, overrides, model_defaults)
+    model_name = config.get("model", {}).get("name", "")
+    config = apply_overrides(config, overrides, model_defaults_for(model_name))
+    if not model_name:
+        return config
     model_defaults = model_defaults_for(config["model"]["name"])
     config["model"] = {"name": config["model"]["name"],
                        **{key: _plain(value) for key, value in model_defaults.items() if value is not None},

@@ -1,10 +1,22 @@
-"""Evaluation: whole-image inference, a device-side confusion matrix all-reduced across ranks, metrics.
+"""Inference and evaluation: one inference path serves the evaluate task, evaluation during training and
+the predict task (seg/predict.py).
 
-Inference follows both references: the model runs on the test-resized image; its logits are resized
-(bilinear, align_corners=False) to the network input size, cropped to the unpadded image, resized to
-the original size, and the argmax is scored against the original-size label.
+Inference of one image, as both references do it:
+- Views: on the data side (loader workers), the image is resized with the keep-ratio rule of
+  `transforms.rescale_hw` to data.test_scale times each ratio in test.scales (mmseg's MultiScaleFlipAug:
+  int(long * ratio), int(short * ratio)). One ratio, 1.0, is plain single-scale testing.
+- Whole mode: the model runs on the view; its logits are resized (bilinear, align_corners=False) to the
+  padded input size and cropped to the valid view (detectron2's sem_seg_postprocess; mmseg pads nothing).
+- Slide mode (mmseg slide_inference): windows of test.crop_hw every test.stride_hw, the last one on each
+  axis shifted back to end at the border; each window's logits (as in whole mode), summed where windows
+  overlap and divided by the number of windows covering each pixel.
+- The view's logits are resized to the original size. With one view and no flip they are the scores
+  (their argmax is the prediction, as in detectron2). With several scales or test.flip (predict the
+  mirrored view, mirror its logits back), the scores are the mean of the softmax probabilities at the
+  original size over scales × flips (mmseg's aug_test).
 """
 import functools
+import io
 import json
 import os
 
@@ -16,57 +28,173 @@ from PIL import Image
 from seg import amp, data, dist, files, metrics, models, transforms
 from seg.errors import UserError
 
+TEST_MODES = ("whole", "slide")
 
-def predict_logits(model, image, hw, out_hw):
-    """1×C×h×w logits at the original size `out_hw` for one resized uint8 image (1×3×H×W, valid hw)."""
+
+# ------------------------------------------------------------------------------- views (data side)
+
+def check_test_options(test):
+    """Raise a UserError naming the key when a [test] option cannot work."""
+    if test["mode"] not in TEST_MODES:
+        raise UserError(f"test.mode = {test['mode']!r}: use \"whole\" or \"slide\"")
+    for key in ("crop_hw", "stride_hw"):
+        value = test[key]
+        if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+            raise UserError(f"test.{key} = {value}: expected two positive integers [height, width]")
+    if any(stride > crop for stride, crop in zip(test["stride_hw"], test["crop_hw"])):
+        raise UserError(f"test.stride_hw = {test['stride_hw']} is larger than test.crop_hw = {test['crop_hw']}: "
+                        f"the windows would leave gaps; use a stride no larger than the crop")
+    if not test["scales"] or not all(isinstance(r, (int, float)) and r > 0 for r in test["scales"]):
+        raise UserError(f"test.scales = {test['scales']}: expected positive ratios of data.test_scale, "
+                        f"e.g. [1.0] or [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
+
+
+def resize_to_scales(image, long_short, ratios):
+    """One view per ratio: H×W×3 uint8 `image` resized so that its long side is at most
+    int(max(long_short)·ratio) and its short side at most int(min(long_short)·ratio), keeping its aspect
+    ratio (mmcv.imrescale). Returns a list of uint8 h×w×3 arrays (the image itself when no resize is needed)."""
+    views = []
+    for ratio in ratios:
+        scaled = (int(long_short[0] * ratio), int(long_short[1] * ratio))
+        height, width = transforms.rescale_hw(image.shape[0], image.shape[1], scaled)
+        views.append(image if (height, width) == image.shape[:2] else transforms.resize_image(image, (height, width)))
+    return views
+
+
+def stack_views(views):
+    """[h_v×w_v×3 uint8] -> (uint8 V×3×H×W zero-padded bottom/right to the largest view, int64 V×2 sizes)."""
+    height, width = max(view.shape[0] for view in views), max(view.shape[1] for view in views)
+    image = torch.zeros(len(views), 3, height, width, dtype=torch.uint8)
+    for index, view in enumerate(views):
+        pixels = torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)
+        image[index, :, : view.shape[0], : view.shape[1]] = pixels
+    return image, torch.tensor([view.shape[:2] for view in views], dtype=torch.int64)
+
+
+def collate_views(samples):
+    """A batch of one EvalDataset sample (views, label): {"image": V×3×H×W, "hw": V×2, "label": 1×h×w int64}."""
+    (views, label), = samples
+    image, hw = stack_views(views)
+    return {"image": image, "hw": hw, "label": torch.from_numpy(label.astype(np.int64))[None]}
+
+
+def views_loader(dataset, rank, world_size, workers, pin_memory):
+    """data.eval_loader with collate_views: rank r takes images r, r + world_size, ..., one image a batch."""
+    indices = list(range(rank, len(dataset), world_size))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=1, shuffle=False, num_workers=workers,
+        collate_fn=collate_views, pin_memory=pin_memory)
+
+
+# ------------------------------------------------------------------------------------------- inference
+
+def whole_logits(model, image):
+    """float N×C×H×W logits for a batch of uint8 N×3×H×W images that are entirely valid (no padding)."""
+    count, _, height, width = image.shape
+    hw = torch.tensor([[height, width]], device=image.device).expand(count, 2)
     logits = model(image, hw)["seg"].float()
-    padded_hw = (-(-image.shape[-2] // model.size_divisibility) * model.size_divisibility,
-                 -(-image.shape[-1] // model.size_divisibility) * model.size_divisibility)
+    divisor = model.size_divisibility
+    padded_hw = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
     if tuple(logits.shape[-2:]) != padded_hw:
         logits = F.interpolate(logits, size=padded_hw, mode="bilinear", align_corners=False)
-    height, width = int(hw[0, 0]), int(hw[0, 1])
-    logits = logits[:, :, :height, :width]
-    return F.interpolate(logits, size=tuple(out_hw), mode="bilinear", align_corners=False)
+    return logits[:, :, :height, :width]
 
+
+def window_starts(size, crop, stride):
+    """Start offsets of the sliding windows along an axis of `size` pixels: every `stride`, as many as
+    needed to reach the end (max(size - crop + stride - 1, 0) // stride + 1), each window shifted back so
+    that it ends inside the image; windows are min(crop, size) long."""
+    count = max(size - crop + stride - 1, 0) // stride + 1
+    return [max(min(index * stride + crop, size) - crop, 0) for index in range(count)]
+
+
+def slide_logits(model, image, crop_hw, stride_hw, windows_per_batch=4):
+    """float 1×C×H×W logits for an entirely valid uint8 1×3×H×W image: the whole-mode logits of every
+    window, summed where windows overlap and divided by the number of windows covering each pixel.
+    Windows all have one size, so they run `windows_per_batch` at a time."""
+    height, width = image.shape[-2:]
+    crop_h, crop_w = min(crop_hw[0], height), min(crop_hw[1], width)
+    corners = [(top, left) for top in window_starts(height, crop_hw[0], stride_hw[0])
+               for left in window_starts(width, crop_hw[1], stride_hw[1])]
+    total, count = None, torch.zeros(height, width, device=image.device)
+    for first in range(0, len(corners), windows_per_batch):
+        group = corners[first: first + windows_per_batch]
+        windows = torch.cat([image[:, :, top: top + crop_h, left: left + crop_w] for top, left in group])
+        logits = whole_logits(model, windows)
+        if total is None:
+            total = logits.new_zeros(1, logits.shape[1], height, width)
+        for (top, left), window in zip(group, logits):
+            total[0, :, top: top + crop_h, left: left + crop_w] += window
+            count[top: top + crop_h, left: left + crop_w] += 1
+    return total / count
+
+
+def view_logits(model, image, test):
+    """float 1×C×H×W logits of one entirely valid uint8 1×3×H×W view, in test["mode"]."""
+    if test["mode"] == "slide":
+        return slide_logits(model, image, test["crop_hw"], test["stride_hw"])
+    return whole_logits(model, image)
+
+
+def test_time_scores(model, image, hw, out_hw, test):
+    """Scores 1×C×h×w at the original size out_hw = (h, w) from the views of one image.
+
+    image: uint8 V×3×H×W, the image resized to each test scale, padded (stack_views); hw: V×2 valid sizes.
+    test: the [test] table (mode, crop_hw, stride_hw, flip). One view without flip: its logits. Otherwise
+    the softmax probabilities averaged over views × flips, each flipped view's logits mirrored back first.
+    """
+    flips = (False, True) if test["flip"] else (False,)
+    sizes = hw.tolist()
+    total = None
+    for view, (height, width) in zip(image, sizes):
+        view = view[None, :, :height, :width]
+        for flip in flips:
+            logits = view_logits(model, view.flip(-1), test).flip(-1) if flip else view_logits(model, view, test)
+            logits = F.interpolate(logits, size=tuple(out_hw), mode="bilinear", align_corners=False)
+            if len(sizes) * len(flips) == 1:
+                return logits
+            probabilities = logits.softmax(dim=1)
+            total = probabilities if total is None else total + probabilities
+    return total / (len(sizes) * len(flips))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
-def confusion_over(model, loader, torch_device, num_classes, amp_mode):
+def confusion_over(model, loader, torch_device, num_classes, amp_mode, test):
     """Dataset-level confusion matrix, summed over this rank's images and then over all ranks."""
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=torch_device)
     for batch in data.prefetch(loader, torch_device):
         with amp.autocast_context(torch_device.type, amp_mode):
-            logits = predict_logits(model, batch["image"], batch["hw"], batch["label"].shape[-2:])
-        matrix += metrics.confusion_matrix(logits.argmax(dim=1), batch["label"], num_classes)
+            scores = test_time_scores(model, batch["image"], batch["hw"], batch["label"].shape[-2:], test)
+        matrix += metrics.confusion_matrix(scores.argmax(dim=1), batch["label"], num_classes)
     return dist.all_reduce_sum(matrix)
 
 
 def eval_dataset(config):
+    """The val split as an EvalDataset whose samples are (views, original-size label)."""
     info = data.dataset_info(config["data"]["dataset"])
     root = os.path.join(config["data_root"], config["data"]["root"])
     items = info["list"](root, config["data"]["val_splits"])
-    resize = functools.partial(resize_for_test, long_short=tuple(config["data"]["test_scale"]))
+    resize = functools.partial(resize_to_scales, long_short=tuple(config["data"]["test_scale"]),
+                               ratios=tuple(config["test"]["scales"]))
     return data.EvalDataset(items, resize, config["model"]["num_classes"], info["hint"]), info
-
-
-def resize_for_test(image, long_short):
-    height, width = transforms.rescale_hw(image.shape[0], image.shape[1], long_short)
-    if (height, width) == image.shape[:2]:
-        return image
-    return transforms.resize_image(image, (height, width))
 
 
 def evaluate_and_report(config, model, torch_device, rank, world_size, iteration=None):
     """Evaluate on the val split; rank 0 prints the table and writes eval.json. Returns the metrics."""
+    check_test_options(config["test"])
     dataset, info = eval_dataset(config)
-    loader = data.eval_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu")
-    matrix = confusion_over(model, loader, torch_device, config["model"]["num_classes"], config["amp"])
+    loader = views_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu")
+    matrix = confusion_over(model, loader, torch_device, config["model"]["num_classes"], config["amp"],
+                            config["test"])
     result = metrics.metrics_from_confusion(matrix)
     if rank == 0:
         where = f" at iteration {iteration}" if iteration else ""
         print(f"evaluation on {len(dataset)} images{where}:\n{metrics.format_table(result, info['classes'])}",
               flush=True)
-        record = {"iteration": iteration, "classes": info["classes"], **result}
+        record = {"iteration": iteration, "test": config["test"], "classes": info["classes"], **result}
         files.write_text_atomic(json.dumps(record, indent=1), os.path.join(config["output_dir"], "eval.json"))
         with open(os.path.join(config["output_dir"], "metrics.jsonl"), "a") as handle:
             handle.write(json.dumps({"iteration": iteration, "aAcc": result["aAcc"], "mIoU": result["mIoU"],
@@ -80,6 +208,7 @@ def evaluate(config):
 
     if not config["weights"]:
         raise UserError(f"[{config['section']}] needs weights=PATH (a seg, mmsegmentation or detectron2 checkpoint)")
+    check_test_options(config["test"])
     torch_device, rank, world_size = train.setup_run(config)
     model = models.build(config["model"]).to(torch_device)
     models.load_initial_weights(model, config, log=print if rank == 0 else (lambda *a: None))
@@ -90,36 +219,39 @@ def evaluate(config):
     return result
 
 
+# -------------------------------------------------------------------------------------------- pictures
+
 def colorize(label, palette):
-    """H×W class indices -> H×W×3 uint8 RGB; 255 (ignore) is drawn white."""
+    """H×W class indices -> H×W×3 uint8 RGB; 255 (ignore) and indices beyond the palette are drawn white."""
     table = np.full((256, 3), 255, np.uint8)
-    table[: len(palette)] = np.asarray(palette, np.uint8)
+    table[: len(palette)] = np.asarray(palette, np.uint8)[:256]
     return table[label]
 
 
 @torch.no_grad()
 def save_predictions(config, model, torch_device):
-    """Write <output_dir>/predictions/<n>.png: input | ground truth | prediction, colour-coded."""
+    """Write <output_dir>/predictions/<stem>.png: input | ground truth | prediction, colour-coded, for the
+    first `save_predictions` val images, predicted as evaluation does (test scales, flip, mode)."""
     dataset, info = eval_dataset(config)
     folder = os.path.join(config["output_dir"], "predictions")
-    os.makedirs(folder, exist_ok=True)
     model.eval()
-    for index in range(min(config["save_predictions"], len(dataset))):
-        batch = data.to_device(data.collate_eval([dataset[index]]), torch_device)
+    count = min(config["save_predictions"], len(dataset))
+    for index in range(count):
+        batch = data.to_device(collate_views([dataset[index]]), torch_device)
         label = batch["label"][0].cpu().numpy()
-        logits = predict_logits(model, batch["image"], batch["hw"], label.shape)
-        pred = logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+        with amp.autocast_context(torch_device.type, config["amp"]):
+            scores = test_time_scores(model, batch["image"], batch["hw"], label.shape, config["test"])
+        pred = scores.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
         image_path = dataset.items[index][0]
         photo = data.read_image_bgr(image_path)[:, :, ::-1]
         panel = np.concatenate([photo, colorize(label, info["palette"]), colorize(pred, info["palette"])], axis=1)
         stem = os.path.splitext(os.path.basename(image_path))[0]
-        files.write_bytes_atomic(_png_bytes(panel), os.path.join(folder, f"{stem}.png"))
-    print(f"wrote {min(config['save_predictions'], len(dataset))} colour-coded predictions to {folder}")
+        files.write_bytes_atomic(image_bytes(Image.fromarray(panel), "PNG"), os.path.join(folder, f"{stem}.png"))
+    print(f"wrote {count} colour-coded predictions to {folder}")
 
 
-def _png_bytes(array):
-    import io
-
+def image_bytes(image, image_format, **options):
+    """A Pillow image encoded in memory (then written atomically by files.write_bytes_atomic)."""
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    image.save(buffer, format=image_format, **options)
     return buffer.getvalue()
