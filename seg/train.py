@@ -134,7 +134,7 @@ def train(config):
         train_dataset(config), batch_size, rank, world_size, config["seed"],
         config["data"]["workers"], torch_device.type != "cpu", start=start * batch_size,
         divisor=model.size_divisibility)
-    ddp_model = dist.wrap_ddp(model, torch_device)
+    ddp_model = speedups(model, config, torch_device, rank)
     run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, torch_device, rank, world_size)
     dist.cleanup()
 
@@ -153,6 +153,23 @@ def train_dataset(config):
                       single_category_max_area=cfg["cat_max_ratio"])
     sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[cfg["dataset"]], **params)
     return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"])
+
+
+def speedups(model, config, torch_device, rank):
+    """channels_last, then DDP, then torch.compile; neither speed-up on NPU (spec/npu.md §8)."""
+    say = print if rank == 0 else (lambda *a: None)
+    if config["channels_last"]:
+        if torch_device.type == "npu":
+            say("channels_last = true ignored: torch_npu supports only contiguous tensors")
+        else:
+            model.to(memory_format=torch.channels_last)  # in place, before DDP registers its hooks
+    model = dist.wrap_ddp(model, torch_device)
+    if config["compile"]:
+        if torch_device.type == "npu":
+            say("compile = true ignored: run eagerly on NPU")
+        else:
+            model = torch.compile(model)
+    return model
 
 
 def resume_state(config, model, optimizer, scaler, torch_device, rank):

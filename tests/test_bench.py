@@ -1,0 +1,208 @@
+"""Benchmark sections end to end on tiny models (fields and types, not timings), FLOP counts against
+forward hooks, and the equalities the benchmark matrix relies on: channels_last and torch.compile
+must not change outputs or gradients."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import run
+from seg import bench, config, models
+
+TINY_PSPNET = ('model={name="pspnet", num_classes=21, base_channels=8, stem_channels=8, blocks=[1, 1, 1, 1], '
+               'channels=16, aux_channels=8}')
+TINY_POINTREND = ('model={name="pointrend", num_classes=19, fpn_channels=16, head_channels=8, head_groups=4, '
+                  'point_fc=16, stem_channels=8, base_channels=4, blocks=[1, 1, 1, 1], train_num_points=50, '
+                  'subdivision_num_points=300}')
+
+
+def load(section, *overrides):
+    return config.load_config(run.CONFIG_PATH, section, list(overrides), models.builder_defaults)
+
+
+def tiny_bench_config(section, model, output_dir, *overrides):
+    return load(section, model, "device=cpu", f"output_dir={output_dir}", "bench.warmup=1", "bench.steps=2",
+                "bench.batch_size=2", "bench.compile=[false]", *overrides)
+
+
+def conv_forward_flops(model, image, hw):
+    """2·MACs of each Conv2d in one forward, in call order, from hooks (the FLOP counter's figure,
+    computed another way)."""
+    flops = []
+
+    def hook(module, inputs, output):
+        flops.append(2 * output.numel() * module.weight[0].numel())  # weight[0]: in/groups × kh × kw
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(image, hw)
+    for handle in handles:
+        handle.remove()
+    return flops
+
+
+def test_pspnet_bench_writes_the_matrix(tmp_path):
+    cfg = tiny_bench_config("pspnet_bench", TINY_PSPNET, tmp_path, "bench.crop_hw=[32, 32]",
+                            "bench.eval_hw=[24, 40]", 'bench.amp=["off", "bf16"]', "bench.peak_tflops=2.0")
+    run.run_task(cfg)
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["section"] == "pspnet_bench" and result["model"] == "pspnet"
+    assert result["device_type"] == "cpu" and result["torch"] == torch.__version__
+    assert result["batch_size"] == 2 and result["crop_hw"] == [32, 32] and result["eval_hw"] == [24, 40]
+    assert isinstance(result["date"], str) and isinstance(result["command"], str)
+    assert result["peak_tflops"]["bf16"] == {"tflops": 2.0, "source": "bench.peak_tflops"}
+    assert [(r["amp"], r["channels_last"], r["compile"]) for r in result["rows"]] == [
+        ("off", False, False), ("off", True, False), ("bf16", False, False), ("bf16", True, False)]
+    for row in result["rows"]:
+        assert row["status"] == "ok" and row["note"] == ""
+        assert row["train_peak_memory_mib"] is None and row["infer_peak_memory_mib"] is None  # CPU
+        for key in ("train_step_ms", "infer_ms", "first_step_s", "train_tflops", "infer_tflops"):
+            assert isinstance(row[key], float) and row[key] > 0
+        assert math.isclose(row["train_images_per_s"], 2 / (row["train_step_ms"] / 1e3))
+        assert math.isclose(row["infer_images_per_s"], 1e3 / row["infer_ms"])
+        assert math.isclose(row["train_mfu"], row["train_tflops"] / 2.0)
+        assert math.isclose(row["train_tflops"], result["train_gflop_per_step"] / row["train_step_ms"])
+    # inference FLOPs = the convolutions' (PSPNet has no matmuls; interpolation is not counted)
+    model = models.build(cfg["model"]).eval()
+    assert result["infer_gflop_per_image"] * 1e9 == sum(
+        conv_forward_flops(model, torch.zeros(1, 3, 24, 40, dtype=torch.uint8), torch.tensor([[24, 40]])))
+    # a training step: forward, then each convolution's weight and input gradients (one forward's FLOPs
+    # each), except the input gradient of the first convolution, whose input is the image
+    train_convs = conv_forward_flops(model.train(), torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+                                     torch.tensor([[32, 32]] * 2))
+    assert result["train_gflop_per_step"] * 1e9 == 3 * sum(train_convs) - train_convs[0]
+    text = (tmp_path / "bench.md").read_text()
+    assert result["device"] in text and "| bf16 | True | False | ok |" in text
+
+
+def test_pointrend_bench_and_recorded_failures(tmp_path, monkeypatch):
+    def failing_compile(model, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    cfg = tiny_bench_config("pointrend_bench", TINY_POINTREND, tmp_path, "bench.crop_hw=[64, 64]",
+                            "bench.eval_hw=[64, 96]", 'bench.amp=["off"]', "bench.channels_last=[false]",
+                            "bench.compile=[false, true]")
+    result = bench.model_bench(cfg, command="pytest")
+    ok, failed = result["rows"]
+    assert ok["status"] == "ok" and ok["train_mfu"] is None  # no peak known for a CPU
+    assert result["peak_tflops"]["off"]["tflops"] is None and "bench.peak_tflops" in \
+        result["peak_tflops"]["off"]["source"]
+    assert failed["status"] == "error" and "RuntimeError: no C++ compiler here" in failed["note"]
+    assert "train_step_ms" not in failed
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][1]["status"] == "error"
+    assert result["command"] == "pytest"
+
+
+def test_skip_reasons():
+    assert "contiguous_format" in bench.skip_reason("npu", "off", True, False)
+    assert bench.skip_reason("cpu", "bf16", True, True) is None
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "cuda", "bf16", 0)[0] == 989.4
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "cuda", "fp16", 0)[0] == 756.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "cuda", "fp32", 0)[0] in (19.5, 156.0)  # TF32 if allowed
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "cuda", "fp32", 7.0)[0] == 7.0
+
+
+def test_data_bench_rows_and_stages(tmp_path):
+    cfg = load("data_bench", f"output_dir={tmp_path}", "bench.images=2", "bench.warmup=1", "bench.steps=3",
+               "bench.batch_size=2")
+    recipes = [load("pspnet_1p", "data.crop_hw=[32, 32]", "data.scale=[128, 32]"),
+               load("pointrend_1p", "data.crop_hw=[32, 64]", "data.short_edges=[48, 64]")]
+    result = bench.data_bench(cfg, recipes, image_hw={"voc": (48, 64), "cityscapes": (64, 128)}, log=lambda *a: None)
+    assert json.loads((tmp_path / "data_bench.json").read_text()) == result
+    assert [(r["dataset"], r["cache"]) for r in result["rows"]] == [
+        ("voc", False), ("voc", True), ("cityscapes", False), ("cityscapes", True)]
+    for row in result["rows"]:
+        stages = row["stages_ms"]
+        assert set(stages) == {"decode", "crop_choice", "resize", "colour", "other_transform", "collate"}
+        assert all(stages[key] > 0 for key in ("decode", "crop_choice", "resize", "colour", "collate"))
+        assert math.isclose(sum(stages.values()), row["ms_per_image"], rel_tol=1e-9)
+        assert math.isclose(row["images_per_s"], 1e3 / row["ms_per_image"])
+        assert row["image_format"] == {"voc": "JPEG", "cityscapes": "PNG"}[row["dataset"]]
+        assert row["target_images_per_s"] == {"voc": 128, "cityscapes": 48}[row["dataset"]]
+        assert (row["cache_build_s_per_image"] is not None) == row["cache"]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".data_bench")]  # generated files removed
+
+
+def tiny_pspnet():
+    torch.manual_seed(0)
+    return models.build({"name": "pspnet", "num_classes": 5, "base_channels": 8, "stem_channels": 8,
+                         "blocks": (1, 1, 1, 1), "channels": 16, "aux_channels": 8})
+
+
+def tiny_pointrend():
+    torch.manual_seed(0)
+    return models.build({"name": "pointrend", "num_classes": 5, "fpn_channels": 16, "head_channels": 8,
+                         "head_groups": 4, "point_fc": 16, "stem_channels": 8, "base_channels": 4,
+                         "blocks": (1, 1, 1, 1), "train_num_points": 50, "subdivision_num_points": 300})
+
+
+def outputs_and_grads(model, image, hw, memory_format=torch.contiguous_format, runner=None):
+    """Outputs and parameter gradients of sum(outputs · fixed weights), seeded identically."""
+    model = model.to(memory_format=memory_format)
+    runner = model if runner is None else runner
+    torch.manual_seed(1)  # dropout masks and PointRend's random points
+    outputs = runner(image.contiguous(memory_format=memory_format), hw)
+    generator = torch.Generator().manual_seed(2)
+    loss = sum((value.float() * torch.randn(value.shape, generator=generator)).sum()
+               for key, value in sorted(outputs.items()) if value.is_floating_point())
+    model.zero_grad()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return {key: value.detach() for key, value in outputs.items()}, grads
+
+
+def assert_close_relative(got, expected, tolerance=1e-5):
+    for key in expected:
+        error = (got[key].float() - expected[key].float()).norm() / expected[key].float().norm().clamp(min=1e-12)
+        assert error <= tolerance, f"{key}: relative error {error:.2e}"
+
+
+CPU_BATCHNORM_CHANNELS_LAST = (
+    "torch 2.13's CPU BatchNorm kernels for channels_last accumulate batch statistics and gradient sums in "
+    "float32 (contiguous ones in float64): on 4x16x64x96 inputs the weight gradient is 5e-2 off float64 "
+    "against 6e-4 for contiguous, so train-mode BN differs by up to ~1e-2 here. Eval mode and frozen BN match.")
+
+
+# Batch 4, the recipes' per-device batch: with 2, the pyramid's 1×1 pooled branch normalises 2 values per
+# channel and even contiguous fp32 gradients are 2e-3 off float64. PointRend's BN is frozen in training.
+@pytest.mark.parametrize("build, mode", [
+    (tiny_pspnet, "eval"), (tiny_pointrend, "eval"), (tiny_pointrend, "train"),
+    pytest.param(tiny_pspnet, "train", marks=pytest.mark.xfail(strict=True, reason=CPU_BATCHNORM_CHANNELS_LAST))])
+def test_channels_last_gives_the_same_outputs_and_gradients(build, mode):
+    image = torch.randint(0, 256, (4, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    hw = torch.tensor([[64, 96], [50, 70], [64, 80], [40, 96]])
+    model = getattr(build(), mode)()
+    expected = outputs_and_grads(model, image, hw)
+    got = outputs_and_grads(model, image, hw, torch.channels_last)
+    assert next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    for got_part, expected_part in zip(got, expected):
+        assert set(got_part) == set(expected_part) and len(got_part) > 0
+        assert_close_relative(got_part, expected_part, 1e-5)
+
+
+def test_compiled_model_matches_eager():
+    """torch.compile with the aot_eager backend: Dynamo's graph capture and AOTAutograd's traced forward
+    and backward, without Inductor's C++ code generation, which takes 40-70 s per model on 2 cold CPU
+    cores here (the benchmark's compile rows use the default Inductor backend)."""
+    image = torch.randint(0, 256, (4, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    hw = torch.tensor([[64, 96], [50, 70], [64, 80], [40, 96]])
+    model = tiny_pspnet().train()
+    expected = outputs_and_grads(model, image, hw)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    try:
+        compiled = torch.compile(model, backend="aot_eager")
+        got = outputs_and_grads(model, image, hw, runner=compiled)
+    except (ImportError, OSError) as error:  # an environment problem, not a model one
+        pytest.skip(f"torch.compile unavailable here: {error}")
+    finally:
+        graphs = counters["stats"]["unique_graphs"]
+        torch._dynamo.reset()
+    assert graphs >= 1  # the compiled path really ran
+    for got_part, expected_part in zip(got, expected):
+        assert_close_relative(got_part, expected_part)
+    np.testing.assert_array_equal(sorted(got[1]), sorted(expected[1]))
