@@ -102,40 +102,47 @@ LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / Segmentatio
 # ---------------------------------------------------------------- datasets
 
 
+def load_item(items, index, num_classes, hint="", reader=None):
+    """(image BGR uint8, label uint8) of item `index`: decoded from disk, or from a decoded cache
+    (`reader` = (image_fn, label_fn) from seg.cache, whose labels were checked when it was built)."""
+    if reader is not None:
+        return reader[0](index), reader[1](index)
+    image_path, label_path = items[index]
+    image = read_image_bgr(image_path)
+    label = read_label(label_path, num_classes, hint)
+    check_same_size(image, label, image_path, label_path)
+    return image, label
+
+
 class TrainDataset(torch.utils.data.Dataset):
     """Items are (index, stream position) pairs from InfiniteShardedSampler."""
 
-    def __init__(self, items, sample_fn, num_classes, seed, hint=""):
+    def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None):
         self.items, self.sample_fn, self.num_classes = items, sample_fn, num_classes
-        self.seed, self.hint = seed, hint
+        self.seed, self.hint, self.reader = seed, hint, reader
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, key):
         index, position = key
-        image_path, label_path = self.items[index]
-        image = read_image_bgr(image_path)
-        label = read_label(label_path, self.num_classes, self.hint)
-        check_same_size(image, label, image_path, label_path)
+        image, label = load_item(self.items, index, self.num_classes, self.hint, self.reader)
         rng = np.random.default_rng([self.seed, position])
         return self.sample_fn(rng, image, label)
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    """Resized image (model input), original-size label and original size."""
+    """Test-resized image views (from resize_fn), original-size label."""
 
-    def __init__(self, items, resize_fn, num_classes, hint=""):
+    def __init__(self, items, resize_fn, num_classes, hint="", reader=None):
         self.items, self.resize_fn, self.num_classes, self.hint = items, resize_fn, num_classes, hint
+        self.reader = reader
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, index):
-        image_path, label_path = self.items[index]
-        image = read_image_bgr(image_path)
-        label = read_label(label_path, self.num_classes, self.hint)
-        check_same_size(image, label, image_path, label_path)
+        image, label = load_item(self.items, index, self.num_classes, self.hint, self.reader)
         return self.resize_fn(image), label
 
 
@@ -190,18 +197,11 @@ def collate(samples, divisor=1):
     hw = torch.zeros(len(samples), 2, dtype=torch.int64)
     for i, (image, label) in enumerate(samples):
         h, w = label.shape
-        images[i, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        labels[i, :h, :w] = torch.from_numpy(label.astype(np.int64))
-        hw[i] = torch.tensor([h, w])
+        # copy each array straight into the batch: one strided copy, no intermediate arrays
+        images[i, :, :h, :w] = torch.from_numpy(np.moveaxis(image, -1, 0))
+        labels[i, :h, :w] = torch.from_numpy(label)
+        hw[i, 0], hw[i, 1] = h, w
     return {"image": images, "label": labels, "hw": hw}
-
-
-def collate_eval(samples):
-    """Batch of one: resized image as a batch, label and original size kept apart."""
-    (image, label), = samples
-    batch = collate([(image, np.zeros(image.shape[:2], np.uint8))])
-    batch["label"] = torch.from_numpy(label.astype(np.int64))[None]
-    return batch
 
 
 class Collate:
@@ -224,12 +224,12 @@ def train_loader(dataset, per_device_batch, rank, world_size, seed, workers, pin
         generator=torch.Generator().manual_seed(seed))
 
 
-def eval_loader(dataset, rank, world_size, workers, pin_memory):
-    """Rank r evaluates images r, r + world_size, ...: every image exactly once across ranks."""
+def eval_loader(dataset, rank, world_size, workers, pin_memory, collate_fn):
+    """Rank r evaluates images r, r + world_size, ...: every image exactly once across ranks, one a batch."""
     indices = list(range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=1, shuffle=False, num_workers=workers,
-        collate_fn=collate_eval, pin_memory=pin_memory)
+        collate_fn=collate_fn, pin_memory=pin_memory)
 
 
 def to_device(batch, device):
@@ -261,3 +261,22 @@ def dataset_info(name):
         raise UserError(f"data.dataset must be one of {sorted(infos)}, got {name!r}")
     lister, hint, classes, palette = infos[name]
     return {"list": lister, "hint": hint, "classes": list(classes), "palette": palette}
+
+
+def split_items(config, splits_key):
+    """(items, dataset info, cached reader or None) for config["data"][splits_key].
+
+    With data.cache = true every image and label is decoded once into <data_root>/.cache/, a
+    memory-mapped file that loader workers and processes share (seg/cache.py).
+    """
+    from seg import cache
+
+    cfg = config["data"]
+    info = dataset_info(cfg["dataset"])
+    items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg[splits_key])
+    if not cfg["cache"]:
+        return items, info, None
+    path = cache.cache_path_for(os.path.join(config["data_root"], ".cache"), items, f"{cfg['dataset']}-{splits_key}")
+    reader = cache.cached_items_reader(items, path, config["model"]["num_classes"], info["hint"],
+                                       workers=max(cfg["workers"], 1))
+    return items, info, reader

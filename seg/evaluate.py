@@ -78,14 +78,6 @@ def collate_views(samples):
     return {"image": image, "hw": hw, "label": torch.from_numpy(label.astype(np.int64))[None]}
 
 
-def views_loader(dataset, rank, world_size, workers, pin_memory):
-    """data.eval_loader with collate_views: rank r takes images r, r + world_size, ..., one image a batch."""
-    indices = list(range(rank, len(dataset), world_size))
-    return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=1, shuffle=False, num_workers=workers,
-        collate_fn=collate_views, pin_memory=pin_memory)
-
-
 # ------------------------------------------------------------------------------------------- inference
 
 def whole_logits(model, image):
@@ -174,19 +166,18 @@ def confusion_over(model, loader, torch_device, num_classes, amp_mode, test):
 
 def eval_dataset(config):
     """The val split as an EvalDataset whose samples are (views, original-size label)."""
-    info = data.dataset_info(config["data"]["dataset"])
-    root = os.path.join(config["data_root"], config["data"]["root"])
-    items = info["list"](root, config["data"]["val_splits"])
+    items, info, reader = data.split_items(config, "val_splits")
     resize = functools.partial(resize_to_scales, long_short=tuple(config["data"]["test_scale"]),
                                ratios=tuple(config["test"]["scales"]))
-    return data.EvalDataset(items, resize, config["model"]["num_classes"], info["hint"]), info
+    return data.EvalDataset(items, resize, config["model"]["num_classes"], info["hint"], reader), info
 
 
 def evaluate_and_report(config, model, torch_device, rank, world_size, iteration=None):
     """Evaluate on the val split; rank 0 prints the table and writes eval.json. Returns the metrics."""
     check_test_options(config["test"])
     dataset, info = eval_dataset(config)
-    loader = views_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu")
+    loader = data.eval_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu",
+                              collate_views)
     matrix = confusion_over(model, loader, torch_device, config["model"]["num_classes"], config["amp"],
                             config["test"])
     result = metrics.metrics_from_confusion(matrix)

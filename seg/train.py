@@ -142,8 +142,7 @@ def train(config):
 def train_dataset(config):
     """The training split with the dataset's augmentation (transforms.TRAIN_SAMPLERS)."""
     cfg = config["data"]
-    info = data.dataset_info(cfg["dataset"])
-    items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg["train_splits"])
+    items, info, reader = data.split_items(config, "train_splits")
     params = {"crop_hw": tuple(cfg["crop_hw"])}
     if cfg["dataset"] == "voc":
         params.update(scale=tuple(cfg["scale"]), ratio_range=tuple(cfg["ratio_range"]),
@@ -152,7 +151,7 @@ def train_dataset(config):
         params.update(short_edges=tuple(cfg["short_edges"]), max_size=cfg["max_size"],
                       single_category_max_area=cfg["cat_max_ratio"])
     sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[cfg["dataset"]], **params)
-    return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"])
+    return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"], reader)
 
 
 def speedups(model, config, torch_device, rank):
