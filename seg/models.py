@@ -1,17 +1,25 @@
 """Model name -> builder, loss and class metadata: plain dicts, no registries."""
 import inspect
 
-from seg import checkpoint, losses, pointrend, pspnet
+from seg import checkpoint, losses, pointrend, pspnet, resnet
 
 BUILDERS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
+# build_pointrend passes its **backbone_kwargs on to build_resnet_fpn
+FORWARDED_KWARGS = {"pointrend": resnet.build_resnet_fpn}
 
 
 def builder_defaults(name):
     """The builder's keyword arguments and defaults: the keys a config's [model] table may set."""
     if name not in BUILDERS:
         return {}
-    signature = inspect.signature(BUILDERS[name])
-    return {key: p.default for key, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+    defaults = {}
+    for function in (FORWARDED_KWARGS.get(name), BUILDERS[name]):
+        if function is not None:
+            defaults.update({key: p.default for key, p in inspect.signature(function).parameters.items()
+                             if p.default is not inspect.Parameter.empty})
+    if name in FORWARDED_KWARGS:  # set by build_pointrend itself
+        defaults.pop("out_channels", None)
+    return defaults
 
 
 def build(model_config):
