@@ -4,6 +4,8 @@
     python run.py pspnet_1p --show                        # the fully resolved config
     python run.py demo                                    # generated data, CPU, a few minutes
     python run.py pspnet_eval weights=PATH                # key=value overrides (TOML literals)
+    python run.py pspnet_predict weights=PATH input=DIR output=DIR
+    python run.py data_bench                              # benchmarks: pspnet_bench, pointrend_bench too
     torchrun --nproc_per_node 8 run.py pspnet_8p          # one node, 8 devices
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 \\
              --nproc_per_node 8 run.py pointrend_8p       # several nodes (node_rank 1 on the other)
@@ -20,7 +22,7 @@ CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.
 
 
 def run_task(config):
-    from seg import evaluate, models, prepare, train
+    from seg import demo, evaluate, files, prepare, train
 
     task = config["task"]
     root = os.path.join(config["data_root"], config["data"]["root"])
@@ -33,12 +35,17 @@ def run_task(config):
 
         return predict.predict(config)
     if task == "demo":
-        generate = prepare.make_demo_voc if config["data"]["dataset"] == "voc" else prepare.make_demo_cityscapes
+        generate = demo.make_demo_voc if config["data"]["dataset"] == "voc" else demo.make_demo_cityscapes
+        # local ranks share the torchrun agent as parent: its pid names this launch's "data is ready" file
+        ready = os.path.join(root, f".ready-{os.getppid()}")
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             generate(root)
+            files.write_text_atomic("", ready)
         else:
-            wait_for_demo(root)
+            wait_for(ready)
         train.train(config)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            os.remove(ready)
         if int(os.environ.get("RANK", "0")) == 0 and config["save_predictions"]:
             save_demo_predictions(config)
         return None
@@ -54,21 +61,23 @@ def run_task(config):
     if task == "data_bench":
         from seg import bench
 
+        from seg import models
+
         recipes = [config_module.load_config(CONFIG_PATH, name, [], models.builder_defaults)
                    for name in config["bench"]["sections"]]
         return bench.data_bench(config, recipes)
     raise UserError(f"[{config['section']}] task = {task!r} is not runnable; see `python run.py --list`")
 
 
-def wait_for_demo(root, timeout_s=600):
+def wait_for(path, timeout_s=600):
     """Other local ranks wait for rank 0 to finish generating the demo data."""
     import time
 
     start = time.time()
-    while not os.path.exists(os.path.join(root, ".demo_complete")):
+    while not os.path.exists(path):
         if time.time() - start > timeout_s:
-            raise UserError(f"{root}: demo data did not appear within {timeout_s} s")
-        time.sleep(0.5)
+            raise UserError(f"{path}: the demo data was not ready within {timeout_s} s")
+        time.sleep(0.2)
 
 
 def save_demo_predictions(config):

@@ -3,7 +3,6 @@
 Labels are int64 N×H×W with 255 for ignored and padded pixels. Every function returns a dict of scalar
 tensors whose keys start with "loss"; the trainer sums them.
 """
-import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = 255

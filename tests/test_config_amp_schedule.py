@@ -147,6 +147,6 @@ def test_bf16_training_step_on_cpu():
     loss = torch.nn.functional.cross_entropy(out.float(), y)
     loss.backward()
     optimizer.step()
-    assert math.isfinite(float(loss))
+    assert math.isfinite(loss.item())
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert amp.make_scaler("bf16", "dynamic") is None

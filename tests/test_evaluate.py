@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seg import config, evaluate, metrics, models, prepare, transforms
+from seg import config, demo, evaluate, metrics, models, transforms
 from seg.errors import UserError
 from seg.pointrend import build_pointrend
 from seg.pspnet import build_pspnet
@@ -186,7 +186,7 @@ def test_bad_test_options_name_the_key():
 def test_evaluation_with_flip_and_scales_counts_every_pixel(tmp_path):
     """evaluate_and_report (dataset views, loader, confusion, eval.json, saved panels) against per-image
     test_time_scores and a brute-force count."""
-    prepare.make_demo_voc(str(tmp_path / "voc"), n_train=2, n_val=3, size=(48, 64), seed=1)
+    demo.make_demo_voc(str(tmp_path / "voc"), n_train=2, n_val=3, size=(48, 64), seed=1)
     cfg = config.load_config(CONFIGS, "pspnet_eval", [
         f"data_root={tmp_path}", "data.root=voc", f"output_dir={tmp_path / 'out'}", "device=cpu", "data.workers=0",
         "data.test_scale=[96,36]", "test.flip=true", "test.scales=[0.75,1.0]", "save_predictions=2",

@@ -1,143 +1,307 @@
-"""Dataset preparation and the demo generators, on tiny trees in the real layouts."""
+"""Tests for seg/prepare.py: label PNGs, VOC12aug conversion, Cityscapes trainIds, demo datasets."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from seg import prepare
 from seg.errors import UserError
+from seg import demo, prepare
 
-# cityscapesScripts labels.py, written out independently of seg/prepare.py
-SPEC_TRAIN_IDS = {"road": (7, 0), "sidewalk": (8, 1), "building": (11, 2), "wall": (12, 3), "fence": (13, 4),
-                  "pole": (17, 5), "traffic light": (19, 6), "traffic sign": (20, 7), "vegetation": (21, 8),
-                  "terrain": (22, 9), "sky": (23, 10), "person": (24, 11), "rider": (25, 12), "car": (26, 13),
-                  "truck": (27, 14), "bus": (28, 15), "train": (31, 16), "motorcycle": (32, 17), "bicycle": (33, 18)}
-SPEC_IGNORED_IDS = [0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30]
-
-
-def test_id_to_train_id_table_matches_the_spec():
-    for name, (label_id, train_id) in SPEC_TRAIN_IDS.items():
-        assert prepare.CITYSCAPES_ID_TO_TRAINID[label_id] == train_id, name
-        assert prepare.CITYSCAPES_CLASSES[train_id] == name
-    assert all(prepare.CITYSCAPES_ID_TO_TRAINID[i] == 255 for i in SPEC_IGNORED_IDS)
-    assert int((prepare.CITYSCAPES_ID_TO_TRAINID != 255).sum()) == 19
+# Spec pointrend.md §6.6, written out again here so the module's table is checked against an independent copy.
+SPEC_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                  26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+SPEC_IGNORED_IDS = [0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30, 34, 255]
 
 
-def test_palette_png_round_trip(tmp_path):
-    label = np.random.default_rng(0).integers(0, 21, (7, 9)).astype(np.uint8)
-    label[0, 0] = 255
-    path = tmp_path / "x.png"
-    prepare.write_label_png(str(path), label, prepare.VOC_PALETTE)
+def reference_train_ids(ids):
+    out = np.full(ids.shape, 255, np.uint8)
+    for label_id, train_id in SPEC_TRAIN_IDS.items():
+        out[ids == label_id] = train_id
+    return out
+
+
+def voc_bit_colormap(n):
+    """The classic VOC colour map, built by spreading the bits of the class index over R, G and B."""
+    colours = []
+    for index in range(n):
+        r = g = b = 0
+        value = index
+        for shift in range(7, -1, -1):
+            r |= (value & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        colours.append((r, g, b))
+    return colours
+
+
+def test_palettes_and_class_tables():
+    assert len(prepare.VOC_CLASSES) == 21 and prepare.VOC_CLASSES[15] == "person"
+    assert [tuple(c) for c in prepare.VOC_PALETTE] == voc_bit_colormap(21)
+    assert voc_bit_colormap(256)[255] == prepare._IGNORE_COLOUR
+    assert len(prepare.CITYSCAPES_CLASSES) == len(prepare.CITYSCAPES_PALETTE) == 19
+    assert prepare.CITYSCAPES_CLASSES[13] == "car" and prepare.CITYSCAPES_PALETTE[13] == (0, 0, 142)
+
+
+def test_id_to_trainid_matches_spec_table():
+    lut = prepare.CITYSCAPES_ID_TO_TRAINID
+    assert lut.shape == (256,) and lut.dtype == np.uint8
+    for label_id in range(256):
+        assert lut[label_id] == SPEC_TRAIN_IDS.get(label_id, 255), label_id
+    assert all(lut[i] == 255 for i in SPEC_IGNORED_IDS)
+    assert sorted(lut[lut != 255].tolist()) == list(range(19))
+
+
+def test_label_png_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 21, size=(37, 53)).astype(np.uint8)
+    label[rng.random(label.shape) < 0.1] = 255
+    path = tmp_path / "sub" / "a.png"
+    prepare.write_label_png(path, label, prepare.VOC_PALETTE)
     with Image.open(path) as image:
         assert image.mode == "P"
-        assert np.array_equal(np.asarray(image), label)  # pixel values are class indices
-        palette = np.array(image.getpalette()[: 3 * 21]).reshape(21, 3)
-    assert np.array_equal(palette, np.array(prepare.VOC_PALETTE))
-    assert not [name for name in os.listdir(tmp_path) if name != "x.png"]  # no temporary left behind
+        np.testing.assert_array_equal(np.array(image), label)
+        palette = image.getpalette()
+        assert palette[:63] == [v for c in prepare.VOC_PALETTE for v in c]
+        assert tuple(palette[3 * 255:3 * 256]) == (224, 224, 192)
+        rgb = np.array(image.convert("RGB"))
+    expected_rgb = np.array(voc_bit_colormap(256), np.uint8)[label]
+    np.testing.assert_array_equal(rgb[label != 255], expected_rgb[label != 255])
+    prepare.write_label_png(tmp_path / "b.png", label)
+    with Image.open(tmp_path / "b.png") as image:
+        assert image.mode == "L"
+        np.testing.assert_array_equal(np.array(image), label)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "b.png", "sub"]  # no temporary files left
 
 
-def write_mat(path, segmentation):
-    savemat = pytest.importorskip("scipy.io").savemat
-    savemat(str(path), {"GTcls": {"Segmentation": segmentation, "Boundaries": np.zeros(1), "CategoriesPresent": 1}})
+def test_read_split(tmp_path):
+    (tmp_path / "s.txt").write_text("a\n\n b \nc")
+    assert prepare.read_split(tmp_path / "s.txt") == ["a", "b", "c"]
+    with pytest.raises(UserError, match="missing.txt"):
+        prepare.read_split(tmp_path / "missing.txt")
 
 
-def test_prepare_voc_aug_on_a_tiny_sbd(tmp_path):
-    voc, sbd = tmp_path / "VOC2012", tmp_path / "dataset"
-    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+# ----------------------------------------------------------------------------------------------------- VOC aug
+
+def write_split(path, stems):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{s}\n" for s in stems))
+
+
+def make_tiny_voc_and_sbd(tmp_path, voc_train, voc_val, sbd_train, sbd_val, rng):
+    scipy_io = pytest.importorskip("scipy.io")
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    voc, sbd = tmp_path / "VOC2012", tmp_path / "VOCaug" / "dataset"
+    write_split(voc / "ImageSets" / "Segmentation" / "train.txt", voc_train)
+    write_split(voc / "ImageSets" / "Segmentation" / "val.txt", voc_val)
+    write_split(sbd / "train.txt", sbd_train)
+    write_split(sbd / "val.txt", sbd_val)
     (sbd / "cls").mkdir(parents=True)
-    voc_train, voc_val = ["a", "b", "c"], ["d", "e"]
-    sbd_train, sbd_val = ["b", "f", "g", "d"], ["h", "a", "i"]
-    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(voc_train) + "\n")
-    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(voc_val) + "\n")
-    (sbd / "train.txt").write_text("\n".join(sbd_train) + "\n")
-    (sbd / "val.txt").write_text("\n".join(sbd_val) + "\n")
-    rng = np.random.default_rng(0)
-    masks = {stem: rng.integers(0, 21, (5, 6)).astype(np.uint8) for stem in set(sbd_train + sbd_val)}
+    masks = {}
+    for stem in sorted(set(sbd_train) | set(sbd_val)):
+        mask = rng.integers(0, 21, size=(int(rng.integers(5, 12)), int(rng.integers(5, 12)))).astype(np.uint8)
+        # SBD's layout: a 1×1 struct GTcls with fields Boundaries (20×1 cell of sparse edge maps),
+        # Segmentation (uint8 H×W) and CategoriesPresent.
+        boundaries = np.empty((20, 1), object)
+        for index in range(20):
+            boundaries[index, 0] = scipy_sparse.csc_matrix(mask == index + 1)
+        scipy_io.savemat(sbd / "cls" / f"{stem}.mat", {"GTcls": {
+            "Boundaries": boundaries, "Segmentation": mask,
+            "CategoriesPresent": np.unique(mask[mask > 0]).astype(np.uint8)}})
+        masks[stem] = mask
+    return voc, sbd, masks
+
+
+def test_prepare_voc_aug(tmp_path):
+    rng = np.random.default_rng(1)
+    stems = [f"2008_{i:06d}" for i in range(40)]
+    voc_train, voc_val = stems[0:10], stems[10:18]
+    sbd_train, sbd_val = stems[5:30] + stems[5:7], stems[14:35]  # overlaps VOC train and val, and a duplicate
+    voc, sbd, masks = make_tiny_voc_and_sbd(tmp_path, voc_train, voc_val, sbd_train, sbd_val, rng)
+    mat = pytest.importorskip("scipy.io").loadmat(sbd / "cls" / f"{stems[5]}.mat")
+    np.testing.assert_array_equal(mat["GTcls"][0]["Segmentation"][0], masks[stems[5]])  # mmseg's access path
+
+    logged = []
+    counts = prepare.prepare_voc_aug(voc, sbd, log=logged.append, workers=1)
+    aug = [s for s in stems if (s in sbd_train or s in sbd_val) and s not in voc_train and s not in voc_val]
+    trainaug = [s for s in stems if (s in voc_train or s in sbd_train or s in sbd_val) and s not in voc_val]
+    split_folder = voc / "ImageSets" / "Segmentation"
+    assert prepare.read_split(split_folder / "aug.txt") == aug
+    assert prepare.read_split(split_folder / "trainaug.txt") == trainaug
+    assert counts["aug"] == len(aug) == 17 and counts["trainaug"] == len(trainaug) == 27
+    assert counts["converted"] == len(masks) and counts["skipped"] == 0 and logged
     for stem, mask in masks.items():
-        write_mat(sbd / "cls" / f"{stem}.mat", mask)
-    counts = prepare.prepare_voc_aug(voc, sbd, log=lambda *a: None)
-    split = lambda name: (voc / "ImageSets" / "Segmentation" / f"{name}.txt").read_text().split()
-    everything = set(sbd_train + sbd_val)
-    assert set(split("aug")) == everything - set(voc_train) - set(voc_val) == {"f", "g", "h", "i"}
-    assert set(split("trainaug")) == (set(voc_train) | everything) - set(voc_val)
-    assert counts["aug"] == 4 and counts["converted"] == len(masks)
-    for stem, mask in masks.items():
-        assert np.array_equal(np.asarray(Image.open(voc / "SegmentationClassAug" / f"{stem}.png")), mask)
-    assert prepare.prepare_voc_aug(voc, sbd, log=lambda *a: None)["converted"] == 0  # finished files skipped
+        with Image.open(voc / "SegmentationClassAug" / f"{stem}.png") as image:
+            assert image.mode == "L"
+            np.testing.assert_array_equal(np.array(image), mask)
+    png = voc / "SegmentationClassAug" / f"{stems[20]}.png"
+    mtime = png.stat().st_mtime_ns
+    again = prepare.prepare_voc_aug(voc, sbd, log=logged.append, workers=1)
+    assert again["converted"] == 0 and again["skipped"] == len(masks) and png.stat().st_mtime_ns == mtime
 
 
-def test_prepare_voc_aug_names_missing_folders(tmp_path):
-    with pytest.raises(UserError, match="VOC2012"):
-        prepare.prepare_voc_aug(tmp_path / "VOC2012", tmp_path / "dataset")
+def test_prepare_voc_aug_full_size_check_and_missing_data(tmp_path):
+    rng = np.random.default_rng(2)
+    voc_train = [f"2007_{i:06d}" for i in range(1464)]
+    voc_val = [f"2009_{i:06d}" for i in range(1449)]
+    voc, sbd, _ = make_tiny_voc_and_sbd(tmp_path, voc_train, voc_val, ["2010_000001"], ["2010_000002"], rng)
+    with pytest.raises(UserError, match="9118"):
+        prepare.prepare_voc_aug(voc, sbd, log=lambda _: None, workers=1)
+    assert not (voc / "ImageSets" / "Segmentation" / "aug.txt").exists()  # checked before anything is written
+    assert not (voc / "SegmentationClassAug").exists()
+    with pytest.raises(UserError, match="VOCtrainval_11-May-2012.tar") as error:
+        prepare.prepare_voc_aug(tmp_path / "nowhere", sbd, log=lambda _: None)
+    assert str(tmp_path / "nowhere") in str(error.value)
+    with pytest.raises(UserError, match="benchmark.tgz") as error:
+        prepare.prepare_voc_aug(voc, tmp_path / "nosbd", log=lambda _: None)
+    assert str(tmp_path / "nosbd") in str(error.value) and "data/VOCdevkit/VOCaug/dataset" in str(error.value)
+    (sbd / "cls" / "2010_000002.mat").unlink()
+    write_split(voc / "ImageSets" / "Segmentation" / "train.txt", ["x"])
+    with pytest.raises(UserError, match="2010_000002"):
+        prepare.prepare_voc_aug(voc, sbd, log=lambda _: None, workers=1)
 
 
-def make_cityscapes(root, label_ids):
-    for index, ids in enumerate(label_ids):
-        name = f"aachen_000000_{index:06d}"
-        for folder, suffix, array in (("leftImg8bit", "leftImg8bit", np.zeros(ids.shape + (3,), np.uint8)),
-                                      ("gtFine", "gtFine_labelIds", ids)):
-            path = root / folder / "train" / "aachen" / f"{name}_{suffix}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(path)
+# -------------------------------------------------------------------------------------------------- Cityscapes
+
+def make_tiny_cityscapes(root, rng, files):
+    """files: (split, city, frame) triples; writes an image and a random labelIds map for each."""
+    sources = []
+    for split, city, frame in files:
+        stem = f"{city}_000000_{frame:06d}"
+        image = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(8, 16, 3), dtype=np.uint8)).save(image)
+        ids = rng.integers(0, 40, size=(8, 16)).astype(np.uint8)
+        ids[0, 0] = 255
+        label = root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
+        label.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ids).save(label)
+        sources.append((label, ids))
+    return sources
 
 
-def test_prepare_cityscapes_maps_ids_and_skips_finished_files(tmp_path):
-    rng = np.random.default_rng(0)
-    label_ids = [rng.integers(0, 34, (6, 8)).astype(np.uint8) for _ in range(3)]
-    make_cityscapes(tmp_path, label_ids)
-    (tmp_path / "leftImg8bit" / "val").mkdir()
-    counts = prepare.prepare_cityscapes(tmp_path, workers=2, log=lambda *a: None)
-    assert counts["train"] == 3 and counts["converted"] == 3
-    targets = sorted((tmp_path / "gtFine" / "train" / "aachen").glob("*_labelTrainIds.png"))
-    for ids, target in zip(label_ids, targets):
-        expected = np.array([[SPEC_TRAIN_IDS_BY_ID.get(int(v), 255) for v in row] for row in ids])
-        assert np.array_equal(np.asarray(Image.open(target)), expected)
-    stamps = [t.stat().st_mtime_ns for t in targets]
-    assert prepare.prepare_cityscapes(tmp_path, log=lambda *a: None)["converted"] == 0
-    assert stamps == [t.stat().st_mtime_ns for t in targets]
+def train_ids_of(label_path):
+    return Path(str(label_path).replace("_labelIds.png", "_labelTrainIds.png"))
 
 
-SPEC_TRAIN_IDS_BY_ID = {label_id: train_id for label_id, train_id in SPEC_TRAIN_IDS.values()}
+def test_prepare_cityscapes(tmp_path):
+    rng = np.random.default_rng(3)
+    files = [("train", "aachen", 0), ("train", "aachen", 1), ("train", "bochum", 0), ("val", "lindau", 0),
+             ("val", "lindau", 7), ("test", "berlin", 0)]
+    sources = make_tiny_cityscapes(tmp_path, rng, files)
+    counts = prepare.prepare_cityscapes(tmp_path, workers=2, log=lambda _: None)  # 6 jobs: the process pool
+    assert counts == {"train": 3, "val": 2, "converted": 6, "skipped": 0}
+    for label, ids in sources:
+        with Image.open(train_ids_of(label)) as image:
+            assert image.mode == "L"
+            np.testing.assert_array_equal(np.array(image), reference_train_ids(ids))
+    mtimes = [train_ids_of(label).stat().st_mtime_ns for label, _ in sources]
+    counts = prepare.prepare_cityscapes(tmp_path, workers=1, log=lambda _: None)
+    assert counts["converted"] == 0 and counts["skipped"] == 6
+    assert [train_ids_of(label).stat().st_mtime_ns for label, _ in sources] == mtimes
+    newer = mtimes[1] + 10**9  # a relabelled source is newer than its target, so it is converted again
+    os.utime(sources[1][0], ns=(newer, newer))
+    assert prepare.prepare_cityscapes(tmp_path, workers=1, log=lambda _: None)["converted"] == 1
 
 
-def test_prepare_cityscapes_names_images_without_labels(tmp_path):
-    make_cityscapes(tmp_path, [np.zeros((4, 4), np.uint8)])
-    os.remove(next((tmp_path / "gtFine").rglob("*_labelIds.png")))
-    (tmp_path / "leftImg8bit" / "val").mkdir()
-    with pytest.raises(UserError, match="aachen_000000_000000_gtFine_labelIds.png"):
-        prepare.prepare_cityscapes(tmp_path, log=lambda *a: None)
+def test_prepare_cityscapes_errors(tmp_path):
+    with pytest.raises(UserError, match="gtFine_trainvaltest.zip") as error:
+        prepare.prepare_cityscapes(tmp_path / "cityscapes", log=lambda _: None)
+    assert str(tmp_path / "cityscapes") in str(error.value) and "leftImg8bit_trainvaltest.zip" in str(error.value)
+    sources = make_tiny_cityscapes(tmp_path, np.random.default_rng(4), [("train", "ulm", 0), ("val", "ulm", 3)])
+    sources[1][0].unlink()
+    with pytest.raises(UserError, match="ulm_000000_000003_gtFine_labelIds.png"):
+        prepare.prepare_cityscapes(tmp_path, workers=1, log=lambda _: None)
+    assert not train_ids_of(sources[0][0]).exists()  # checked before anything is written
 
 
-def test_demo_voc_layout_and_determinism(tmp_path):
-    a = prepare.make_demo_voc(tmp_path / "a", n_train=6, n_val=3, size=(32, 40), seed=5)
-    b = prepare.make_demo_voc(tmp_path / "b", n_train=6, n_val=3, size=(32, 40), seed=5)
-    splits = {name: (a / "ImageSets" / "Segmentation" / f"{name}.txt").read_text().split()
-              for name in ("train", "val", "aug", "trainaug")}
-    assert (len(splits["train"]), len(splits["aug"]), len(splits["val"])) == (3, 3, 3)
-    assert set(splits["trainaug"]) == set(splits["train"]) | set(splits["aug"])
-    for stem in splits["train"] + splits["val"]:
-        assert (a / "JPEGImages" / f"{stem}.jpg").is_file()
-        voc_label = Image.open(a / "SegmentationClass" / f"{stem}.png")
-        assert voc_label.mode == "P" and voc_label.size == (40, 32)
-        values = set(np.unique(np.asarray(voc_label)).tolist())
-        assert values <= {0, 1, 2, 3, 4, 255} and 255 in values  # VOC-style boundary band
-        assert (a / "SegmentationClass" / f"{stem}.png").read_bytes() == (b / "SegmentationClass" / f"{stem}.png").read_bytes()
-    for stem in splits["aug"]:
-        sbd_label = np.asarray(Image.open(a / "SegmentationClassAug" / f"{stem}.png"))
-        assert set(np.unique(sbd_label).tolist()) <= {0, 1, 2, 3, 4}  # SBD style: no band
-    assert splits == {name: (b / "ImageSets" / "Segmentation" / f"{name}.txt").read_text().split() for name in splits}
+# ------------------------------------------------------------------------------------------------------- demos
+
+def file_bytes(root, pattern):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).glob(pattern))}
 
 
-def test_demo_cityscapes_layout(tmp_path):
-    root = prepare.make_demo_cityscapes(tmp_path / "c", n_train=2, n_val=1, size=(32, 64), seed=0)
-    for split, count in (("train", 2), ("val", 1)):
-        images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
-        assert len(images) == count
-        for image in images:
-            stem = image.name[: -len("_leftImg8bit.png")]
-            folder = root / "gtFine" / split / image.parent.name
-            ids = np.asarray(Image.open(folder / f"{stem}_gtFine_labelIds.png"))
-            train_ids = np.asarray(Image.open(folder / f"{stem}_gtFine_labelTrainIds.png"))
-            assert np.array_equal(train_ids, prepare.CITYSCAPES_ID_TO_TRAINID[ids])
-            assert ids.shape == (32, 64) and len(np.unique(train_ids)) > 2
+def test_make_demo_voc(tmp_path):
+    kwargs = dict(n_train=6, n_val=3, size=(48, 64), seed=5)
+    root = demo.make_demo_voc(tmp_path / "a", **kwargs)
+    names = [f"2007_{i:06d}" for i in range(1, 10)]
+    splits = {s: prepare.read_split(root / "ImageSets" / "Segmentation" / f"{s}.txt")
+              for s in ("train", "val", "aug", "trainaug")}
+    assert splits == {"train": names[:3], "val": names[6:], "aug": names[3:6], "trainaug": names[:6]}
+    assert sorted(p.stem for p in (root / "JPEGImages").glob("*.jpg")) == names
+    assert sorted(p.stem for p in (root / "SegmentationClass").glob("*.png")) == names[:3] + names[6:]
+    assert sorted(p.stem for p in (root / "SegmentationClassAug").glob("*.png")) == names[:6]
+    for name in names:
+        with Image.open(root / "JPEGImages" / f"{name}.jpg") as image:
+            assert image.format == "JPEG" and image.mode == "RGB" and image.size == (64, 48)
+    seen = set()
+    for name in splits["train"] + splits["val"]:
+        with Image.open(root / "SegmentationClass" / f"{name}.png") as image:
+            assert image.mode == "P"
+            voc_label = np.array(image)
+        assert set(np.unique(voc_label)) <= {0, 1, 2, 3, 4, 255} and (voc_label == 255).any()
+        seen |= set(np.unique(voc_label).tolist())
+        if name in splits["train"]:  # the VOC label is the SBD-like label with a band set to 255
+            with Image.open(root / "SegmentationClassAug" / f"{name}.png") as image:
+                aug_label = np.array(image)
+            keep = voc_label != 255
+            np.testing.assert_array_equal(voc_label[keep], aug_label[keep])
+            assert len(np.unique(aug_label[~keep])) > 1  # the band lies on class edges
+    for name in splits["trainaug"]:
+        with Image.open(root / "SegmentationClassAug" / f"{name}.png") as image:
+            assert image.mode == "L"
+            aug_label = np.array(image)
+        assert set(np.unique(aug_label)) <= {0, 1, 2, 3, 4} and (aug_label > 0).any()
+        seen |= set(np.unique(aug_label).tolist())
+    assert len(seen - {0, 255}) >= 3
+    other = demo.make_demo_voc(tmp_path / "b", **kwargs)
+    for pattern in ("Segmentation*/*.png", "ImageSets/Segmentation/*.txt", "JPEGImages/*.jpg"):
+        assert file_bytes(root, pattern) == file_bytes(other, pattern)
+    assert file_bytes(root, "SegmentationClass/*.png") != file_bytes(
+        demo.make_demo_voc(tmp_path / "c", **{**kwargs, "seed": 6}), "SegmentationClass/*.png")
+
+
+def test_make_demo_voc_marker(tmp_path):
+    root = demo.make_demo_voc(tmp_path, n_train=3, n_val=1, size=(32, 32))
+    label = root / "SegmentationClass" / "2007_000001.png"
+    mtime = label.stat().st_mtime_ns
+    demo.make_demo_voc(tmp_path, n_train=3, n_val=1, size=(32, 32))
+    assert label.stat().st_mtime_ns == mtime  # generated once
+    (root / "notes.txt").write_text("mine")
+    demo.make_demo_voc(tmp_path, n_train=2, n_val=1, size=(32, 32))  # other parameters: made again
+    assert sorted(p.name for p in (root / "JPEGImages").iterdir()) == [f"2007_00000{i}.jpg" for i in (1, 2, 3)]
+    assert prepare.read_split(root / "ImageSets" / "Segmentation" / "val.txt") == ["2007_000003"]
+    assert (root / "notes.txt").read_text() == "mine"  # only the generator's own folders are replaced
+    with Image.open(root / "JPEGImages" / "2007_000001.jpg") as image:
+        assert image.size == (32, 32)
+
+
+def test_make_demo_cityscapes(tmp_path):
+    kwargs = dict(n_train=4, n_val=2, size=(64, 128), seed=7)
+    root = demo.make_demo_cityscapes(tmp_path / "a", **kwargs)
+    images = sorted(str(p.relative_to(root)) for p in root.glob("leftImg8bit/*/*/*"))
+    assert images == [f"leftImg8bit/train/{c}/{c}_000000_00000{i}_leftImg8bit.png"
+                      for c in ("aachen", "bremen") for i in (0, 1)] + \
+                     [f"leftImg8bit/val/frankfurt/frankfurt_000000_00000{i}_leftImg8bit.png" for i in (0, 1)]
+    ids_seen = set()
+    for image_path in root.glob("leftImg8bit/*/*/*.png"):
+        split_city = image_path.parent.relative_to(root / "leftImg8bit")
+        label = root / "gtFine" / split_city / image_path.name.replace("_leftImg8bit", "_gtFine_labelIds")
+        with Image.open(image_path) as image:
+            assert image.mode == "RGB" and image.size == (128, 64)
+        with Image.open(label) as image:
+            ids = np.array(image)
+        with Image.open(train_ids_of(label)) as image:
+            np.testing.assert_array_equal(np.array(image), reference_train_ids(ids))
+        ids_seen |= set(np.unique(ids).tolist())
+    assert {7, 8, 23, 26, 0, 1, 4} <= ids_seen <= {0, 1, 4, 7, 8, 11, 21, 23, 24, 26}
+    counts = prepare.prepare_cityscapes(root, workers=1, log=lambda _: None)  # the demo is already prepared
+    assert counts == {"train": 4, "val": 2, "converted": 0, "skipped": 6}
+    other = demo.make_demo_cityscapes(tmp_path / "b", **kwargs)
+    assert file_bytes(root, "gtFine/*/*/*.png") == file_bytes(other, "gtFine/*/*/*.png")
+    assert file_bytes(root, "leftImg8bit/*/*/*.png") == file_bytes(other, "leftImg8bit/*/*/*.png")
+    assert demo.make_demo_cityscapes(root, **kwargs) == root
+    demo.make_demo_cityscapes(root, **{**kwargs, "n_train": 2})  # other parameters: made again, nothing stale
+    assert prepare.prepare_cityscapes(root, workers=1, log=lambda _: None)["train"] == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg import checkpoint, config, models, prepare, train
+from seg import checkpoint, config, demo, models, prepare, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs.toml")
@@ -20,7 +20,7 @@ TINY_MODEL = ["model.num_classes=5", "model.base_channels=8", "model.stem_channe
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory):
     data_root = tmp_path_factory.mktemp("data")
-    prepare.make_demo_voc(str(data_root / "voc"), n_train=8, n_val=4, size=(48, 64), seed=1)
+    demo.make_demo_voc(str(data_root / "voc"), n_train=8, n_val=4, size=(48, 64), seed=1)
     return str(data_root)
 
 
