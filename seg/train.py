@@ -4,6 +4,7 @@ Launch with `python run.py SECTION` or `torchrun --nproc_per_node N run.py SECTI
 """
 import functools
 import json
+import math
 import os
 import time
 
@@ -216,6 +217,9 @@ def run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, t
             warm_start, warm_done = time.perf_counter(), 5
         if (iteration + 1) % config["log_interval"] == 0 or iteration + 1 == total:
             means = meter.means()
+            if any(math.isnan(value) for value in means.values()):
+                raise UserError(f"the loss became NaN by iteration {iteration + 1} ({means}); lower optimizer.lr, "
+                                f"use amp=\"bf16\" or a static loss_scale, or start from pretrained weights")
             dist.synchronize(torch_device)
             now = time.perf_counter()
             speed = images_per_step * meter.count / (now - tick)

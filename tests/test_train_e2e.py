@@ -102,3 +102,47 @@ def test_label_out_of_range_exits_2_naming_the_file(voc_root, tmp_path):
                                                 'data.train_splits=["train:SegmentationClass"]'))
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"{stem}.png" in result.stderr and "40" in result.stderr and "Traceback" not in result.stderr
+
+
+TINY_POINTREND = ["model.norm=bn", "model.stem_channels=8", "model.base_channels=4", "model.blocks=[1,1,1,1]",
+                  "model.fpn_channels=16", "model.head_channels=8", "model.head_groups=4", "model.point_fc=16",
+                  "model.train_num_points=32", "model.subdivision_num_points=64"]
+
+
+@pytest.fixture(scope="module")
+def cityscapes_root(tmp_path_factory):
+    data_root = tmp_path_factory.mktemp("data")
+    demo.make_demo_cityscapes(str(data_root / "cityscapes"), n_train=4, n_val=2, size=(64, 128), seed=2)
+    return str(data_root)
+
+
+def pointrend_overrides(data_root, output_dir, *extra):
+    return [f"data_root={data_root}", "data.root=cityscapes", f"output_dir={output_dir}", "task=train",
+            "device=cpu", "data.workers=0", "data.batch_size=2", "data.crop_hw=[64,128]",
+            "data.short_edges=[64,80]", "data.test_scale=[128,64]", "log_interval=1", "eval_interval=0",
+            *TINY_POINTREND, *extra]
+
+
+def test_pointrend_trains_and_evaluates_on_the_cityscapes_layout(cityscapes_root, tmp_path):
+    import json
+
+    out = str(tmp_path / "pr")
+    train.train(config.load_config(CONFIGS, "demo_pointrend", pointrend_overrides(cityscapes_root, out, "iterations=3"),
+                                   models.builder_defaults))
+    state = final_weights(out)
+    assert "sem_seg_head.point_head.predictor.weight" in state and state["sem_seg_head.point_head.predictor.weight"].isfinite().all()
+    record = json.load(open(os.path.join(out, "eval.json")))
+    assert len(record["IoU"]) == 19 and 0.0 <= record["aAcc"] <= 1.0
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(key in lines[0] for key in ("loss_sem_seg", "loss_sem_seg_point", "lr", "images_per_s", "eta_min"))
+
+
+def test_label_ids_instead_of_train_ids_exit_2_suggesting_prepare(cityscapes_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "cityscapes"
+    shutil.copytree(os.path.join(cityscapes_root, "cityscapes"), root)
+    for train_ids in root.rglob("*_gtFine_labelTrainIds.png"):
+        shutil.copy(str(train_ids).replace("labelTrainIds", "labelIds"), train_ids)  # someone pointed at labelIds
+    result = run_cli("run.py", "demo_pointrend", *pointrend_overrides(str(tmp_path), str(tmp_path / "out"), "iterations=2"))
+    assert result.returncode == 2 and "prepare_cityscapes" in result.stderr and "labelTrainIds.png" in result.stderr
