@@ -137,6 +137,12 @@ def train(config):
         divisor=model.size_divisibility)
     ddp_model = speedups(model, config, torch_device, rank)
     run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, torch_device, rank, world_size)
+    if config["measure_pipeline"] and rank == 0:
+        rate = pipeline_images_per_s(loader.dataset, model.size_divisibility)
+        workers = config["data"]["workers"]
+        print(f"input pipeline: {rate:.1f} images/s per worker (decode + augment + collate, measured in the main "
+              f"process); {workers} workers per device give up to {rate * max(workers, 1):.0f} images/s per device",
+              flush=True)
     dist.cleanup()
 
 
@@ -153,6 +159,16 @@ def train_dataset(config):
                       single_category_max_area=cfg["cat_max_ratio"])
     sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[cfg["dataset"]], **params)
     return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"], reader)
+
+
+def pipeline_images_per_s(dataset, divisor, samples=24):
+    """One worker's throughput: decode, augment and collate `samples` training samples, after 2 warm-up ones."""
+    keys = [(index % len(dataset), 10**9 + index) for index in range(samples + 2)]
+    data.collate([dataset[key] for key in keys[:2]], divisor)
+    start = time.perf_counter()
+    for key in keys[2:]:
+        data.collate([dataset[key]], divisor)
+    return samples / (time.perf_counter() - start)
 
 
 def speedups(model, config, torch_device, rank):

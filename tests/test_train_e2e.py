@@ -123,12 +123,14 @@ def pointrend_overrides(data_root, output_dir, *extra):
             *TINY_POINTREND, *extra]
 
 
-def test_pointrend_trains_and_evaluates_on_the_cityscapes_layout(cityscapes_root, tmp_path):
+def test_pointrend_trains_and_evaluates_on_the_cityscapes_layout(cityscapes_root, tmp_path, capsys):
     import json
 
     out = str(tmp_path / "pr")
-    train.train(config.load_config(CONFIGS, "demo_pointrend", pointrend_overrides(cityscapes_root, out, "iterations=3"),
+    train.train(config.load_config(CONFIGS, "demo_pointrend", pointrend_overrides(cityscapes_root, out, "iterations=3",
+                                                                                  "measure_pipeline=true"),
                                    models.builder_defaults))
+    assert "images/s per worker" in capsys.readouterr().out
     state = final_weights(out)
     assert "sem_seg_head.point_head.predictor.weight" in state and state["sem_seg_head.point_head.predictor.weight"].isfinite().all()
     record = json.load(open(os.path.join(out, "eval.json")))
