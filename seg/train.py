@@ -202,7 +202,10 @@ def resume_state(config, model, optimizer, scaler, torch_device, rank):
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"][rank % len(state["rng"]["torch"])])
+    cpu_state, device_state = state["rng"]["torch"][rank % len(state["rng"]["torch"])]
+    torch.set_rng_state(cpu_state)
+    if device_state is not None and torch_device.type != "cpu":
+        getattr(torch, torch_device.type).set_rng_state(device_state)
     if rank == 0:
         print(f"resumed from {path} at iteration {state['iteration']}")
     return state["iteration"]
@@ -263,7 +266,9 @@ def should(interval, iteration, at_end):
 
 def save_training_state(config, model, optimizer, scaler, iteration, rank):
     """Model, optimizer, scaler, iteration, every rank's RNG state and the resolved config; rank 0 writes."""
-    rng = torch.get_rng_state()
+    device_type = next(model.parameters()).device.type
+    # dropout and PointRend's random points draw from the device's generator too
+    rng = (torch.get_rng_state(), getattr(torch, device_type).get_rng_state() if device_type != "cpu" else None)
     if dist.is_distributed():
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, rng)
