@@ -1,7 +1,9 @@
 """Model name -> builder, loss and class metadata: plain dicts, no registries."""
 import inspect
+import os
 
 from seg import checkpoint, losses, pointrend, pspnet, resnet
+from seg.errors import UserError
 
 BUILDERS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
 # build_pointrend passes its **backbone_kwargs on to build_resnet_fpn
@@ -39,6 +41,10 @@ def loss_function(config):
 
 def load_initial_weights(model, config, log=print):
     """`pretrained` (backbone only) then `weights` (whole model; tensors may be missing when fine-tuning)."""
+    if config["pretrained"] and not os.path.isfile(config["pretrained"]):
+        raise UserError(f"pretrained = {config['pretrained']}: file not found. Download the ImageNet backbone "
+                        f"(mmcv resnet50_v1c-2cccc1ad.pth for PSPNet, detectron2's MSRA R-101.pkl for PointRend) "
+                        f"to that path, or train from scratch with pretrained=\"\"")
     if config["pretrained"]:
         checkpoint.load_pretrained_backbone(model.backbone, config["pretrained"], log=log,
                                             verbose=config["verbose"])
