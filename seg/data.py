@@ -12,20 +12,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from seg import prepare
 from seg.errors import UserError
 
 IGNORE_INDEX = 255
 
 
 # ---------------------------------------------------------------- listing files
-
-
-def read_split(path):
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: split file not found. Check data_root / data.root, or prepare the dataset "
-                        f"(python run.py prepare_voc_aug / prepare_cityscapes).")
-    with open(path) as handle:
-        return [line.strip() for line in handle if line.strip()]
 
 
 def voc_items(root, splits):
@@ -36,7 +29,7 @@ def voc_items(root, splits):
     items = []
     for split in splits:
         name, label_dir = split.split(":")
-        for stem in read_split(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt")):
+        for stem in prepare.read_split(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt")):
             items.append((os.path.join(root, "JPEGImages", f"{stem}.jpg"),
                           os.path.join(root, label_dir, f"{stem}.png")))
     return items
@@ -61,8 +54,6 @@ def cityscapes_items(root, splits):
                         f"`python run.py prepare_cityscapes` to write the labelTrainIds files")
     return items
 
-
-LISTERS = {"voc": voc_items, "cityscapes": cityscapes_items}
 
 
 # ---------------------------------------------------------------- decoding
@@ -252,8 +243,6 @@ def prefetch(batches, device):
 
 def dataset_info(name):
     """Lister, label hint, class names and palette of a dataset kind ("voc" or "cityscapes")."""
-    from seg import prepare
-
     infos = {"voc": (voc_items, LABEL_HINTS["voc"], prepare.VOC_CLASSES, prepare.VOC_PALETTE),
              "cityscapes": (cityscapes_items, LABEL_HINTS["cityscapes"], prepare.CITYSCAPES_CLASSES,
                             prepare.CITYSCAPES_PALETTE)}

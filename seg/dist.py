@@ -73,15 +73,6 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def broadcast_object(obj):
-    """Rank 0's value of a picklable object on every rank."""
-    if not is_distributed():
-        return obj
-    holder = [obj]
-    torch_dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def barrier():
     if is_distributed():
         torch_dist.barrier()

@@ -100,7 +100,8 @@ def read_split(path):
     """Read a split file: one image stem per line, blank lines dropped. Missing file -> UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"split file {path} not found")
+        raise UserError(f"split file {path} not found: check data_root / data.root, or prepare the dataset "
+                        f"(python run.py prepare_voc_aug)")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
