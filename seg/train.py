@@ -202,10 +202,7 @@ def resume_state(config, model, optimizer, scaler, torch_device, rank):
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    cpu_state, device_state = state["rng"]["torch"][rank % len(state["rng"]["torch"])]
-    torch.set_rng_state(cpu_state)
-    if device_state is not None and torch_device.type != "cpu":
-        getattr(torch, torch_device.type).set_rng_state(device_state)
+    reseed(config["seed"], rank, state["iteration"])
     if rank == 0:
         print(f"resumed from {path} at iteration {state['iteration']}")
     return state["iteration"]
@@ -250,6 +247,7 @@ def run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, t
         end = iteration + 1 == total
         if should(config["checkpoint_interval"], iteration, end):
             save_training_state(config, model, optimizer, scaler, iteration + 1, rank)
+            reseed(config["seed"], rank, iteration + 1)
         if should(config["eval_interval"], iteration, end and config["final_eval"]):
             evaluate.evaluate_and_report(config, model, torch_device, rank, world_size, iteration + 1)
     dist.synchronize(torch_device)
@@ -264,21 +262,20 @@ def should(interval, iteration, at_end):
     return at_end or (interval > 0 and (iteration + 1) % interval == 0)
 
 
+def reseed(seed, rank, iteration):
+    """Restart every rank's torch generators (CPU and device: dropout, PointRend's points) at a checkpoint.
+
+    Runs after each checkpoint and on resume, so a resumed run draws exactly what the uninterrupted run drew,
+    with no generator state to gather across ranks (HCCL cannot all_gather the int64 that would need).
+    """
+    torch.manual_seed((seed * 1_000_003 + iteration) * 4099 + rank)
+
+
 def save_training_state(config, model, optimizer, scaler, iteration, rank):
-    """Model, optimizer, scaler, iteration, every rank's RNG state and the resolved config; rank 0 writes."""
-    device_type = next(model.parameters()).device.type
-    # dropout and PointRend's random points draw from the device's generator too
-    rng = (torch.get_rng_state(), getattr(torch, device_type).get_rng_state() if device_type != "cpu" else None)
-    if dist.is_distributed():
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, rng)
-        rng = gathered
-    else:
-        rng = [rng]
+    """Model, optimizer, scaler, iteration and the resolved config; rank 0 writes, atomically."""
     if rank == 0:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler else None, "iteration": iteration,
-                 "rng": {"torch": rng}, "config": config}
+                 "scaler": scaler.state_dict() if scaler else None, "iteration": iteration, "config": config}
         path = os.path.join(config["output_dir"], f"iter_{iteration:07d}.pth")
         checkpoint.save_atomic(state, path)
         print(f"saved {path}", flush=True)

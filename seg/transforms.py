@@ -104,34 +104,14 @@ def bilinear_src(start, length, src_size, dst_size):
 _STRIP_VALUES = 1 << 17  # output values per strip: keeps the float temporaries in cache
 
 
-def _blend(values, first, second, weight, axis, step, out=None):
-    """values[first] + weight * (values[second] - values[first]) along axis (0 or 1) in float32, into out
-    (cast to its dtype) if given. second is first + step, or first where weight is 0 (clamped taps).
-
-    When the output is longer than the source along axis, the differences are taken once on the source
-    (d[i] = values[i + step] - values[i], 0 past the end) and gathered: the same float32 subtraction,
-    so the same bits, on fewer elements."""
+def _blend(values, first, second, weight, axis):
+    """values[first] + weight * (values[second] - values[first]) along axis (0 or 1), float32."""
     base = values.take(first, axis=axis)
     if not weight.any():  # scale 1 along this axis: the blend would return base exactly
-        return base.astype(np.float32, copy=False) if out is None else _store(base, out)
-    if len(first) > values.shape[axis]:
-        head, tail = (slice(step, None), slice(None, -step)) if axis == 0 else \
-            ((slice(None), slice(step, None)), (slice(None), slice(None, -step)))
-        diffs = np.zeros(values.shape, np.float32)
-        np.subtract(values[head], values[tail], out=diffs[tail], dtype=np.float32)
-        change = diffs.take(first, axis=axis)
-    else:
-        change = np.subtract(values.take(second, axis=axis), base, dtype=np.float32)
-    change *= weight if axis == 1 else weight[:, None]
-    if out is None:
-        change += base
-        return change
-    np.add(change.reshape(out.shape), base.reshape(out.shape), out=out, casting="unsafe")  # float32 sum, truncated
-    return out
-
-
-def _store(values, out):
-    out[...] = values.reshape(out.shape)  # float -> uint8 truncates like astype
+        return base.astype(np.float32, copy=False)
+    out = np.subtract(values.take(second, axis=axis), base, dtype=np.float32)
+    out *= weight if axis == 1 else weight[:, None]
+    out += base
     return out
 
 
@@ -141,8 +121,7 @@ def resize_image_window(image, hw, window, flip=False):
     Works in strips of output rows. When upscaling rows it blends columns first, on the few source rows a
     strip reads; otherwise rows first. The order depends only on the scale, so a window equals the same
     window of the full resize bit for bit. 0.5 is added before the last pass (a convex blend keeps it)
-    so the final float -> uint8 cast (truncation) rounds half up; the last pass writes straight into
-    the output planes.
+    so the final float -> uint8 cast (truncation) rounds half up.
     """
     (h, w), (y0, x0, height, width) = image.shape[:2], window
     if tuple(hw) == (h, w):  # scale 1: every tap weight is 0, a plain crop
@@ -160,16 +139,15 @@ def resize_image_window(image, hw, window, flip=False):
         first, second, weight = top[start:start + strip], bottom[start:start + strip], wy[start:start + strip]
         r0, r1 = int(first.min()), int(second.max()) + 1
         source = image[r0:r1, lo:hi].reshape(r1 - r0, -1)
-        out = planes[:, start:start + strip].transpose(1, 0, 2)  # len(first)×3×width view
         if hw[0] > h:
             source = source.astype(np.float32)  # float gathers are cheaper than mixed-type blends
             source += 0.5
-            columns = _blend(source, left3, right3, wx3, 1, 3)
-            _blend(columns, first - r0, second - r0, weight, 0, 1, out)
+            rows = _blend(_blend(source, left3, right3, wx3, 1), first - r0, second - r0, weight, 0)
         else:
-            rows = _blend(source, first - r0, second - r0, weight, 0, 1)
+            rows = _blend(source, first - r0, second - r0, weight, 0)
             rows += 0.5
-            _blend(rows, left3, right3, wx3, 1, 3, out)
+            rows = _blend(rows, left3, right3, wx3, 1)
+        planes[:, start:start + strip] = rows.reshape(len(first), 3, width).transpose(1, 0, 2)
     return planes
 
 
