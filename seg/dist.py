@@ -56,6 +56,9 @@ def setup(device="auto"):
     else:
         # set the device before the process group: hccl's barrier uses the current device
         getattr(torch, device_type).set_device(local_rank)
+        if device_type == "npu" and hasattr(torch.npu, "set_compile_mode"):
+            # prebuilt operator binaries: online compilation per new shape makes evaluation crawl
+            torch.npu.set_compile_mode(jit_compile=False)
         torch_device = torch.device(device_type, local_rank)
     if world_size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend=BACKENDS[device_type])
