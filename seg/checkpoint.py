@@ -16,16 +16,15 @@ Pickles are read by an unpickler that builds nothing but numpy arrays and contai
 """
 import codecs
 import collections
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from seg import files
 from seg.errors import UserError
 
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pth")
@@ -56,18 +55,8 @@ def to_cpu(obj):
 def save_atomic(obj, path):
     """torch.save `obj` (tensors moved to the CPU) to `path` through a temporary file in the same folder and
     os.replace, so `path` is either the old file or the complete new one, never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(to_cpu(obj), file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    cpu_obj = to_cpu(obj)
+    files.write_atomic(path, lambda file: torch.save(cpu_obj, file))
 
 
 def latest_checkpoint(output_dir):

@@ -4,18 +4,29 @@ import os
 import tempfile
 
 
-def write_bytes_atomic(payload, path):
+def write_atomic(path, write):
+    """Call `write(binary_file)` on a temporary file beside `path`, then rename it to `path` in one step.
+
+    `path` is afterwards either the old file or the complete new one; the temporary never outlives a failure.
+    """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def write_bytes_atomic(payload, path):
+    write_atomic(path, lambda stream: stream.write(payload))
 
 
 def write_text_atomic(text, path):

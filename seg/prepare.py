@@ -9,13 +9,12 @@ On-disk layouts (see spec pspnet.md §4, pointrend.md §4):
     cityscapes/{leftImg8bit, gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_*}.png
 """
 import concurrent.futures
-import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from seg import files
 from seg.errors import UserError
 
 VOC_CLASSES = (
@@ -52,22 +51,8 @@ _IGNORE_COLOUR = (224, 224, 192)  # colour of index 255 in the official VOC PNGs
 
 # ----------------------------------------------------------------------------------------------- file helpers
 
-def _atomic_save(path, save):
-    """Call `save(binary_file)` on a temporary file beside `path`, then rename it to `path` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            save(file)
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-
-
 def _write_text(path, text):
-    _atomic_save(path, lambda file: file.write(text.encode()))
+    files.write_atomic(path, lambda file: file.write(text.encode()))
 
 
 def write_label_png(path, label, palette=None):
@@ -86,14 +71,14 @@ def write_label_png(path, label, palette=None):
         if len(palette) < 256:
             colours[255] = _IGNORE_COLOUR
         image.putpalette([value for colour in colours for value in colour])
-    _atomic_save(path, lambda file: image.save(file, format="PNG"))
+    files.write_atomic(path, lambda file: image.save(file, format="PNG"))
 
 
 def _save_image(path, image_rgb, image_format):
     """Write an RGB uint8 H×W×3 image atomically; JPEG at quality 90 like typical photo datasets."""
     options = {"quality": 90} if image_format == "JPEG" else {}
     image = Image.fromarray(np.ascontiguousarray(image_rgb))
-    _atomic_save(path, lambda file: image.save(file, format=image_format, **options))
+    files.write_atomic(path, lambda file: image.save(file, format=image_format, **options))
 
 
 def read_split(path):
