@@ -244,16 +244,22 @@ def run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, t
                         "eta_min": (total - iteration - 1) * images_per_step / speed / 60,
                         "peak_mem_mib": dist.peak_memory_mib(torch_device)}, config["output_dir"], rank)
             meter, tick = Meter(), time.perf_counter()
+        hooks_start = time.perf_counter()
         end = iteration + 1 == total
+        if end:
+            dist.synchronize(torch_device)
+            train_end = hooks_start
         if should(config["checkpoint_interval"], iteration, end):
             save_training_state(config, model, optimizer, scaler, iteration + 1, rank)
             reseed(config["seed"], rank, iteration + 1)
         if should(config["eval_interval"], iteration, end and config["final_eval"]):
             evaluate.evaluate_and_report(config, model, torch_device, rank, world_size, iteration + 1)
-    dist.synchronize(torch_device)
+        # checkpoints and evaluations are not training time (as the Ascend timers exclude hooks)
+        hooks = time.perf_counter() - hooks_start
+        tick, warm_start = tick + hooks, warm_start + (hooks if 5 < done < total - start else 0)
     done = total - start
     if done > 5 and rank == 0:
-        measured = (done - warm_done) * images_per_step / (time.perf_counter() - warm_start)
+        measured = (done - warm_done) * images_per_step / (train_end - warm_start)
         print(f"done: {done} iterations, {measured:.2f} images/s global (after 5 warm-up iterations, "
               f"{world_size} process(es), batch {images_per_step})", flush=True)
 
