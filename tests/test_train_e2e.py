@@ -24,11 +24,15 @@ def voc_root(tmp_path_factory):
     return str(data_root)
 
 
+def common_overrides(data_root, dataset_root, output_dir):
+    """A fast CPU training run on a generated dataset under data_root/dataset_root."""
+    return [f"data_root={data_root}", f"data.root={dataset_root}", f"output_dir={output_dir}", "task=train",
+            "device=cpu", "data.workers=0", "log_interval=1", "eval_interval=0"]
+
+
 def overrides(data_root, output_dir, *extra):
-    return [f"data_root={data_root}", "data.root=voc", f"output_dir={output_dir}", "task=train", "device=cpu",
-            "data.workers=0", "data.batch_size=4", "data.crop_hw=[32,32]", "data.scale=[128,48]",
-            "data.test_scale=[128,48]", "log_interval=1", "eval_interval=0", "final_eval=false",
-            *TINY_MODEL, *extra]
+    return [*common_overrides(data_root, "voc", output_dir), "data.batch_size=4", "data.crop_hw=[32,32]",
+            "data.scale=[128,48]", "data.test_scale=[128,48]", "final_eval=false", *TINY_MODEL, *extra]
 
 
 def final_weights(output_dir):
@@ -117,10 +121,8 @@ def cityscapes_root(tmp_path_factory):
 
 
 def pointrend_overrides(data_root, output_dir, *extra):
-    return [f"data_root={data_root}", "data.root=cityscapes", f"output_dir={output_dir}", "task=train",
-            "device=cpu", "data.workers=0", "data.batch_size=2", "data.crop_hw=[64,128]",
-            "data.short_edges=[64,80]", "data.test_scale=[128,64]", "log_interval=1", "eval_interval=0",
-            *TINY_POINTREND, *extra]
+    return [*common_overrides(data_root, "cityscapes", output_dir), "data.batch_size=2", "data.crop_hw=[64,128]",
+            "data.short_edges=[64,80]", "data.test_scale=[128,64]", *TINY_POINTREND, *extra]
 
 
 def test_pointrend_trains_and_evaluates_on_the_cityscapes_layout(cityscapes_root, tmp_path, capsys):
