@@ -176,13 +176,13 @@ def pad_to(size, divisor):
     return -(-size // divisor) * divisor
 
 
-def collate(samples, divisor=1):
+def collate(samples, divisor=1, min_hw=(0, 0)):
     """[(image H×W×3 uint8, label H×W uint8)] -> batch dict, padded bottom/right to a common size.
 
     Images are padded with 0 (the model zeroes padding after normalising anyway), labels with 255.
     """
-    height = pad_to(max(image.shape[0] for image, _ in samples), divisor)
-    width = pad_to(max(image.shape[1] for image, _ in samples), divisor)
+    height = pad_to(max(min_hw[0], *(image.shape[0] for image, _ in samples)), divisor)
+    width = pad_to(max(min_hw[1], *(image.shape[1] for image, _ in samples)), divisor)
     images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
     labels = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.int64)
     hw = torch.zeros(len(samples), 2, dtype=torch.int64)
@@ -198,18 +198,19 @@ def collate(samples, divisor=1):
 class Collate:
     """Picklable collate with a padding divisor (workers need a top-level callable)."""
 
-    def __init__(self, divisor):
-        self.divisor = divisor
+    def __init__(self, divisor, min_hw=(0, 0)):
+        self.divisor, self.min_hw = divisor, min_hw
 
     def __call__(self, samples):
-        return collate(samples, self.divisor)
+        return collate(samples, self.divisor, self.min_hw)
 
 
-def train_loader(dataset, per_device_batch, rank, world_size, seed, workers, pin_memory, start=0, divisor=1):
+def train_loader(dataset, per_device_batch, rank, world_size, seed, workers, pin_memory, start=0, divisor=1,
+                 min_hw=(0, 0)):
     sampler = InfiniteShardedSampler(len(dataset), rank, world_size, seed, start)
     return torch.utils.data.DataLoader(
         dataset, batch_size=per_device_batch, sampler=sampler, num_workers=workers,
-        collate_fn=Collate(divisor), pin_memory=pin_memory, drop_last=True,
+        collate_fn=Collate(divisor, min_hw), pin_memory=pin_memory, drop_last=True,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         # its own generator: creating the iterator must not draw from the global RNG (exact resume)
         generator=torch.Generator().manual_seed(seed))

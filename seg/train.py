@@ -134,7 +134,7 @@ def train(config):
     loader = data.train_loader(
         train_dataset(config), batch_size, rank, world_size, config["seed"],
         config["data"]["workers"], torch_device.type != "cpu", start=start * batch_size,
-        divisor=model.size_divisibility)
+        divisor=model.size_divisibility, min_hw=training_pad_hw(config))
     ddp_model = speedups(model, config, torch_device, rank)
     run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, torch_device, rank, world_size)
     if config["measure_pipeline"] and rank == 0:
@@ -186,6 +186,12 @@ def speedups(model, config, torch_device, rank):
         else:
             model = torch.compile(model)
     return model
+
+
+def training_pad_hw(config):
+    """mmseg pads every VOC training sample to the crop size (Pad(size=(512, 512))): padded pixels count in
+    its loss denominator and reach the BN statistics. detectron2 pads the batch only to a multiple of 32."""
+    return tuple(config["data"]["crop_hw"]) if config["data"]["dataset"] == "voc" else (0, 0)
 
 
 def resume_state(config, model, optimizer, scaler, torch_device, rank):

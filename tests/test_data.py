@@ -73,3 +73,10 @@ def test_image_is_bgr(tmp_path):
 def test_prefetch_yields_every_batch_in_order():
     batches = [{"x": torch.tensor([i])} for i in range(4)]
     assert [int(b["x"]) for b in data.prefetch(batches, torch.device("cpu"))] == [0, 1, 2, 3]
+
+
+def test_collate_pads_to_at_least_min_hw_like_mmseg_pad():
+    small = (np.ones((3, 5, 3), np.uint8), np.ones((3, 5), np.uint8))
+    batch = data.collate([small], divisor=1, min_hw=(8, 6))
+    assert batch["image"].shape == (1, 3, 8, 6) and (batch["label"][0, 3:] == 255).all()
+    assert int((batch["label"] != 255).sum()) == 15
