@@ -59,13 +59,13 @@ def run_task(config):
 
         return bench.model_bench(config)
     if task == "data_bench":
-        from seg import bench
+        from seg import databench
 
         from seg import models
 
         recipes = [config_module.load_config(CONFIG_PATH, name, [], models.builder_defaults)
                    for name in config["bench"]["sections"]]
-        return bench.data_bench(config, recipes)
+        return databench.data_bench(config, recipes)
     raise UserError(f"[{config['section']}] task = {task!r} is not runnable; see `python run.py --list`")
 
 

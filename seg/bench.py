@@ -1,4 +1,4 @@
-"""Benchmarks, not tests: `python run.py pspnet_bench`, `pointrend_bench`, `data_bench`.
+"""Model benchmarks, not tests: `python run.py pspnet_bench`, `pointrend_bench`.
 
 Model benchmarks time the training step (train.train_one_step: the trainer's loss, SGD, autocast and
 loss scaler) on a synthetic batch already on the device, and inference in eval mode under no_grad, for
@@ -7,11 +7,7 @@ the median of bench.steps timed ones is reported, with peak device memory and, f
 once by torch.utils.flop_counter (convolutions and matmuls; element-wise ops are not counted),
 achieved TFLOP/s and MFU = achieved / the device's dense peak for that precision.
 
-The data benchmark runs each training recipe's pipeline in one process, as one loader worker does
-(decode -> transforms.TRAIN_SAMPLERS -> collate), on generated files of the real sizes and formats,
-with the decoded-image cache off and on, and splits the time into stages.
-
-Results go to <output_dir>/bench.{json,md} and data_bench.{json,md}, written atomically.
+The data benchmark is seg/databench.py. Results go to <output_dir>/bench.{json,md}, written atomically.
 """
 import contextlib
 import datetime
@@ -23,15 +19,12 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from seg import amp, cache, data, dist, files, models, train, transforms
+from seg import amp, data, dist, files, models, train
 from seg.errors import UserError
 
 # Dense (no sparsity) peak TFLOP/s by (device-name substring, precision); the first match wins, so
@@ -46,21 +39,6 @@ PEAK_TFLOPS = [
     ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
     ("Ascend910A", {"fp16": 256.0}),
 ]
-
-# data_bench: the real datasets' image sizes (H, W), formats and the per-worker targets of issue #5.
-REAL_IMAGES = {"voc": ((375, 500), "JPEG"), "cityscapes": ((1024, 2048), "PNG")}
-# Noise std of the generated images, chosen so that files are about as large as the real ones:
-# Cityscapes leftImg8bit PNGs ~2.2 MB (11 GB zip / 5000 images), VOC JPEGs ~110 KB (1.9 GB tar / 17125).
-NOISE = {"voc": 20.0, "cityscapes": 0.9}
-TARGET_IMAGES_PER_S = {"voc": 128.0, "cityscapes": 48.0}
-REFERENCES = {"voc": "mmseg 0.10 VOC pipeline: 128 images/s per core",
-              "cityscapes": "detectron2 PointRend mapper: 9.6 images/s per core (105 ms: 50 ms PNG decode, "
-                            "31 ms resize)"}
-# Functions of seg/transforms.py timed as stages: the first name that exists is wrapped (a stage with
-# none counts as "other_transform"). Keep in step with transforms.py when its functions are renamed.
-STAGE_FUNCTIONS = {"crop_choice": ("choose_window",), "resize": ("resize_image_window", "bilinear_window"),
-                   "colour": ("_apply_jitter",)}
-
 
 # ---------------------------------------------------------------- environment and output
 
@@ -266,167 +244,4 @@ def model_bench(config, command=None, log=functools.partial(print, flush=True)):
         f"{bench['crop_hw']}, eval {bench['eval_hw']}, {flops['train'] / 1e9:.4g} GFLOP/step, "
         f"{flops['infer'] / 1e9:.4g} GFLOP/inference\n{table}")
     write_outputs(result, table, config["output_dir"], "bench", f"{config['section']} ({result['model']})")
-    return result
-
-
-# ---------------------------------------------------------------- data benchmark: generated files
-
-
-def synthetic_scene(rng, hw, num_classes, noise):
-    """(RGB uint8 H×W×3, label uint8 H×W): flat-coloured rectangles with smooth shading and Gaussian
-    noise of std `noise`, which sets the compressed size (see NOISE)."""
-    height, width = hw
-    label = np.full(hw, rng.integers(num_classes), np.uint8)
-    for _ in range(24):
-        y0, x0 = rng.integers(height), rng.integers(width)
-        size_y, size_x = rng.integers(height // 8, height // 2 + 1), rng.integers(width // 8, width // 2 + 1)
-        label[y0:y0 + size_y, x0:x0 + size_x] = rng.integers(num_classes) if rng.random() < 0.9 else 255
-    colours = rng.uniform(30, 225, size=(256, 3)).astype(np.float32)
-    yy, xx = np.linspace(-1, 1, height, dtype=np.float32), np.linspace(-1, 1, width, dtype=np.float32)
-    shading = 25 * (yy[:, None, None] * rng.uniform(-1, 1, 3) + xx[None, :, None] * rng.uniform(-1, 1, 3))
-    image = colours[label] + shading.astype(np.float32) + rng.normal(0, noise, (height, width, 3)).astype(np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8), label
-
-
-def write_bench_dataset(root, dataset, count, hw, num_classes, seed=0):
-    """`count` generated samples in the dataset's on-disk layout; returns (data.root, train_splits)."""
-    for index in range(count):
-        image, label = synthetic_scene(np.random.default_rng([seed, index]), hw, num_classes, NOISE[dataset])
-        if dataset == "voc":
-            image_path = os.path.join(root, "voc", "JPEGImages", f"{index:06d}.jpg")
-            label_path = os.path.join(root, "voc", "SegmentationClassAug", f"{index:06d}.png")
-        else:
-            stem = os.path.join("train", "bench", f"bench_000000_{index:06d}")
-            image_path = os.path.join(root, "cityscapes", "leftImg8bit", f"{stem}_leftImg8bit.png")
-            label_path = os.path.join(root, "cityscapes", "gtFine", f"{stem}_gtFine_labelTrainIds.png")
-        for path in (image_path, label_path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        options = {"quality": 90} if dataset == "voc" else {}  # Pillow's PNG default: compress_level 6
-        Image.fromarray(image).save(image_path, format=REAL_IMAGES[dataset][1], **options)
-        Image.fromarray(label).save(label_path, format="PNG")
-    if dataset == "voc":
-        splits = os.path.join(root, "voc", "ImageSets", "Segmentation")
-        os.makedirs(splits, exist_ok=True)
-        with open(os.path.join(splits, "bench.txt"), "w") as handle:
-            handle.write("".join(f"{index:06d}\n" for index in range(count)))
-        return "voc", ["bench:SegmentationClassAug"]
-    return "cityscapes", ["train"]
-
-
-# ---------------------------------------------------------------- data benchmark: timing
-
-
-@contextlib.contextmanager
-def timed_stages(totals):
-    """Accumulate seconds spent in the STAGE_FUNCTIONS of seg.transforms into totals[stage].
-
-    Wraps the module attributes for the duration: the samplers look these functions up at call time.
-    """
-    wrapped = {}
-    for stage, names in STAGE_FUNCTIONS.items():
-        name = next((name for name in names if hasattr(transforms, name)), None)
-        if name is not None:
-            wrapped[name] = (stage, getattr(transforms, name))
-
-    def timed(stage, function):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                totals[stage] = totals.get(stage, 0.0) + time.perf_counter() - start
-        return wrapper
-
-    try:
-        for name, (stage, function) in wrapped.items():
-            setattr(transforms, name, timed(stage, function))
-        yield totals
-    finally:
-        for name, (_, function) in wrapped.items():
-            setattr(transforms, name, function)
-
-
-def pipeline_row(dataset, read, sample_fn, count, warmup, steps, batch_size):
-    """Per-image milliseconds of decode / sampler stages / collate, over `steps` samples after `warmup`."""
-    totals, samples = {"decode": 0.0, "sample": 0.0, "collate": 0.0}, []
-    for position in range(warmup + steps):
-        if position == warmup:
-            totals, samples = {"decode": 0.0, "sample": 0.0, "collate": 0.0}, []
-        start = time.perf_counter()
-        image, label = read(position % count)
-        middle = time.perf_counter()
-        with timed_stages(totals):
-            samples.append(sample_fn(np.random.default_rng([0, position]), image, label))
-        totals["decode"] += middle - start
-        totals["sample"] += time.perf_counter() - middle
-        if len(samples) == batch_size or position == warmup + steps - 1:
-            start = time.perf_counter()
-            data.collate(samples)
-            totals["collate"] += time.perf_counter() - start
-            samples = []
-    stages = {"decode": totals["decode"], **{stage: totals.get(stage, 0.0) for stage in STAGE_FUNCTIONS},
-              "other_transform": totals["sample"] - sum(totals.get(stage, 0.0) for stage in STAGE_FUNCTIONS),
-              "collate": totals["collate"]}
-    total = totals["decode"] + totals["sample"] + totals["collate"]
-    return {"dataset": dataset, "images_per_s": steps / total, "ms_per_image": 1e3 * total / steps,
-            "stages_ms": {stage: 1e3 * seconds / steps for stage, seconds in stages.items()},
-            "target_images_per_s": TARGET_IMAGES_PER_S[dataset], "reference": REFERENCES[dataset]}
-
-
-def dataset_rows(config, recipe, folder, image_hw, log):
-    """Cache off and on rows for one training recipe, on files generated under `folder`."""
-    bench, dataset = config["bench"], recipe["data"]["dataset"]
-    hw, image_format = image_hw.get(dataset, REAL_IMAGES[dataset][0]), REAL_IMAGES[dataset][1]
-    classes = recipe["model"]["num_classes"]
-    root, splits = write_bench_dataset(folder, dataset, bench["images"], hw, classes)
-    recipe = {**recipe, "data_root": folder, "data": {**recipe["data"], "root": root, "train_splits": splits}}
-    train_set = train.train_dataset(recipe)
-    items, sample_fn = train_set.items, train_set.sample_fn
-    uncached = lambda i: (data.read_image_bgr(items[i][0]), data.read_label(items[i][1], classes))  # noqa: E731
-    start = time.perf_counter()
-    reader = cache.ensure_cache(items, cache.cache_path_for(os.path.join(folder, ".cache"), items, dataset),
-                                data.read_image_bgr, lambda path: data.read_label(path, classes), log=lambda *a: None)
-    build_s = time.perf_counter() - start
-    file_bytes = {"image_bytes_mean": float(np.mean([os.path.getsize(image) for image, _ in items])),
-                  "label_bytes_mean": float(np.mean([os.path.getsize(label) for _, label in items]))}
-    rows = []
-    for use_cache, read in ((False, uncached), (True, lambda i: (reader.image(i), reader.label(i)))):
-        row = pipeline_row(dataset, read, sample_fn, len(items), bench["warmup"], bench["steps"],
-                           bench["batch_size"])
-        rows.append({**row, "section": recipe["section"], "cache": use_cache, "image_hw": list(hw),
-                     "image_format": image_format, "crop_hw": list(recipe["data"]["crop_hw"]), **file_bytes,
-                     "cache_build_s_per_image": build_s / len(items) if use_cache else None})
-        log(f"{dataset} cache {'on' if use_cache else 'off'}: {row['images_per_s']:.1f} images/s")
-    return rows
-
-
-DATA_COLUMNS = [("dataset", "dataset", "{}"), ("cache", "cache", "{}"), ("image", "image_desc", "{}"),
-                ("images/s", "images_per_s", "{:.1f}"), ("target", "target_images_per_s", "{:.0f}"),
-                ("ms/image", "ms_per_image", "{:.1f}"), ("decode", "decode", "{:.1f}"),
-                ("crop choice", "crop_choice", "{:.1f}"), ("resize", "resize", "{:.1f}"),
-                ("colour", "colour", "{:.1f}"), ("other", "other_transform", "{:.1f}"),
-                ("collate", "collate", "{:.1f}")]
-
-
-def data_bench(config, recipes, command=None, image_hw=None, log=functools.partial(print, flush=True)):
-    """Per-worker throughput of each recipe's training pipeline; image_hw overrides REAL_IMAGES sizes
-    (tests only). Returns the result dict (also written to disk)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    try:
-        result = {**environment(torch.device("cpu"), command), "images": config["bench"]["images"],
-                  "warmup": config["bench"]["warmup"], "steps": config["bench"]["steps"],
-                  "batch_size": config["bench"]["batch_size"], "rows": []}
-        os.makedirs(config["output_dir"], exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=config["output_dir"], prefix=".data_bench-") as folder:
-            for recipe in recipes:
-                result["rows"] += dataset_rows(config, recipe, folder, image_hw or {}, log)
-    finally:
-        torch.set_num_threads(threads)
-    shown = [{**row, **row["stages_ms"], "image_desc": "{}x{} {} {:.0f} KB".format(
-        row["image_hw"][1], row["image_hw"][0], row["image_format"], row["image_bytes_mean"] / 1e3)}
-        for row in result["rows"]]
-    table = markdown_table(shown, DATA_COLUMNS) + "\n\nStage columns are milliseconds per image."
-    log(f"\ndata_bench: one worker, {result['device']}, torch {result['torch']}\n{table}")
-    write_outputs(result, table, config["output_dir"], "data_bench", "data pipeline, one worker")
     return result

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seg import prepare
+from seg import colour, prepare
 from seg.errors import UserError
 
 IGNORE_INDEX = 255
@@ -106,11 +106,13 @@ def load_item(items, index, num_classes, hint="", reader=None):
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Items are (index, stream position) pairs from InfiniteShardedSampler."""
+    """Items are (index, stream position) pairs from InfiniteShardedSampler; a sample is (image, label,
+    colour jitter parameters). With jitter_in_loader the jitter is applied here (numpy) and the parameters
+    are None; otherwise the batch carries them to the device (colour.apply_jitter, seg/train.py)."""
 
-    def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None):
+    def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None, jitter_in_loader=True):
         self.items, self.sample_fn, self.num_classes = items, sample_fn, num_classes
-        self.seed, self.hint, self.reader = seed, hint, reader
+        self.seed, self.hint, self.reader, self.jitter_in_loader = seed, hint, reader, jitter_in_loader
 
     def __len__(self):
         return len(self.items)
@@ -119,7 +121,10 @@ class TrainDataset(torch.utils.data.Dataset):
         index, position = key
         image, label = load_item(self.items, index, self.num_classes, self.hint, self.reader)
         rng = np.random.default_rng([self.seed, position])
-        return self.sample_fn(rng, image, label)
+        image, label, jitter = self.sample_fn(rng, image, label)
+        if self.jitter_in_loader:
+            return colour.jittered(image, jitter), label, None
+        return image, label, jitter
 
 
 class EvalDataset(torch.utils.data.Dataset):
@@ -177,22 +182,29 @@ def pad_to(size, divisor):
 
 
 def collate(samples, divisor=1, min_hw=(0, 0)):
-    """[(image H×W×3 uint8, label H×W uint8)] -> batch dict, padded bottom/right to a common size.
-
-    Images are padded with 0 (the model zeroes padding after normalising anyway), labels with 255.
+    """[(image H×W×3 uint8, label H×W uint8[, colour jitter parameters or None])] -> batch dict, padded
+    bottom/right to a common size: "image" uint8 N×3×H×W (padding 0; the model zeroes padding after
+    normalising anyway), "label" uint8 N×H×W (padding 255; widened to int64 on the device: 8× fewer bytes
+    to copy), "hw" int64 N×2 valid sizes, and "jitter" int16 N×colour.JITTER_SIZE when samples carry them.
     """
-    height = pad_to(max(min_hw[0], *(image.shape[0] for image, _ in samples)), divisor)
-    width = pad_to(max(min_hw[1], *(image.shape[1] for image, _ in samples)), divisor)
+    height = pad_to(max(min_hw[0], *(sample[0].shape[0] for sample in samples)), divisor)
+    width = pad_to(max(min_hw[1], *(sample[0].shape[1] for sample in samples)), divisor)
     images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
-    labels = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.int64)
+    labels = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.uint8)
     hw = torch.zeros(len(samples), 2, dtype=torch.int64)
-    for i, (image, label) in enumerate(samples):
+    for i, (image, label, *_) in enumerate(samples):
         h, w = label.shape
         # copy each array straight into the batch: one strided copy, no intermediate arrays
         images[i, :, :h, :w] = torch.from_numpy(np.moveaxis(image, -1, 0))
         labels[i, :h, :w] = torch.from_numpy(label)
         hw[i, 0], hw[i, 1] = h, w
-    return {"image": images, "label": labels, "hw": hw}
+    batch = {"image": images, "label": labels, "hw": hw}
+    jitters = [sample[2] for sample in samples if len(sample) > 2 and sample[2] is not None]
+    if jitters:
+        if len(jitters) != len(samples):
+            raise ValueError("either every sample of a batch carries colour jitter parameters or none does")
+        batch["jitter"] = torch.from_numpy(np.stack(jitters))
+    return batch
 
 
 class Collate:

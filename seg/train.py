@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from seg import amp, checkpoint, data, dist, evaluate, models, transforms
+from seg import amp, checkpoint, colour, data, dist, evaluate, models, transforms
 from seg.errors import UserError
 
 NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
@@ -131,23 +131,46 @@ def train(config):
     scaler = amp.make_scaler(config["amp"], config["loss_scale"])
     start = resume_state(config, model, optimizer, scaler, torch_device, rank)
     batch_size = per_device_batch(config, world_size)
+    dataset = train_dataset(config, jitter_in_loader(config, torch_device.type))
     loader = data.train_loader(
-        train_dataset(config), batch_size, rank, world_size, config["seed"],
-        config["data"]["workers"], torch_device.type != "cpu", start=start * batch_size,
-        divisor=model.size_divisibility, min_hw=training_pad_hw(config))
+        dataset, batch_size, rank, world_size, config["seed"], config["data"]["workers"], torch_device.type != "cpu",
+        start=start * batch_size, divisor=model.size_divisibility, min_hw=training_pad_hw(config))
     ddp_model = speedups(model, config, torch_device, rank)
     run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, torch_device, rank, world_size)
     if config["measure_pipeline"] and rank == 0:
         rate = pipeline_images_per_s(loader.dataset, model.size_divisibility)
         workers = config["data"]["workers"]
-        print(f"input pipeline: {rate:.1f} images/s per worker (decode + augment + collate, measured in the main "
-              f"process); {workers} workers per device give up to {rate * max(workers, 1):.0f} images/s per device",
+        jitter = "colour jitter in the loader" if dataset.jitter_in_loader else "colour jitter on the device"
+        print(f"input pipeline: {rate:.1f} images/s per worker (decode + augment + collate, {jitter}; measured in the "
+              f"main process); {workers} workers per device give up to {rate * max(workers, 1):.0f} images/s",
               flush=True)
     dist.cleanup()
 
 
-def train_dataset(config):
-    """The training split with the dataset's augmentation (transforms.TRAIN_SAMPLERS)."""
+def jitter_in_loader(config, device_type):
+    """Where the colour jitter runs (data.jitter_on): in the loader workers (numpy) or on the device after the
+    copy (torch, batched). "auto": on the device for CUDA, where it frees the workers of their costliest stage;
+    in the loader on CPU (numpy is ~5× faster there than torch's CPU ops) and on NPU (the torch_npu support of
+    the int32 table lookups is unverified; the Ascend ports jitter in the workers too)."""
+    place = config["data"]["jitter_on"]
+    if place not in ("auto", "loader", "device"):
+        raise UserError(f"data.jitter_on = {place!r}: use \"auto\", \"loader\" or \"device\"")
+    return place == "loader" or (place == "auto" and device_type != "cuda")
+
+
+def on_device(batch):
+    """Finish a training batch on the device: apply the colour jitter the loader drew (if it did not apply it)
+    and widen the uint8 labels to int64 for the losses. Only device ops: no host synchronisation."""
+    batch = dict(batch, label=batch["label"].long())
+    jitter = batch.pop("jitter", None)
+    if jitter is not None:
+        batch["image"] = colour.apply_jitter(batch["image"], jitter)
+    return batch
+
+
+def train_dataset(config, jitter_in_loader=True):
+    """The training split with the dataset's augmentation (transforms.TRAIN_SAMPLERS); the colour jitter
+    is applied in the loader or, with jitter_in_loader=False, left to on_device."""
     cfg = config["data"]
     items, info, reader = data.split_items(config, "train_splits")
     params = {"crop_hw": tuple(cfg["crop_hw"])}
@@ -158,7 +181,8 @@ def train_dataset(config):
         params.update(short_edges=tuple(cfg["short_edges"]), max_size=cfg["max_size"],
                       single_category_max_area=cfg["cat_max_ratio"])
     sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[cfg["dataset"]], **params)
-    return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"], reader)
+    return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"], reader,
+                             jitter_in_loader)
 
 
 def pipeline_images_per_s(dataset, divisor, samples=24):
@@ -227,7 +251,7 @@ def run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, t
         for group in optimizer.param_groups:
             group["lr"] = lr_at(iteration, base_lr, config["schedule"], total)
         fetch_start = time.perf_counter()
-        batch = next(batches)
+        batch = on_device(next(batches))
         data_time = time.perf_counter() - fetch_start
         losses, applied = train_one_step(ddp_model, batch, loss_fn, optimizer, scaler, autocast)
         if not applied and rank == 0:

@@ -37,10 +37,10 @@ Differences from the references (for the README):
 
 import numpy as np
 
-# The samplers call _apply_jitter and _jitter_steps through this module's names, so that tests and
-# seg/bench.py can replace them here (monkeypatch, stage timers).
-from seg.colour import (_apply_jitter, _jitter_steps, _planar_view, _planes_of, bgr_to_hsv,  # noqa: F401
-                        color_aug_ssd, hsv_to_bgr, photometric_distortion)
+# The samplers call draw_jitter through this module's name, so that tests and seg/databench.py can
+# replace it here (monkeypatch, stage timers).
+from seg.colour import (_planar_view, _planes_of, apply_jitter_planes, bgr_to_hsv, color_aug_ssd,  # noqa: F401
+                        draw_jitter, hsv_to_bgr, photometric_distortion)
 
 
 # ---------------------------------------------------------------------------------------- sizes
@@ -246,14 +246,15 @@ def voc_train_sample(rng, image, label, *, scale=(2048, 512), ratio_range=(0.5, 
                      cat_max_ratio=0.75, ignore_index=255):
     """mmseg 0.10 VOC train pipeline: Resize(scale, ratio_range, keep_ratio) -> RandomCrop(crop_hw,
     cat_max_ratio, 10 tries) -> RandomFlip(0.5) -> PhotoMetricDistortion. Not padded: a side shorter
-    than the crop stays short. Returns (H×W×3 uint8 BGR image, a view of channel planes; H×W uint8 label).
+    than the crop stays short. Returns (H×W×3 uint8 BGR image, a view of channel planes; H×W uint8 label;
+    PhotoMetricDistortion's parameters from colour.draw_jitter, not yet applied: see seg/colour.py).
     Draws, in order: rng.random() ratio, windows (rng.integers y0 then x0), rng.random() flip, jitter."""
     ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
     hw = rescale_hw(*label.shape, (int(scale[0] * ratio), int(scale[1] * ratio)))
     accepts = lambda crop: mmseg_accepts(crop, cat_max_ratio, ignore_index)  # noqa: E731
     planes, crop_label = _crop_and_flip(rng, image, label, hw, crop_hw, accepts, 10 if cat_max_ratio < 1 else 0,
                                         True, nearest_src_cv2)
-    return _planar_view(_apply_jitter(planes, _jitter_steps(rng, 18))), crop_label
+    return _planar_view(planes), crop_label, draw_jitter(rng, 18)
 
 
 def cityscapes_train_sample(rng, image, label, *, short_edges=(512, 768, 1024, 1280, 1536, 1792, 2048),
@@ -261,13 +262,14 @@ def cityscapes_train_sample(rng, image, label, *, short_edges=(512, 768, 1024, 1
                             ignore_index=255):
     """detectron2 PointRend Cityscapes augmentation: ResizeShortestEdge(short_edges, max_size, "choice")
     -> RandomCrop_CategoryAreaConstraint(crop_hw, max_area, 10 tries) -> ColorAugSSD -> RandomFlip.
-    Returns (H×W×3 uint8 BGR image, a view of channel planes; H×W uint8 label).
+    Returns (H×W×3 uint8 BGR image, a view of channel planes; H×W uint8 label; ColorAugSSD's parameters
+    from colour.draw_jitter, not yet applied: the jitter is per pixel, so it commutes with the flip).
     Draws, in order: rng.integers short edge index, windows (y0 then x0), rng.random() flip, jitter."""
     hw = shortest_edge_hw(*label.shape, short_edges[int(rng.integers(len(short_edges)))], max_size)
     accepts = lambda crop: detectron2_accepts(crop, single_category_max_area, ignore_index)  # noqa: E731
     planes, crop_label = _crop_and_flip(rng, image, label, hw, crop_hw, accepts,
                                         10 if single_category_max_area < 1 else 0, False, nearest_src_pil)
-    return _planar_view(_apply_jitter(planes, _jitter_steps(rng, 19))), crop_label
+    return _planar_view(planes), crop_label, draw_jitter(rng, 19)
 
 
 TRAIN_SAMPLERS = {"voc": voc_train_sample, "cityscapes": cityscapes_train_sample}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import run
-from seg import bench, config, models
+from seg import bench, config, databench, models
 
 TINY_PSPNET = ('model={name="pspnet", num_classes=21, base_channels=8, stem_channels=8, blocks=[1, 1, 1, 1], '
                'channels=16, aux_channels=8}')
@@ -111,10 +111,12 @@ def test_data_bench_rows_and_stages(tmp_path):
                "bench.batch_size=2")
     recipes = [load("pspnet_1p", "data.crop_hw=[32, 32]", "data.scale=[128, 32]"),
                load("pointrend_1p", "data.crop_hw=[32, 64]", "data.short_edges=[48, 64]")]
-    result = bench.data_bench(cfg, recipes, image_hw={"voc": (48, 64), "cityscapes": (64, 128)}, log=lambda *a: None)
+    result = databench.data_bench(cfg, recipes, image_hw={"voc": (48, 64), "cityscapes": (64, 128)},
+                                  log=lambda *a: None)
     assert json.loads((tmp_path / "data_bench.json").read_text()) == result
-    assert [(r["dataset"], r["cache"]) for r in result["rows"]] == [
-        ("voc", False), ("voc", True), ("cityscapes", False), ("cityscapes", True)]
+    assert [(r["dataset"], r["jitter_on"], r["cache"]) for r in result["rows"]] == [
+        (dataset, place, cache) for dataset in ("voc", "cityscapes") for place in ("loader", "device")
+        for cache in (False, True)]
     for row in result["rows"]:
         stages = row["stages_ms"]
         assert set(stages) == {"decode", "crop_choice", "resize", "colour", "other_transform", "collate"}
@@ -124,6 +126,8 @@ def test_data_bench_rows_and_stages(tmp_path):
         assert row["image_format"] == {"voc": "JPEG", "cityscapes": "PNG"}[row["dataset"]]
         assert row["target_images_per_s"] == {"voc": 128, "cityscapes": 48}[row["dataset"]]
         assert (row["cache_build_s_per_image"] is not None) == row["cache"]
+        assert (row["device_colour_ms_per_image"] is None) == (row["jitter_on"] == "loader")
+    assert result["jitter_device"] == result["device"]  # device = "cpu" in [data_bench]
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".data_bench")]  # generated files removed
 
 

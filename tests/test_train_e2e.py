@@ -64,6 +64,15 @@ def test_resume_equals_uninterrupted_run(voc_root, tmp_path):
                            final_weights(whole)["decode_head.conv_seg.weight"])  # training did move
 
 
+def test_jitter_on_the_device_trains_the_same_weights(voc_root, tmp_path):
+    runs = {}
+    for place in ("loader", "device"):
+        runs[place] = str(tmp_path / place)
+        train.train(config.load_config(CONFIGS, "demo", overrides(voc_root, runs[place], "iterations=2",
+                                                                  f'data.jitter_on="{place}"'), models.builder_defaults))
+    assert_same_weights(final_weights(runs["loader"]), final_weights(runs["device"]))
+
+
 def run_cli(*args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)

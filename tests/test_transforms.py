@@ -8,10 +8,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from seg import transforms as T
+from seg import colour as C, transforms as T
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -125,12 +126,6 @@ def random_image(rng, h, w):
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-@pytest.fixture
-def no_jitter(monkeypatch):
-    """Samplers without the colour jitter (its draws come last, so the geometry is unchanged)."""
-    monkeypatch.setattr(T, "_jitter_steps", lambda rng, hue_high: [])
-
-
 VOC_SMALL = dict(scale=(160, 40), crop_hw=(24, 24))
 CITY_SMALL = dict(short_edges=(16, 24, 32, 40, 48, 56, 64), max_size=128, crop_hw=(16, 32))
 
@@ -146,9 +141,10 @@ def replay_hw(rng, dataset, shape):
 
 
 def sample(dataset, rng, image, label, **kwargs):
+    """(image before the colour jitter, label) of a sampler; the jitter parameters are tested apart."""
     if dataset == "voc":
-        return T.voc_train_sample(rng, image, label, **VOC_SMALL, **kwargs)
-    return T.cityscapes_train_sample(rng, image, label, **CITY_SMALL, **kwargs)
+        return T.voc_train_sample(rng, image, label, **VOC_SMALL, **kwargs)[:2]
+    return T.cityscapes_train_sample(rng, image, label, **CITY_SMALL, **kwargs)[:2]
 
 
 # ------------------------------------------------------------------------------------------ sizes
@@ -273,7 +269,7 @@ def test_choose_window_stops_at_first_accepted():
 
 
 @pytest.mark.parametrize("dataset", ["voc", "cityscapes"])
-def test_sampler_single_class_label_falls_back_to_last_window(dataset, no_jitter):
+def test_sampler_single_class_label_falls_back_to_last_window(dataset):
     rng = np.random.default_rng(5)
     image, label = random_image(rng, 30, 60), np.full((30, 60), 4, np.uint8)
     label[:, :3] = 255  # ignored pixels do not make a second class
@@ -323,7 +319,7 @@ def test_sampler_shapes_and_label_values(dataset, h, w, seed):
 
 
 @pytest.mark.parametrize("dataset", ["voc", "cityscapes"])
-def test_sampler_image_and_label_stay_aligned(dataset, no_jitter):
+def test_sampler_image_and_label_stay_aligned(dataset):
     """Image channels hold the source row and column, the label holds them mod 15: after resize, crop
     and flip, the bilinear coordinates must sit within one pixel of the nearest label's coordinates."""
     y, x = np.mgrid[0:40, 0:60]
@@ -345,14 +341,14 @@ def test_voc_resize_ratio_range(monkeypatch):
     monkeypatch.setattr(T, "rescale_hw", lambda *args: sizes.append(real(*args)) or sizes[-1])
     image, label = np.zeros((375, 500, 3), np.uint8), np.zeros((375, 500), np.uint8)
     for seed in range(40):
-        _, out_label = T.voc_train_sample(np.random.default_rng(seed), image, label)
+        _, out_label, _ = T.voc_train_sample(np.random.default_rng(seed), image, label)
         assert out_label.shape == (min(512, sizes[-1][0]), min(512, sizes[-1][1]))
     short = np.array([min(hw) for hw in sizes])
     assert ((256 <= short) & (short < 1024)).all() and short.min() < 350 and short.max() > 900
     assert all(abs(w / h - 500 / 375) < 0.01 for h, w in sizes)  # keep ratio
 
 
-def test_cityscapes_draw_frequencies(monkeypatch, no_jitter):
+def test_cityscapes_draw_frequencies(monkeypatch):
     """Each short edge is chosen and the flip happens about half the time (fixed seeds, 3-sigma bounds)."""
     shorts = []
     real = T.shortest_edge_hw
@@ -361,23 +357,36 @@ def test_cityscapes_draw_frequencies(monkeypatch, no_jitter):
     image = np.stack([y, x, x], -1).astype(np.uint8)
     rng, flips = np.random.default_rng(14), 0
     for _ in range(300):
-        out, _ = T.cityscapes_train_sample(rng, image, np.zeros((30, 60), np.uint8), **CITY_SMALL)
+        out, _, _ = T.cityscapes_train_sample(rng, image, np.zeros((30, 60), np.uint8), **CITY_SMALL)
         flips += int(out[0, 0, 1] > out[0, -1, 1])
     assert 124 < flips < 176
     assert sorted(set(shorts)) == list(CITY_SMALL["short_edges"]) and max(np.bincount(shorts)) < 70
 
 
-def test_jitter_is_a_per_pixel_colour_map_and_keeps_labels(monkeypatch):
+@pytest.mark.parametrize("dataset, hue_high", [("voc", 18), ("cityscapes", 19)])
+def test_sampler_jitter_parameters_are_the_last_draws(dataset, hue_high, monkeypatch):
+    """The sampler returns the unjittered crop and parameters drawn last from its rng, with the hue range of
+    its reference (mmseg [-18, 17], detectron2 [-18, 18])."""
+    states, real = [], T.draw_jitter
+    monkeypatch.setattr(T, "draw_jitter", lambda rng, high: states.append((copy.deepcopy(rng), high)) or real(rng, high))
+    image, label = random_image(np.random.default_rng(6), 30, 60), np.zeros((30, 60), np.uint8)
+    sampler, small = (T.voc_train_sample, VOC_SMALL) if dataset == "voc" else (T.cityscapes_train_sample, CITY_SMALL)
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        _, _, jitter = sampler(rng, image, label, **small)
+        before, high = states[-1]
+        assert high == hue_high and jitter.dtype == np.int16 and jitter.shape == (C.JITTER_SIZE,)
+        np.testing.assert_array_equal(jitter, real(before, high))
+        assert before.bit_generator.state == rng.bit_generator.state  # nothing drawn after the jitter
+
+
+def test_jitter_is_a_per_pixel_colour_map():
     image = random_image(np.random.default_rng(6), 30, 60) // 64 * 64  # few colours, repeated
-    label = np.random.default_rng(7).integers(0, 5, (30, 60), dtype=np.uint8)
-    jittered = [T.cityscapes_train_sample(np.random.default_rng(s), image, label, **CITY_SMALL) for s in range(6)]
-    monkeypatch.setattr(T, "_jitter_steps", lambda rng, hue_high: [])
-    for seed, (colour_image, colour_label) in enumerate(jittered):
-        plain_image, plain_label = T.cityscapes_train_sample(np.random.default_rng(seed), image, label, **CITY_SMALL)
-        np.testing.assert_array_equal(colour_label, plain_label)
-        plain, colour = plain_image.reshape(-1, 3), colour_image.reshape(-1, 3)
+    for seed in range(6):
+        colour_image = C.color_aug_ssd(np.random.default_rng(seed), image)
+        plain, coloured = image.reshape(-1, 3), colour_image.reshape(-1, 3)
         _, first, inverse = np.unique(plain, axis=0, return_index=True, return_inverse=True)
-        np.testing.assert_array_equal(colour, colour[first][inverse.ravel()])
+        np.testing.assert_array_equal(coloured, coloured[first][inverse.ravel()])
 
 
 def test_train_samplers_registry():
@@ -446,3 +455,55 @@ def test_bilinear_exact_at_dyadic_scales(hw):
 def test_sampler_rejects_mismatched_label():
     with pytest.raises(ValueError, match="differ in size"):
         T.voc_train_sample(np.random.default_rng(0), np.zeros((10, 12, 3), np.uint8), np.zeros((10, 11), np.uint8))
+
+
+# ------------------------------------------------------------------- colour jitter on the device (torch)
+
+def numpy_jitter(planes, params):
+    return np.stack([C.apply_jitter_planes(p, q) for p, q in zip(planes, params)])
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 20), st.integers(1, 20), st.integers(0, 10 ** 6), st.sampled_from([18, 19]))
+def test_device_jitter_equals_the_loader_jitter(count, h, w, seed, hue_high):
+    rng = np.random.default_rng(seed)
+    planes = rng.integers(0, 256, (count, 3, h, w), dtype=np.uint8)
+    params = np.stack([C.draw_jitter(rng, hue_high) for _ in range(count)])
+    got = C.apply_jitter(torch.from_numpy(planes), torch.from_numpy(params))
+    assert got.dtype == torch.uint8 and got.shape == planes.shape
+    np.testing.assert_array_equal(got.numpy(), numpy_jitter(planes, params))
+
+
+def all_steps(rng, shift):
+    """Parameters with every step on: brightness+contrast, saturation, the given hue shift, contrast."""
+    params = C.draw_jitter(rng, 19)
+    params[C.PRE] = C._affine_map(rng.uniform(0.5, 1.5), rng.uniform(-32, 32))
+    params[C.SATURATION], params[C.POST] = C._affine_map(rng.uniform(0.5, 1.5), 0), C._affine_map(1.3, 0)
+    params[C.SATURATION_ON], params[C.HUE_ON], params[C.HUE_SHIFT] = 1, 1, shift
+    return params
+
+
+def test_device_jitter_equals_the_loader_jitter_on_every_green_blue_pair():
+    """All 65536 (B, G) pairs with 8 R values, every step on, hue shifts at both ends of the range and 0."""
+    b, g = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    r = np.random.default_rng(15).integers(0, 256, (8, 256, 256))
+    planes = np.stack([np.broadcast_to(b, r.shape), np.broadcast_to(g, r.shape), r]).astype(np.uint8)
+    planes = planes.reshape(3, 512, 1024)[None].repeat(3, 0)
+    params = np.stack([all_steps(np.random.default_rng(shift + 100), shift) for shift in (-18, 0, 18)])
+    np.testing.assert_array_equal(C.apply_jitter(torch.from_numpy(planes), torch.from_numpy(params)).numpy(),
+                                  numpy_jitter(planes, params))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_jitter_on_cuda_equals_the_loader_jitter():
+    rng = np.random.default_rng(16)
+    planes = rng.integers(0, 256, (4, 3, 64, 96), dtype=np.uint8)
+    params = np.stack([all_steps(rng, 7), all_steps(rng, -18)] + [C.draw_jitter(rng, 18) for _ in range(2)])
+    images, params_cuda = torch.from_numpy(planes).cuda(), torch.from_numpy(params).cuda()
+    C.apply_jitter(images[:1], params_cuda[:1])  # the tables are copied to the GPU once
+    torch.cuda.set_sync_debug_mode("error")  # and no host synchronisation
+    try:
+        got = C.apply_jitter(images, params_cuda)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    np.testing.assert_array_equal(got.cpu().numpy(), numpy_jitter(planes, params))
