@@ -60,13 +60,15 @@ def cityscapes_items(root, splits):
 
 
 def read_image_bgr(path):
-    """uint8 H×W×3 in BGR order, as both references feed their models."""
+    """uint8 H×W×3 in BGR order, as both references feed their models. Pillow packs the pixels straight
+    into BGR bytes: no RGB copy and no reversing copy (bytearray: a writable array, as torch wants)."""
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            width, height = rgb.size
+            return np.frombuffer(bytearray(rgb.tobytes("raw", "BGR")), np.uint8).reshape(height, width, 3)
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: cannot read image ({error}); replace or remove it from the split") from error
-    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def read_label(path, num_classes, hint=""):

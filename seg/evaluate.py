@@ -17,6 +17,7 @@ Inference of one image, as both references do it:
 """
 import functools
 import io
+import itertools
 import json
 import os
 
@@ -83,13 +84,21 @@ def collate_views(samples):
 def whole_logits(model, image):
     """float N×C×H×W logits for a batch of uint8 N×3×H×W images that are entirely valid (no padding)."""
     count, _, height, width = image.shape
-    hw = torch.tensor([[height, width]], device=image.device).expand(count, 2)
+    hw = full_sizes(count, height, width, image.device)
     logits = model(image, hw)["seg"].float()
     divisor = model.size_divisibility
     padded_hw = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
     if tuple(logits.shape[-2:]) != padded_hw:
         logits = F.interpolate(logits, size=padded_hw, mode="bilinear", align_corners=False)
     return logits[:, :, :height, :width]
+
+
+def full_sizes(count, height, width, device):
+    """int64 count×2 valid sizes, all (height, width), made on `device` by fill kernels: torch.tensor(...,
+    device=device) would copy from pageable host memory, which synchronises with the device."""
+    sizes = torch.full((count, 2), height, dtype=torch.int64, device=device)
+    sizes[:, 1] = width
+    return sizes
 
 
 def window_starts(size, crop, stride):
@@ -131,7 +140,8 @@ def view_logits(model, image, test):
 def test_time_scores(model, image, hw, out_hw, test):
     """Scores 1×C×h×w at the original size out_hw = (h, w) from the views of one image.
 
-    image: uint8 V×3×H×W, the image resized to each test scale, padded (stack_views); hw: V×2 valid sizes.
+    image: uint8 V×3×H×W, the image resized to each test scale, padded (stack_views); hw: V×2 valid sizes,
+    read on the host, so pass the loader's CPU tensor: a device tensor would cost a sync per image.
     test: the [test] table (mode, crop_hw, stride_hw, flip). One view without flip: its logits. Otherwise
     the softmax probabilities averaged over views × flips, each flipped view's logits mirrored back first.
     """
@@ -152,14 +162,26 @@ def test_time_scores(model, image, hw, out_hw, test):
 
 # ------------------------------------------------------------------------------------------ evaluation
 
+def host_and_device_batches(loader, torch_device):
+    """(batch as the loader made it, its copy on the device) pairs, in loader order; batch k+1 is copied
+    while the caller computes on batch k (data.prefetch). The host batch lets the caller read sizes without
+    reading the device back. An empty loader gives no pairs."""
+    host, to_copy = itertools.tee(loader)
+    return zip(host, data.prefetch(to_copy, torch_device))
+
+
 @torch.no_grad()
 def confusion_over(model, loader, torch_device, num_classes, amp_mode, test):
-    """Dataset-level confusion matrix, summed over this rank's images and then over all ranks."""
+    """Dataset-level confusion matrix, summed over this rank's images and then over all ranks.
+
+    Nothing is read back from the device per image (sizes come from the host batch, the matrix stays on
+    the device), so the device runs ahead of Python and the loader, not in lockstep with them.
+    """
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=torch_device)
-    for batch in data.prefetch(loader, torch_device):
+    for host, batch in host_and_device_batches(loader, torch_device):
         with amp.autocast_context(torch_device.type, amp_mode):
-            scores = test_time_scores(model, batch["image"], batch["hw"], batch["label"].shape[-2:], test)
+            scores = test_time_scores(model, batch["image"], host["hw"], host["label"].shape[-2:], test)
         matrix += metrics.confusion_matrix(scores.argmax(dim=1), batch["label"], num_classes)
     return dist.all_reduce_sum(matrix)
 
@@ -228,10 +250,11 @@ def save_predictions(config, model, torch_device):
     model.eval()
     count = min(config["save_predictions"], len(dataset))
     for index in range(count):
-        batch = data.to_device(collate_views([dataset[index]]), torch_device)
-        label = batch["label"][0].cpu().numpy()
+        host = collate_views([dataset[index]])
+        batch = data.to_device(host, torch_device)
+        label = host["label"][0].numpy()
         with amp.autocast_context(torch_device.type, config["amp"]):
-            scores = test_time_scores(model, batch["image"], batch["hw"], label.shape, config["test"])
+            scores = test_time_scores(model, batch["image"], host["hw"], label.shape, config["test"])
         pred = scores.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
         image_path = dataset.items[index][0]
         photo = data.read_image_bgr(image_path)[:, :, ::-1]

@@ -181,6 +181,47 @@ def test_bad_test_options_name_the_key():
             evaluate.check_test_options(options(**changes))
 
 
+# ----------------------------------------------------------------------------------- no host synchronisation
+
+def test_host_and_device_batches_pair_each_batch_with_its_copy():
+    batches = [{"hw": torch.tensor([[index, index]]), "label": torch.full((1, 2, 3), index)} for index in range(3)]
+    pairs = list(evaluate.host_and_device_batches(batches, torch.device("cpu")))
+    assert [host["hw"][0, 0].item() for host, _ in pairs] == [0, 1, 2]
+    assert all(host is batch and torch.equal(copy["label"], batch["label"])
+               for (host, copy), batch in zip(pairs, batches))
+    assert list(evaluate.host_and_device_batches([], torch.device("cpu"))) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("test", [options(), options(mode="slide", crop_hw=[32, 48], stride_hw=[16, 24]),
+                                  options(flip=True, scales=[0.75, 1.0])], ids=["whole", "slide", "flip_scales"])
+def test_evaluation_never_synchronises_with_the_cuda_device(name, test):
+    """confusion_over (prefetch, test_time_scores, confusion_matrix) on pinned loader batches, and
+    test_time_scores + confusion_matrix called directly, run with sync debug mode "error"."""
+    device = torch.device("cuda")
+    model = MODELS[name]().to(device)
+    image_bgr = random_image(40, 56, seed=5)[0].permute(1, 2, 0).numpy()
+    image, hw = evaluate.stack_views(evaluate.resize_to_scales(image_bgr, (56, 40), test["scales"]))
+    label = torch.randint(0, 3, (1, 40, 56), generator=torch.Generator().manual_seed(0))
+    label[:, :5] = 255
+    batch = {"image": image.pin_memory(), "hw": hw.pin_memory(), "label": label.pin_memory()}
+    evaluate.confusion_over(model, [batch], device, 3, "off", test)  # warm-up: lazy CUDA/cuDNN set-up may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        matrix = evaluate.confusion_over(model, [batch, batch], device, 3, "off", test)
+        with torch.no_grad():
+            scores = evaluate.test_time_scores(model, batch["image"].to(device, non_blocking=True), batch["hw"],
+                                               (40, 56), test)
+            direct = metrics.confusion_matrix(scores.argmax(dim=1), batch["label"].to(device, non_blocking=True), 3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    valid = int((label != 255).sum())
+    assert scores.shape == (1, 3, 40, 56)
+    assert int(matrix.sum()) == 2 * valid and int(direct.sum()) == valid
+
+
 # ----------------------------------------------------------------------------------- evaluation end to end
 
 def test_evaluation_with_flip_and_scales_counts_every_pixel(tmp_path):

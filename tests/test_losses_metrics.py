@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -82,6 +83,54 @@ def test_metrics_equal_brute_force(num_classes, size, seed):
     assert math.isclose(got["mAcc"], m_acc, rel_tol=1e-12)
     np.testing.assert_allclose(got["IoU"], iou, rtol=1e-12)  # NaN where brute force has NaN
     np.testing.assert_allclose(got["Acc"], acc, rtol=1e-12)
+
+
+def brute_force_confusion(pred, label, num_classes):
+    """Count (label, pred) pairs one pixel at a time, skipping label 255."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    for guess, truth in zip(pred.ravel().tolist(), label.ravel().tolist()):
+        if truth != 255:
+            matrix[truth, guess] += 1
+    return matrix
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(num_classes=st.integers(1, 25), shape=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+       ignore_share=st.sampled_from([0.0, 0.25, 1.0]), label_dtype=st.sampled_from([torch.uint8, torch.int32, torch.int64]),
+       pred_dtype=st.sampled_from([torch.uint8, torch.int64]), transposed=st.booleans(), seed=st.integers(0, 10_000))
+def test_confusion_matrix_equals_brute_force_count(num_classes, shape, ignore_share, label_dtype, pred_dtype,
+                                                   transposed, seed):
+    """Any shape and integer dtype, 1 to 25 classes, none / some / all pixels ignored, strided inputs."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, num_classes, shape)
+    label[rng.random(shape) < ignore_share] = 255
+    pred = rng.integers(0, num_classes, shape)
+    pred_tensor, label_tensor = torch.from_numpy(pred).to(pred_dtype), torch.from_numpy(label).to(label_dtype)
+    if transposed:  # non-contiguous views, as a slice of a batch would be
+        pred_tensor, label_tensor = pred_tensor.transpose(0, -1), label_tensor.transpose(0, -1)
+        pred, label = pred.swapaxes(0, -1), label.swapaxes(0, -1)
+    got = metrics.confusion_matrix(pred_tensor, label_tensor, num_classes)
+    assert got.dtype == torch.int64 and got.shape == (num_classes, num_classes)
+    np.testing.assert_array_equal(got.numpy(), brute_force_confusion(pred, label, num_classes))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
+def test_confusion_matrix_on_cuda_equals_cpu_without_a_host_sync(label_dtype):
+    generator = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 21, (2, 97, 131), generator=generator)
+    label[torch.rand(label.shape, generator=generator) < 0.2] = 255
+    label = label.to(label_dtype)
+    pred = torch.randint(0, 21, label.shape, generator=generator)
+    on_device = [tensor.pin_memory().to("cuda", non_blocking=True) for tensor in (pred, label)]
+    metrics.confusion_matrix(*on_device, 21)  # warm-up: lazy CUDA initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = metrics.confusion_matrix(*on_device, 21)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.cpu(), metrics.confusion_matrix(pred, label, 21))
 
 
 def test_confusion_matrices_of_shards_add_up():
