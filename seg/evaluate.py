@@ -73,10 +73,11 @@ def stack_views(views):
 
 
 def collate_views(samples):
-    """A batch of one EvalDataset sample (views, label): {"image": V×3×H×W, "hw": V×2, "label": 1×h×w int64}."""
+    """A batch of one EvalDataset sample (views, label): {"image": V×3×H×W, "hw": V×2, "label": 1×h×w uint8}
+    (metrics.confusion_matrix widens labels on the device: 8× fewer bytes to copy than int64)."""
     (views, label), = samples
     image, hw = stack_views(views)
-    return {"image": image, "hw": hw, "label": torch.from_numpy(label.astype(np.int64))[None]}
+    return {"image": image, "hw": hw, "label": torch.tensor(label)[None]}  # a copy: labels may be read-only
 
 
 # ------------------------------------------------------------------------------------------- inference

@@ -210,3 +210,33 @@ def test_compiled_model_matches_eager():
     for got_part, expected_part in zip(got, expected):
         assert_close_relative(got_part, expected_part)
     np.testing.assert_array_equal(sorted(got[1]), sorted(expected[1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("build, section, amp_mode", [(tiny_pspnet, "pspnet_1p", "bf16"),
+                                                      (tiny_pspnet, "pspnet_1p", "off"),
+                                                      (tiny_pointrend, "pointrend_1p", "bf16")])
+def test_a_training_step_never_synchronises_with_the_cuda_device(build, section, amp_mode):
+    """Issue #5: no host synchronisation in the training loop outside log steps (bf16 / fp32; the fp16 loss
+    scaler reads one overflow flag per step by design). Covers on_device (jitter + label widening) too."""
+    from seg import amp, colour, data, train
+
+    model = build().cuda().train()
+    optimizer = train.build_optimizer(model, {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+                                              "weight_decay_norm": 0.0})
+    loss_fn = models.loss_function(load(section))
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), rng.integers(0, 5, (64, 96), dtype=np.uint8),
+                colour.draw_jitter(rng, 19)) for _ in range(2)]
+    host = data.collate(samples, divisor=32)
+    host = {key: value.pin_memory() for key, value in host.items()}
+    autocast = lambda: amp.autocast_context("cuda", amp_mode)  # noqa: E731
+    for step in range(2):  # the first step allocates, autotunes and copies the jitter tables
+        if step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            batch = train.on_device(data.to_device(host, torch.device("cuda")))
+            train.train_one_step(model, batch, loss_fn, optimizer, None, autocast)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
