@@ -72,6 +72,17 @@ def test_image_is_bgr(tmp_path):
     assert data.read_image_bgr(str(path)).tolist() == [[[0, 0, 255]]]
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "CMYK"])
+def test_images_of_every_mode_decode_to_writable_bgr(tmp_path, mode):
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb).convert(mode)
+    path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
+    image.save(path)
+    expected = np.asarray(Image.open(path).convert("RGB"))[:, :, ::-1]
+    got = data.read_image_bgr(str(path))
+    assert got.shape == (5, 7, 3) and got.flags.writeable and np.array_equal(got, expected)
+
+
 def test_prefetch_yields_every_batch_in_order():
     batches = [{"x": torch.tensor([i])} for i in range(4)]
     assert [int(b["x"]) for b in data.prefetch(batches, torch.device("cpu"))] == [0, 1, 2, 3]
