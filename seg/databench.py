@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from seg import cache, colour, data, dist, train, transforms
-from seg.bench import environment, markdown_table, write_outputs
+from seg.bench import environment, markdown_table, time_calls, write_outputs
 from seg.errors import UserError
 
 # data_bench: the real datasets' image sizes (H, W), formats and the per-worker targets of issue #5.
@@ -118,25 +118,16 @@ def timed_stages(totals):
             setattr(transforms, name, function)
 
 
-def time_on_device(function, torch_device):
-    """Seconds of one call, synchronised before and after."""
-    dist.synchronize(torch_device)
-    start = time.perf_counter()
-    function()
-    dist.synchronize(torch_device)
-    return time.perf_counter() - start
-
-
 def pipeline_row(dataset, read, sample_fn, count, bench, jitter_in_loader, torch_device):
     """Per-image milliseconds of decode / sampler stages / collate over bench["steps"] samples after
     bench["warmup"], and with the jitter on the device, of colour.apply_jitter on each collated batch."""
     warmup, steps, batch_size = bench["warmup"], bench["steps"], bench["batch_size"]
     colour.apply_jitter(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=torch_device),
                         torch.zeros(1, colour.JITTER_SIZE, dtype=torch.int16, device=torch_device))  # tables
-    totals, samples = {}, []
+    samples = []
     for position in range(warmup + steps):
-        if position == warmup:
-            totals, samples = {"decode": 0.0, "sample": 0.0, "collate": 0.0, "device_colour": 0.0}, []
+        if position in (0, warmup):  # the warm-up samples' times are thrown away
+            totals = dict.fromkeys(("decode", "sample", "collate", "device_colour", *STAGE_FUNCTIONS), 0.0)
         start = time.perf_counter()
         image, label = read(position % count)
         middle = time.perf_counter()
@@ -145,21 +136,21 @@ def pipeline_row(dataset, read, sample_fn, count, bench, jitter_in_loader, torch
             if jitter_in_loader:
                 before = time.perf_counter()
                 image, jitter = colour.jittered(image, jitter), None
-                totals["colour"] = totals.get("colour", 0.0) + time.perf_counter() - before
+                totals["colour"] += time.perf_counter() - before
         samples.append((image, label, jitter))
-        totals["decode"] = totals.get("decode", 0.0) + middle - start
-        totals["sample"] = totals.get("sample", 0.0) + time.perf_counter() - middle
+        totals["decode"] += middle - start
+        totals["sample"] += time.perf_counter() - middle
         if len(samples) == batch_size or position == warmup + steps - 1:
             start = time.perf_counter()
             batch = data.collate(samples)
-            totals["collate"] = totals.get("collate", 0.0) + time.perf_counter() - start
+            totals["collate"] += time.perf_counter() - start
             samples = []
             if not jitter_in_loader:
                 batch = data.to_device(batch, torch_device)
-                totals["device_colour"] = totals.get("device_colour", 0.0) + time_on_device(
-                    lambda: colour.apply_jitter(batch["image"], batch["jitter"]), torch_device)
-    stages = {"decode": totals["decode"], **{stage: totals.get(stage, 0.0) for stage in STAGE_FUNCTIONS},
-              "other_transform": totals["sample"] - sum(totals.get(stage, 0.0) for stage in STAGE_FUNCTIONS),
+                totals["device_colour"] += time_calls(lambda: colour.apply_jitter(batch["image"], batch["jitter"]),
+                                                      torch_device, 0, 1)[0]
+    stages = {"decode": totals["decode"], **{stage: totals[stage] for stage in STAGE_FUNCTIONS},
+              "other_transform": totals["sample"] - sum(totals[stage] for stage in STAGE_FUNCTIONS),
               "collate": totals["collate"]}
     total = totals["decode"] + totals["sample"] + totals["collate"]
     return {"dataset": dataset, "jitter_on": "loader" if jitter_in_loader else "device",

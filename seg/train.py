@@ -150,7 +150,7 @@ def train(config):
 def jitter_in_loader(config, device_type):
     """Where the colour jitter runs (data.jitter_on): in the loader workers (numpy) or on the device after the
     copy (torch, batched). "auto": on the device for CUDA, where it frees the workers of their costliest stage;
-    in the loader on CPU (numpy is ~5× faster there than torch's CPU ops) and on NPU (the torch_npu support of
+    in the loader on CPU (numpy is 5-10× faster there than torch's CPU ops) and on NPU (the torch_npu support of
     the int32 table lookups is unverified; the Ascend ports jitter in the workers too)."""
     place = config["data"]["jitter_on"]
     if place not in ("auto", "loader", "device"):

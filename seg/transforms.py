@@ -39,8 +39,8 @@ import numpy as np
 
 # The samplers call draw_jitter through this module's name, so that tests and seg/databench.py can
 # replace it here (monkeypatch, stage timers).
-from seg.colour import (_planar_view, _planes_of, apply_jitter_planes, bgr_to_hsv, color_aug_ssd,  # noqa: F401
-                        draw_jitter, hsv_to_bgr, photometric_distortion)
+from seg.colour import (_planar_view, _planes_of, bgr_to_hsv, color_aug_ssd, draw_jitter, hsv_to_bgr,  # noqa: F401
+                        photometric_distortion)
 
 
 # ---------------------------------------------------------------------------------------- sizes
