@@ -16,7 +16,7 @@ import os
 import sys
 
 from seg import config as config_module
-from seg.errors import UserError
+from seg.files import UserError
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.toml")
 
@@ -119,7 +119,7 @@ def main(argv):
 def user_message(error):
     """The user's message, without the worker traceback DataLoader wraps around it."""
     text = str(error)
-    marker = "seg.errors.UserError: "
+    marker = "seg.files.UserError: "
     return text.rsplit(marker, 1)[-1].strip() if marker in text else text
 
 

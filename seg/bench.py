@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from seg import amp, data, dist, files, models, train
-from seg.errors import UserError
+from seg.files import UserError
 
 # Dense (no sparsity) peak TFLOP/s by (device-name substring, precision); the first match wins, so
 # more specific names come first. Sources: NVIDIA H100 datasheet (SXM: FP32 67, TF32 494.7, BF16/FP16

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from seg import files
-from seg.errors import UserError
+from seg.files import UserError
 
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pth")
 # torch.save's pre-1.6 (non-zip) format starts with this pickled integer.

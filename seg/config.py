@@ -8,7 +8,7 @@ import copy
 import difflib
 import sys
 
-from seg.errors import UserError
+from seg.files import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -10,15 +10,41 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
 
-from seg import colour, prepare
-from seg.errors import UserError
+from seg import colour, files
+from seg.files import IGNORE_INDEX, UserError, check_same_size, read_image_bgr, read_label
 
-IGNORE_INDEX = 255
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+VOC_PALETTE = (
+    (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
+    (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
+    (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128))
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+# cityscapesScripts helpers/labels.py: label id -> train id for the 19 evaluated classes; all else is ignored.
+_CITYSCAPES_TRAIN_ID_OF = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+                           24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_ID_TO_TRAINID = np.full(256, 255, dtype=np.uint8)
+CITYSCAPES_ID_TO_TRAINID[list(_CITYSCAPES_TRAIN_ID_OF)] = list(_CITYSCAPES_TRAIN_ID_OF.values())
 
 
 # ---------------------------------------------------------------- listing files
+
+
+def read_split(path):
+    """Read a split file: one image stem per line, blank lines dropped. Missing file -> UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"split file {path} not found: check data_root / data.root, or prepare the dataset "
+                        f"(python run.py prepare_voc_aug)")
+    return [line.strip() for line in open(path).read().splitlines() if line.strip()]
+
 
 
 def voc_items(root, splits):
@@ -29,7 +55,7 @@ def voc_items(root, splits):
     items = []
     for split in splits:
         name, label_dir = split.split(":")
-        for stem in prepare.read_split(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt")):
+        for stem in read_split(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt")):
             items.append((os.path.join(root, "JPEGImages", f"{stem}.jpg"),
                           os.path.join(root, label_dir, f"{stem}.png")))
     return items
@@ -54,38 +80,6 @@ def cityscapes_items(root, splits):
                         f"`python run.py prepare_cityscapes` to write the labelTrainIds files")
     return items
 
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def read_image_bgr(path):
-    """uint8 H×W×3 in BGR order, as both references feed their models. Pillow packs the pixels straight
-    into BGR bytes: no RGB copy and no reversing copy (bytearray: a writable array, as torch wants)."""
-    try:
-        with Image.open(path) as image:
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            width, height = rgb.size
-            return np.frombuffer(bytearray(rgb.tobytes("raw", "BGR")), np.uint8).reshape(height, width, 3)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: cannot read image ({error}); replace or remove it from the split") from error
-
-
-def read_label(path, num_classes, hint=""):
-    """uint8 H×W class indices; values must be < num_classes or 255."""
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("P", "L"):
-                raise UserError(f"{path}: label PNG has mode {image.mode}; expected class indices "
-                                f"(palette 'P' or grayscale 'L'){hint}")
-            label = np.asarray(image)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: cannot read label ({error})") from error
-    bad = (label >= num_classes) & (label != IGNORE_INDEX)
-    if bad.any():
-        raise UserError(f"{path}: label value {int(label[bad][0])} is neither a class id (0..{num_classes - 1}) "
-                        f"nor {IGNORE_INDEX}{hint}")
-    return label
 
 
 LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
@@ -142,12 +136,6 @@ class EvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, label = load_item(self.items, index, self.num_classes, self.hint, self.reader)
         return self.resize_fn(image), label
-
-
-def check_same_size(image, label, image_path, label_path):
-    if image.shape[:2] != label.shape:
-        raise UserError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but {image_path} is "
-                        f"{image.shape[1]}x{image.shape[0]}")
 
 
 # ---------------------------------------------------------------- sampling and collation
@@ -258,9 +246,9 @@ def prefetch(batches, device):
 
 def dataset_info(name):
     """Lister, label hint, class names and palette of a dataset kind ("voc" or "cityscapes")."""
-    infos = {"voc": (voc_items, LABEL_HINTS["voc"], prepare.VOC_CLASSES, prepare.VOC_PALETTE),
-             "cityscapes": (cityscapes_items, LABEL_HINTS["cityscapes"], prepare.CITYSCAPES_CLASSES,
-                            prepare.CITYSCAPES_PALETTE)}
+    infos = {"voc": (voc_items, LABEL_HINTS["voc"], VOC_CLASSES, VOC_PALETTE),
+             "cityscapes": (cityscapes_items, LABEL_HINTS["cityscapes"], CITYSCAPES_CLASSES,
+                            CITYSCAPES_PALETTE)}
     if name not in infos:
         raise UserError(f"data.dataset must be one of {sorted(infos)}, got {name!r}")
     lister, hint, classes, palette = infos[name]
@@ -271,16 +259,14 @@ def split_items(config, splits_key):
     """(items, dataset info, cached reader or None) for config["data"][splits_key].
 
     With data.cache = true every image and label is decoded once into <data_root>/.cache/, a
-    memory-mapped file that loader workers and processes share (seg/cache.py).
+    memory-mapped file that loader workers and processes share (seg/files.py).
     """
-    from seg import cache
-
     cfg = config["data"]
     info = dataset_info(cfg["dataset"])
     items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg[splits_key])
     if not cfg["cache"]:
         return items, info, None
-    path = cache.cache_path_for(os.path.join(config["data_root"], ".cache"), items, f"{cfg['dataset']}-{splits_key}")
-    reader = cache.cached_items_reader(items, path, config["model"]["num_classes"], info["hint"],
+    path = files.cache_path_for(os.path.join(config["data_root"], ".cache"), items, f"{cfg['dataset']}-{splits_key}")
+    reader = files.cached_items_reader(items, path, config["model"]["num_classes"], info["hint"],
                                        workers=max(cfg["workers"], 1))
     return items, info, reader

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seg import cache, colour, data, dist, train, transforms
+from seg import colour, data, dist, files, train, transforms
 from seg.bench import environment, markdown_table, time_calls, write_outputs
-from seg.errors import UserError
+from seg.files import UserError
 
 # data_bench: the real datasets' image sizes (H, W), formats and the per-worker targets of issue #5.
 REAL_IMAGES = {"voc": ((375, 500), "JPEG"), "cityscapes": ((1024, 2048), "PNG")}
@@ -170,10 +170,10 @@ def dataset_rows(config, recipe, folder, image_hw, torch_device, log):
     recipe = {**recipe, "data_root": folder, "data": {**recipe["data"], "root": root, "train_splits": splits}}
     train_set = train.train_dataset(recipe)
     items, sample_fn = train_set.items, train_set.sample_fn
-    uncached = lambda i: (data.read_image_bgr(items[i][0]), data.read_label(items[i][1], classes))  # noqa: E731
+    uncached = lambda i: (files.read_image_bgr(items[i][0]), files.read_label(items[i][1], classes))  # noqa: E731
     start = time.perf_counter()
-    reader = cache.ensure_cache(items, cache.cache_path_for(os.path.join(folder, ".cache"), items, dataset),
-                                data.read_image_bgr, lambda path: data.read_label(path, classes), log=lambda *a: None)
+    reader = files.ensure_cache(items, files.cache_path_for(os.path.join(folder, ".cache"), items, dataset),
+                                files.read_image_bgr, lambda path: files.read_label(path, classes), log=lambda *a: None)
     build_s = time.perf_counter() - start
     file_bytes = {"image_bytes_mean": float(np.mean([os.path.getsize(image) for image, _ in items])),
                   "label_bytes_mean": float(np.mean([os.path.getsize(label) for _, label in items]))}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.prepare import (VOC_PALETTE, _convert_cityscapes_label, _save_image, _train_ids_path, _write_text,
-                         write_label_png)
+from seg.data import VOC_PALETTE
+from seg.files import save_image, write_label_png, write_text_atomic
+from seg.prepare import _convert_cityscapes_label, _train_ids_path
 
 _DEMO_VERSION = 3  # bump when the generators change, so old demo folders are not silently reused
 
@@ -34,7 +35,7 @@ def _demo_is_complete(root, parameters, generated_folders):
 
 
 def _write_demo_marker(root, parameters):
-    _write_text(Path(root) / ".demo_complete", json.dumps(parameters, sort_keys=True))
+    write_text_atomic(json.dumps(parameters, sort_keys=True), Path(root) / ".demo_complete")
 
 
 def _texture(rng, hw, colour, amplitude=30.0):
@@ -128,14 +129,14 @@ def make_demo_voc(root, n_train=320, n_val=40, size=(96, 128), seed=0):
               "trainaug": names[:n_train]}
     for index, name in enumerate(names):
         image, label = _demo_voc_sample(np.random.default_rng([seed, index]), tuple(size))
-        _save_image(root / "JPEGImages" / f"{name}.jpg", image, "JPEG")
+        save_image(root / "JPEGImages" / f"{name}.jpg", image, "JPEG")
         if name not in splits["aug"]:
             voc_label = np.where(_boundary_band(label), 255, label).astype(np.uint8)
             write_label_png(root / "SegmentationClass" / f"{name}.png", voc_label, VOC_PALETTE)
         if name not in splits["val"]:
             write_label_png(root / "SegmentationClassAug" / f"{name}.png", label)
     for split, stems in splits.items():
-        _write_text(root / "ImageSets" / "Segmentation" / f"{split}.txt", "".join(f"{s}\n" for s in stems))
+        write_text_atomic("".join(f"{s}\n" for s in stems), root / "ImageSets" / "Segmentation" / f"{split}.txt")
     _write_demo_marker(root, parameters)
     return root
 
@@ -222,7 +223,7 @@ def make_demo_cityscapes(root, n_train=32, n_val=8, size=(128, 256), seed=0):
             stem = f"{city}_000000_{number // len(cities[split]):06d}"
             image, ids = _demo_cityscapes_sample(np.random.default_rng([seed, index]), tuple(size))
             index += 1
-            _save_image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image, "PNG")
+            save_image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image, "PNG")
             label_ids = root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
             write_label_png(label_ids, ids)
             _convert_cityscapes_label((label_ids, _train_ids_path(label_ids)))

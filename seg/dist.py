@@ -9,7 +9,7 @@ import warnings
 import torch
 import torch.distributed as torch_dist
 
-from seg.errors import UserError
+from seg.files import UserError
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seg import amp, data, dist, files, metrics, models, transforms
-from seg.errors import UserError
+from seg.files import UserError
 
 TEST_MODES = ("whole", "slide")
 
@@ -258,7 +258,7 @@ def save_predictions(config, model, torch_device):
             scores = test_time_scores(model, batch["image"], host["hw"], label.shape, config["test"])
         pred = scores.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
         image_path = dataset.items[index][0]
-        photo = data.read_image_bgr(image_path)[:, :, ::-1]
+        photo = files.read_image_bgr(image_path)[:, :, ::-1]
         panel = np.concatenate([photo, colorize(label, info["palette"]), colorize(pred, info["palette"])], axis=1)
         stem = os.path.splitext(os.path.basename(image_path))[0]
         files.write_bytes_atomic(image_bytes(Image.fromarray(panel), "PNG"), os.path.join(folder, f"{stem}.png"))

@@ -3,7 +3,7 @@ import inspect
 import os
 
 from seg import checkpoint, losses, pointrend, pspnet, resnet
-from seg.errors import UserError
+from seg.files import UserError
 
 BUILDERS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
 # build_pointrend passes its **backbone_kwargs on to build_resnet_fpn

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from seg import amp, data, dist, evaluate, files, models
-from seg.errors import UserError
+from seg.files import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OVERLAY_QUALITY = 95  # with 4:4:4 chroma, so thin class borders keep their colour
@@ -88,7 +88,7 @@ def label_png(label, palette):
     """PNG bytes of a uint8 H×W label map as an indexed image: pixel = class index, `palette` for display."""
     image = Image.fromarray(label)
     image.putpalette([value for colour in palette for value in colour])  # "L" becomes "P", indices kept
-    return evaluate.image_bytes(image, "PNG")
+    return files.image_bytes(image, "PNG")
 
 
 def draw_legend(image, classes, palette, names):
@@ -124,7 +124,7 @@ def write_outputs(folder, stem, photo, label, palette, names):
     """OUTPUT/<stem>.png (indexed label map) and OUTPUT/<stem>_overlay.jpg, each written atomically."""
     files.write_bytes_atomic(label_png(label, palette), os.path.join(folder, f"{stem}.png"))
     image, _ = overlay(photo, label, palette, names)
-    jpeg = evaluate.image_bytes(image, "JPEG", quality=OVERLAY_QUALITY, subsampling=0)
+    jpeg = files.image_bytes(image, "JPEG", quality=OVERLAY_QUALITY, subsampling=0)
     files.write_bytes_atomic(jpeg, os.path.join(folder, f"{stem}_overlay.jpg"))
 
 

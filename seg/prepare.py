@@ -14,28 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from seg import files
-from seg.errors import UserError
-
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-VOC_PALETTE = (
-    (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
-    (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
-    (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128))
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
-CITYSCAPES_PALETTE = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
-# cityscapesScripts helpers/labels.py: label id -> train id for the 19 evaluated classes; all else is ignored.
-_CITYSCAPES_TRAIN_ID_OF = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-                           24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-CITYSCAPES_ID_TO_TRAINID = np.full(256, 255, dtype=np.uint8)
-CITYSCAPES_ID_TO_TRAINID[list(_CITYSCAPES_TRAIN_ID_OF)] = list(_CITYSCAPES_TRAIN_ID_OF.values())
+from seg.data import CITYSCAPES_ID_TO_TRAINID, read_split
+from seg.files import UserError, write_label_png, write_text_atomic
 
 _VOC_HINT = ("Download VOCtrainval_11-May-2012.tar (PASCAL VOC 2012) and extract it so that its VOC2012 folder "
              "(with JPEGImages, SegmentationClass, ImageSets) is data/VOCdevkit/VOC2012.")
@@ -46,49 +26,9 @@ _CITYSCAPES_HINT = ("Download gtFine_trainvaltest.zip and leftImg8bit_trainvalte
                     "<root>/leftImg8bit/{train,val,test}/<city>/.")
 _VOC_FULL = {"voc_train": 1464, "voc_val": 1449, "trainaug": 10582, "aug": 9118}
 _CITYSCAPES_FULL = {"train": 2975, "val": 500}
-_IGNORE_COLOUR = (224, 224, 192)  # colour of index 255 in the official VOC PNGs
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
-
-def _write_text(path, text):
-    files.write_atomic(path, lambda file: file.write(text.encode()))
-
-
-def write_label_png(path, label, palette=None):
-    """Write a label map (uint8 H×W class ids, 255 = ignore) as a PNG, atomically.
-
-    With `palette` (RGB triples, index = class id) the PNG is mode "P" – its pixel values are still the class ids,
-    it just shows in colour like the VOC SegmentationClass files, with 255 drawn in VOC's cream; without, mode "L".
-    """
-    label = np.asarray(label)
-    if label.ndim != 2 or label.dtype != np.uint8:
-        raise ValueError(f"label must be a uint8 H×W array, got {label.dtype} {label.shape}")
-    image = Image.fromarray(label)
-    if palette is not None:
-        colours = [tuple(c) for c in palette][:256]
-        colours += [(0, 0, 0)] * (256 - len(colours))
-        if len(palette) < 256:
-            colours[255] = _IGNORE_COLOUR
-        image.putpalette([value for colour in colours for value in colour])
-    files.write_atomic(path, lambda file: image.save(file, format="PNG"))
-
-
-def _save_image(path, image_rgb, image_format):
-    """Write an RGB uint8 H×W×3 image atomically; JPEG at quality 90 like typical photo datasets."""
-    options = {"quality": 90} if image_format == "JPEG" else {}
-    image = Image.fromarray(np.ascontiguousarray(image_rgb))
-    files.write_atomic(path, lambda file: image.save(file, format=image_format, **options))
-
-
-def read_split(path):
-    """Read a split file: one image stem per line, blank lines dropped. Missing file -> UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"split file {path} not found: check data_root / data.root, or prepare the dataset "
-                        f"(python run.py prepare_voc_aug)")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
 
 def _require(path, hint):
     if not Path(path).exists():
@@ -180,8 +120,8 @@ def prepare_voc_aug(voc_root, sbd_root, log=print, workers=4):
     jobs = [(mat, out_folder / f"{mat.stem}.png") for mat in mats if not (out_folder / f"{mat.stem}.png").exists()]
     log(f"SBD: {len(mats)} masks, {len(mats) - len(jobs)} already converted, converting {len(jobs)}")
     _run_parallel(_convert_sbd_mat, jobs, workers)
-    _write_text(split_folder / "aug.txt", "".join(f"{stem}\n" for stem in aug))
-    _write_text(split_folder / "trainaug.txt", "".join(f"{stem}\n" for stem in trainaug))
+    write_text_atomic("".join(f"{stem}\n" for stem in aug), split_folder / "aug.txt")
+    write_text_atomic("".join(f"{stem}\n" for stem in trainaug), split_folder / "trainaug.txt")
     log(f"VOC12aug: {len(aug)} aug + {len(voc_train)} train images; trainaug.txt {len(trainaug)}")
     return {"converted": len(jobs), "skipped": len(mats) - len(jobs), "voc_train": len(voc_train),
             "voc_val": len(voc_val), "aug": len(aug), "trainaug": len(trainaug)}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg.errors import UserError
+from seg.files import UserError
 
 EXPANSION = 4  # bottleneck output channels = 4 x its width
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}

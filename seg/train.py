@@ -11,7 +11,7 @@ import time
 import torch
 
 from seg import amp, checkpoint, colour, data, dist, evaluate, models, transforms
-from seg.errors import UserError
+from seg.files import UserError
 
 NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg import cache, data, transforms
-from seg.errors import UserError
+from seg import files, transforms
+from seg.files import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def write_items(folder, sizes, seed=0):
         suffix = ("jpg", "png", "png")[index % 3]
         image_path, label_path = folder / f"{index}.{suffix}", folder / f"{index}_label.png"
         picture = Image.fromarray(image)
-        if index % 3 == 2:  # a palette image: decoding must convert it like data.read_image_bgr does
+        if index % 3 == 2:  # a palette image: decoding must convert it like files.read_image_bgr does
             picture = picture.quantize(16)
         picture.save(image_path)
         Image.fromarray(label).save(label_path)
@@ -38,13 +38,13 @@ def write_items(folder, sizes, seed=0):
 
 def decode(items, index):
     image_path, label_path = items[index]
-    return data.read_image_bgr(image_path), data.read_label(label_path, 5)
+    return files.read_image_bgr(image_path), files.read_label(label_path, 5)
 
 
 def test_cached_arrays_and_samples_equal_decoding(tmp_path):
     items = write_items(tmp_path, [(40, 56), (33, 70), (64, 48), (25, 25)])
-    path = cache.cache_path_for(str(tmp_path / ".cache"), items, "voc")
-    image_fn, label_fn = cache.cached_items_reader(items, path, num_classes=5)
+    path = files.cache_path_for(str(tmp_path / ".cache"), items, "voc")
+    image_fn, label_fn = files.cached_items_reader(items, path, num_classes=5)
     for index in range(len(items)):
         image, label = decode(items, index)
         for cached, decoded in ((image_fn(index), image), (label_fn(index), label)):
@@ -64,9 +64,9 @@ def test_cached_arrays_and_samples_equal_decoding(tmp_path):
 def test_writes_to_a_returned_array_stay_private(tmp_path):
     items = write_items(tmp_path, [(20, 30)])
     path = str(tmp_path / "c.u8cache")
-    reader = cache.ensure_cache(items, path, data.read_image_bgr, lambda p: data.read_label(p, 5))
+    reader = files.ensure_cache(items, path, files.read_image_bgr, lambda p: files.read_label(p, 5))
     reader.image(0)[:] = 7  # a transform modifying its input in place must not corrupt the cache
-    assert np.array_equal(cache.CachedReader(path).image(0), decode(items, 0)[0])
+    assert np.array_equal(files.CachedReader(path).image(0), decode(items, 0)[0])
 
 
 def test_rebuilt_when_a_file_changes_or_the_list_changes(tmp_path):
@@ -76,19 +76,19 @@ def test_rebuilt_when_a_file_changes_or_the_list_changes(tmp_path):
 
     def read_image(image_path):
         calls.append(image_path)
-        return data.read_image_bgr(image_path)
+        return files.read_image_bgr(image_path)
 
-    read_label = lambda p: data.read_label(p, 5)  # noqa: E731
-    cache.ensure_cache(items, path, read_image, read_label)
-    cache.ensure_cache(items, path, read_image, read_label)
+    read_label = lambda p: files.read_label(p, 5)  # noqa: E731
+    files.ensure_cache(items, path, read_image, read_label)
+    files.ensure_cache(items, path, read_image, read_label)
     assert len(calls) == 2  # the second call reused the cache
     replacement = np.full((24, 16, 3), 99, np.uint8)
     Image.fromarray(replacement).save(items[1][0])  # same name, new content, size and mtime
     os.utime(items[1][0], ns=(time.time_ns(), time.time_ns() + 10**9))
-    reader = cache.ensure_cache(items, path, read_image, read_label)
+    reader = files.ensure_cache(items, path, read_image, read_label)
     assert len(calls) == 4 and np.array_equal(reader.image(1), replacement[:, :, ::-1])
-    assert not cache.is_current(cache.read_index(path), items[:1])  # another item list: not this cache
-    assert cache.cache_path_for("d", items[:1], "voc") != cache.cache_path_for("d", items, "voc")
+    assert not files.is_current(files.read_index(path), items[:1])  # another item list: not this cache
+    assert files.cache_path_for("d", items[:1], "voc") != files.cache_path_for("d", items, "voc")
 
 
 def test_interrupted_build_leaves_nothing(tmp_path):
@@ -98,25 +98,25 @@ def test_interrupted_build_leaves_nothing(tmp_path):
     def read_image(image_path):
         if image_path == items[2][0]:
             raise KeyboardInterrupt
-        return data.read_image_bgr(image_path)
+        return files.read_image_bgr(image_path)
 
     with pytest.raises(KeyboardInterrupt):
-        cache.ensure_cache(items, path, read_image, lambda p: data.read_label(p, 5))
+        files.ensure_cache(items, path, read_image, lambda p: files.read_label(p, 5))
     assert sorted(os.listdir(tmp_path)) == sorted(name for pair in items for name in map(os.path.basename, pair))
-    reader = cache.ensure_cache(items, path, data.read_image_bgr, lambda p: data.read_label(p, 5))
+    reader = files.ensure_cache(items, path, files.read_image_bgr, lambda p: files.read_label(p, 5))
     assert np.array_equal(reader.label(3), decode(items, 3)[1])
 
 
 KILLED_BUILDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from seg import cache, data
+    from seg import data, files
     items = {items!r}
     def slow(path):
         print("decoding", flush=True)
         time.sleep(0.2)
-        return data.read_image_bgr(path)
-    cache.ensure_cache(items, {path!r}, slow, lambda p: data.read_label(p, 5))
+        return files.read_image_bgr(path)
+    files.ensure_cache(items, {path!r}, slow, lambda p: files.read_label(p, 5))
 """)
 
 
@@ -129,9 +129,9 @@ def test_killed_builder_leaves_no_cache_and_its_lock_is_taken_over(tmp_path):
         assert process.stdout.readline().strip() == "decoding"  # two items in: mid-build
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not os.path.exists(path) and cache.read_index(path) is None
+    assert not os.path.exists(path) and files.read_index(path) is None
     assert os.path.exists(path + ".lock")  # a dead builder's lock remains ...
-    reader = cache.ensure_cache(items, path, data.read_image_bgr, lambda p: data.read_label(p, 5), poll_s=0.05)
+    reader = files.ensure_cache(items, path, files.read_image_bgr, lambda p: files.read_label(p, 5), poll_s=0.05)
     assert not os.path.exists(path + ".lock")  # ... and is taken over
     assert all(np.array_equal(reader.image(i), decode(items, i)[0]) for i in range(len(items)))
 
@@ -144,10 +144,10 @@ def test_concurrent_callers_build_once_and_all_get_the_cache(tmp_path):
     def read_image(image_path):
         calls.append(image_path)
         time.sleep(0.05)
-        return data.read_image_bgr(image_path)
+        return files.read_image_bgr(image_path)
 
     def run():
-        reader = cache.ensure_cache(items, path, read_image, lambda p: data.read_label(p, 5), poll_s=0.02)
+        reader = files.ensure_cache(items, path, read_image, lambda p: files.read_label(p, 5), poll_s=0.02)
         results.append([reader.image(i).copy() for i in range(len(items))])
 
     threads = [threading.Thread(target=run) for _ in range(3)]
@@ -165,4 +165,4 @@ def test_unwritable_cache_folder_is_a_user_error(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
     with pytest.raises(UserError, match="not_a_folder.*data.cache = false"):
-        cache.cached_items_reader(items, str(blocker / "c.u8cache"), num_classes=5)
+        files.cached_items_reader(items, str(blocker / "c.u8cache"), num_classes=5)

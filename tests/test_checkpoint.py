@@ -24,7 +24,7 @@ from torch import nn
 from seg.checkpoint import (convert_c2_names, latest_checkpoint, load_into, load_model_weights,
                             load_pretrained_backbone, load_training_state, load_weights_file, restricted_unpickle,
                             save_atomic)
-from seg.errors import UserError
+from seg.files import UserError
 
 KEYS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "checkpoint_keys"
 MMSEG_KEYS = "mmseg_pspnet_r50_d8.txt"

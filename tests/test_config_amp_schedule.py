@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seg import amp, config, models, train
-from seg.errors import UserError
+from seg.files import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs.toml")

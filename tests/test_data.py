@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import run
-from seg import colour, config, data, demo, models, train
-from seg.errors import UserError
+from seg import colour, config, data, demo, files, models, train
+from seg.files import UserError
 
 
 def take(sampler, n):
@@ -53,23 +53,23 @@ def test_label_out_of_range_names_the_file(tmp_path):
     label[1, 1] = 40
     Image.fromarray(label).save(path)
     with pytest.raises(UserError, match="bad.png.*40"):
-        data.read_label(str(path), 21)
+        files.read_label(str(path), 21)
     label[1, 1] = 255
     Image.fromarray(label).save(path)
-    assert data.read_label(str(path), 21)[1, 1] == 255
+    assert files.read_label(str(path), 21)[1, 1] == 255
 
 
 def test_corrupt_image_names_the_file(tmp_path):
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"not a jpeg")
     with pytest.raises(UserError, match="broken.jpg"):
-        data.read_image_bgr(str(path))
+        files.read_image_bgr(str(path))
 
 
 def test_image_is_bgr(tmp_path):
     path = tmp_path / "red.png"
     Image.fromarray(np.array([[[255, 0, 0]]], np.uint8)).save(path)
-    assert data.read_image_bgr(str(path)).tolist() == [[[0, 0, 255]]]
+    assert files.read_image_bgr(str(path)).tolist() == [[[0, 0, 255]]]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "CMYK"])
@@ -79,7 +79,7 @@ def test_images_of_every_mode_decode_to_writable_bgr(tmp_path, mode):
     path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
     image.save(path)
     expected = np.asarray(Image.open(path).convert("RGB"))[:, :, ::-1]
-    got = data.read_image_bgr(str(path))
+    got = files.read_image_bgr(str(path))
     assert got.shape == (5, 7, 3) and got.flags.writeable and np.array_equal(got, expected)
 
 

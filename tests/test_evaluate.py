@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seg import config, demo, evaluate, metrics, models, transforms
-from seg.errors import UserError
+from seg.files import UserError
 from seg.pointrend import build_pointrend
 from seg.pspnet import build_pspnet
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from seg import checkpoint, config, evaluate, models, predict, prepare
-from seg.errors import UserError
+from seg import checkpoint, config, data, evaluate, models, predict
+from seg.files import UserError
 from seg.pspnet import build_pspnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def test_label_map_is_an_indexed_png_with_the_palette(tmp_path, weights):
     with Image.open(tmp_path / "out" / "street.png") as saved:
         assert saved.mode == "P" and saved.size == (64, 48)
         np.testing.assert_array_equal(np.asarray(saved), expected)
-        assert saved.getpalette()[:9] == [value for colour in prepare.VOC_PALETTE[:3] for value in colour]
+        assert saved.getpalette()[:9] == [value for colour in data.VOC_PALETTE[:3] for value in colour]
     assert len(np.unique(expected)) >= 2  # the check above compares more than one class
 
 
@@ -107,7 +107,7 @@ def test_overlay_blends_colours_at_half_away_from_the_legend(tmp_path):
 
 def test_classes_beyond_the_palette_get_colours_and_names():
     palette, names = predict.palette_and_names("cityscapes", 21)
-    assert palette[:19] == [tuple(c) for c in prepare.CITYSCAPES_PALETTE] and names[19:] == ["class 19", "class 20"]
+    assert palette[:19] == [tuple(c) for c in data.CITYSCAPES_PALETTE] and names[19:] == ["class 19", "class 20"]
     assert len(set(palette)) == 21
 
 

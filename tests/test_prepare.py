@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg.errors import UserError
-from seg import demo, prepare
+from seg.files import UserError
+from seg import data, demo, files, prepare
 
 # Spec pointrend.md §6.6, written out again here so the module's table is checked against an independent copy.
 SPEC_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
@@ -38,15 +38,15 @@ def voc_bit_colormap(n):
 
 
 def test_palettes_and_class_tables():
-    assert len(prepare.VOC_CLASSES) == 21 and prepare.VOC_CLASSES[15] == "person"
-    assert [tuple(c) for c in prepare.VOC_PALETTE] == voc_bit_colormap(21)
-    assert voc_bit_colormap(256)[255] == prepare._IGNORE_COLOUR
-    assert len(prepare.CITYSCAPES_CLASSES) == len(prepare.CITYSCAPES_PALETTE) == 19
-    assert prepare.CITYSCAPES_CLASSES[13] == "car" and prepare.CITYSCAPES_PALETTE[13] == (0, 0, 142)
+    assert len(data.VOC_CLASSES) == 21 and data.VOC_CLASSES[15] == "person"
+    assert [tuple(c) for c in data.VOC_PALETTE] == voc_bit_colormap(21)
+    assert voc_bit_colormap(256)[255] == files._IGNORE_COLOUR
+    assert len(data.CITYSCAPES_CLASSES) == len(data.CITYSCAPES_PALETTE) == 19
+    assert data.CITYSCAPES_CLASSES[13] == "car" and data.CITYSCAPES_PALETTE[13] == (0, 0, 142)
 
 
 def test_id_to_trainid_matches_spec_table():
-    lut = prepare.CITYSCAPES_ID_TO_TRAINID
+    lut = data.CITYSCAPES_ID_TO_TRAINID
     assert lut.shape == (256,) and lut.dtype == np.uint8
     for label_id in range(256):
         assert lut[label_id] == SPEC_TRAIN_IDS.get(label_id, 255), label_id
@@ -59,17 +59,17 @@ def test_label_png_round_trip(tmp_path):
     label = rng.integers(0, 21, size=(37, 53)).astype(np.uint8)
     label[rng.random(label.shape) < 0.1] = 255
     path = tmp_path / "sub" / "a.png"
-    prepare.write_label_png(path, label, prepare.VOC_PALETTE)
+    files.write_label_png(path, label, data.VOC_PALETTE)
     with Image.open(path) as image:
         assert image.mode == "P"
         np.testing.assert_array_equal(np.array(image), label)
         palette = image.getpalette()
-        assert palette[:63] == [v for c in prepare.VOC_PALETTE for v in c]
+        assert palette[:63] == [v for c in data.VOC_PALETTE for v in c]
         assert tuple(palette[3 * 255:3 * 256]) == (224, 224, 192)
         rgb = np.array(image.convert("RGB"))
     expected_rgb = np.array(voc_bit_colormap(256), np.uint8)[label]
     np.testing.assert_array_equal(rgb[label != 255], expected_rgb[label != 255])
-    prepare.write_label_png(tmp_path / "b.png", label)
+    files.write_label_png(tmp_path / "b.png", label)
     with Image.open(tmp_path / "b.png") as image:
         assert image.mode == "L"
         np.testing.assert_array_equal(np.array(image), label)
@@ -78,9 +78,9 @@ def test_label_png_round_trip(tmp_path):
 
 def test_read_split(tmp_path):
     (tmp_path / "s.txt").write_text("a\n\n b \nc")
-    assert prepare.read_split(tmp_path / "s.txt") == ["a", "b", "c"]
+    assert data.read_split(tmp_path / "s.txt") == ["a", "b", "c"]
     with pytest.raises(UserError, match="missing.txt"):
-        prepare.read_split(tmp_path / "missing.txt")
+        data.read_split(tmp_path / "missing.txt")
 
 
 # ----------------------------------------------------------------------------------------------------- VOC aug
@@ -128,8 +128,8 @@ def test_prepare_voc_aug(tmp_path):
     aug = [s for s in stems if (s in sbd_train or s in sbd_val) and s not in voc_train and s not in voc_val]
     trainaug = [s for s in stems if (s in voc_train or s in sbd_train or s in sbd_val) and s not in voc_val]
     split_folder = voc / "ImageSets" / "Segmentation"
-    assert prepare.read_split(split_folder / "aug.txt") == aug
-    assert prepare.read_split(split_folder / "trainaug.txt") == trainaug
+    assert data.read_split(split_folder / "aug.txt") == aug
+    assert data.read_split(split_folder / "trainaug.txt") == trainaug
     assert counts["aug"] == len(aug) == 17 and counts["trainaug"] == len(trainaug) == 27
     assert counts["converted"] == len(masks) and counts["skipped"] == 0 and logged
     for stem, mask in masks.items():
@@ -227,7 +227,7 @@ def test_make_demo_voc(tmp_path):
     kwargs = dict(n_train=6, n_val=3, size=(48, 64), seed=5)
     root = demo.make_demo_voc(tmp_path / "a", **kwargs)
     names = [f"2007_{i:06d}" for i in range(1, 10)]
-    splits = {s: prepare.read_split(root / "ImageSets" / "Segmentation" / f"{s}.txt")
+    splits = {s: data.read_split(root / "ImageSets" / "Segmentation" / f"{s}.txt")
               for s in ("train", "val", "aug", "trainaug")}
     assert splits == {"train": names[:3], "val": names[6:], "aug": names[3:6], "trainaug": names[:6]}
     assert sorted(p.stem for p in (root / "JPEGImages").glob("*.jpg")) == names
@@ -272,7 +272,7 @@ def test_make_demo_voc_marker(tmp_path):
     (root / "notes.txt").write_text("mine")
     demo.make_demo_voc(tmp_path, n_train=2, n_val=1, size=(32, 32))  # other parameters: made again
     assert sorted(p.name for p in (root / "JPEGImages").iterdir()) == [f"2007_00000{i}.jpg" for i in (1, 2, 3)]
-    assert prepare.read_split(root / "ImageSets" / "Segmentation" / "val.txt") == ["2007_000003"]
+    assert data.read_split(root / "ImageSets" / "Segmentation" / "val.txt") == ["2007_000003"]
     assert (root / "notes.txt").read_text() == "mine"  # only the generator's own folders are replaced
     with Image.open(root / "JPEGImages" / "2007_000001.jpg") as image:
         assert image.size == (32, 32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg import checkpoint, config, demo, models, prepare, train
+from seg import checkpoint, config, data, demo, files, models, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs.toml")
@@ -110,7 +110,7 @@ def test_label_out_of_range_exits_2_naming_the_file(voc_root, tmp_path):
     label_path = root / "SegmentationClass" / f"{stem}.png"
     label = np.array(Image.open(label_path))
     label[0, 0] = 40
-    prepare.write_label_png(str(label_path), label, prepare.VOC_PALETTE)
+    files.write_label_png(str(label_path), label, data.VOC_PALETTE)
     result = run_cli("run.py", "demo", *overrides(str(tmp_path), str(tmp_path / "out"), "iterations=20", "data.workers=1",
                                                 'data.train_splits=["train:SegmentationClass"]'))
     assert result.returncode == 2, result.stderr[-2000:]
