@@ -1,13 +1,13 @@
-"""Model benchmarks, not tests: `python run.py pspnet_bench`, `pointrend_bench`.
+"""Benchmarks, not tests: `python run.py pspnet_bench` / `pointrend_bench` (model_bench) and `data_bench`.
 
-Model benchmarks time the training step (train.train_one_step: the trainer's loss, SGD, autocast and
-loss scaler) on a synthetic batch already on the device, and inference in eval mode under no_grad, for
-every combination of bench.amp × bench.channels_last × bench.compile. After bench.warmup untimed steps
-the median of bench.steps timed ones is reported, with peak device memory and, from FLOPs counted
-once by torch.utils.flop_counter (convolutions and matmuls; element-wise ops are not counted),
-achieved TFLOP/s and MFU = achieved / the device's dense peak for that precision.
-
-The data benchmark is seg/databench.py. Results go to <output_dir>/bench.{json,md}, written atomically.
+model_bench times the training step (train.train_one_step) on a synthetic batch already on the device and
+inference (eval mode, no_grad) for every amp × channels_last × compile combination: the median of
+options["steps"] steps after options["warmup"] untimed ones, peak device memory, and from FLOPs counted once
+by torch.utils.flop_counter (convolutions and matmuls only) achieved TFLOP/s and MFU (achieved / dense peak).
+data_bench runs each training recipe's pipeline as one loader worker does (decode -> the sampler's stages ->
+the colour jitter when it runs in the loader -> collate) on generated files of the real sizes and formats,
+with the decoded-image cache off / on and the jitter in the loader / on the device, where it also times
+colour.apply_jitter on the collated batches apart. Results: <output_dir>/{bench,data_bench}.{json,md}.
 """
 import contextlib
 import datetime
@@ -19,12 +19,14 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from seg import amp, data, dist, files, models, train
+from seg import colour, data, dist, files, train, transforms
 from seg.files import UserError
 
 # Dense (no sparsity) peak TFLOP/s by (device-name substring, precision); the first match wins, so
@@ -39,37 +41,29 @@ PEAK_TFLOPS = [
     ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
     ("Ascend910A", {"fp16": 256.0}),
 ]
-
-# ---------------------------------------------------------------- environment and output
-
-
-def device_name(torch_device):
-    if torch_device.type in ("cuda", "npu"):
-        return getattr(torch, torch_device.type).get_device_name(torch_device)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
-    return platform.processor() or "cpu"
+# data_bench: the real datasets' image sizes (H, W) and formats, and the per-worker targets of issue #5.
+REAL_IMAGES = {"voc": ((375, 500), "JPEG"), "cityscapes": ((1024, 2048), "PNG")}
+# Noise std of the generated images, chosen so that files are about as large as the real ones:
+# Cityscapes leftImg8bit PNGs ~2.2 MB (11 GB zip / 5000 images), VOC JPEGs ~110 KB (1.9 GB tar / 17125).
+NOISE = {"voc": 20.0, "cityscapes": 0.9}
+TARGET_IMAGES_PER_S = {"voc": 128.0, "cityscapes": 48.0}
+REFERENCES = {"voc": "mmseg 0.10 VOC pipeline: 128 images/s per core",
+              "cityscapes": "detectron2 PointRend mapper: 9.6 images/s per core (105 ms: 50 ms PNG decode, "
+                            "31 ms resize)"}
+STAGES = ("decode", "crop_choice", "resize", "colour", "collate")  # per-image milliseconds in the worker
 
 
 def environment(torch_device, command):
+    if torch_device.type != "cpu":
+        name = torch.get_device_module(torch_device).get_device_name(torch_device)
+    else:
+        name = platform.processor() or "cpu"
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+            models = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+            name = f"{models[0]} ({os.cpu_count()} logical cores)" if models else name
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    return {"device": device_name(torch_device), "device_type": torch_device.type, "torch": torch.__version__,
+    return {"device": name, "device_type": torch_device.type, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "date": date, "command": command or shlex.join(["python"] + sys.argv)}
-
-
-def peak_tflops(name, device_type, precision, override):
-    """(dense peak TFLOP/s or None, where it came from) for a device name and precision."""
-    if override > 0:
-        return override, "bench.peak_tflops"
-    if device_type == "cuda" and precision == "fp32" and torch.backends.cudnn.allow_tf32:
-        precision = "tf32"  # cuDNN convolutions (nearly all of these models' FLOPs) run in TF32 by default
-    for substring, peaks in PEAK_TFLOPS:
-        if substring in name and precision in peaks:
-            return peaks[precision], f"seg/bench.py PEAK_TFLOPS[{substring!r}][{precision!r}]"
-    return None, f"no peak known for {name!r} {precision}; set bench.peak_tflops"
 
 
 def markdown_table(rows, columns):
@@ -90,19 +84,6 @@ def write_outputs(result, table, output_dir, stem, title):
     files.write_text_atomic(f"# {title}\n\n{header}\n\n{table}\n", os.path.join(output_dir, f"{stem}.md"))
 
 
-# ---------------------------------------------------------------- model benchmark
-
-
-def synthetic_batch(batch_size, hw, num_classes, torch_device, seed=0):
-    """A batch dict in memory: random uint8 images, random labels (10% ignore), full-size hw."""
-    generator = torch.Generator().manual_seed(seed)
-    label = torch.randint(0, num_classes, (batch_size, *hw), generator=generator)
-    label[torch.rand(label.shape, generator=generator) < 0.1] = data.IGNORE_INDEX
-    batch = {"image": torch.randint(0, 256, (batch_size, 3, *hw), dtype=torch.uint8, generator=generator),
-             "label": label, "hw": torch.tensor([list(hw)] * batch_size)}
-    return {key: value.to(torch_device) for key, value in batch.items()}
-
-
 def time_calls(function, torch_device, warmup, steps):
     """(seconds of the first call, [seconds of each of `steps` calls after `warmup` untimed ones])."""
     times = []
@@ -115,90 +96,93 @@ def time_calls(function, torch_device, warmup, steps):
     return times[0], times[warmup:]
 
 
-def count_flops(function):
-    """FLOPs (2 per multiply-add) of the convolutions and matmuls one call runs."""
-    with FlopCounterMode(display=False) as counter:
-        function()
-    return counter.get_total_flops()
+def peak_tflops(name, device_type, precision, override):
+    """(dense peak TFLOP/s or None, where it came from) for a device name and precision."""
+    if override > 0:
+        return override, "bench.peak_tflops"
+    if device_type == "cuda" and precision == "fp32" and torch.backends.cudnn.allow_tf32:
+        precision = "tf32"  # cuDNN convolutions (nearly all of these models' FLOPs) run in TF32 by default
+    for substring, peaks in PEAK_TFLOPS:
+        if substring in name and precision in peaks:
+            return peaks[precision], f"seg/bench.py PEAK_TFLOPS[{substring!r}][{precision!r}]"
+    return None, f"no peak known for {name!r} {precision}; set bench.peak_tflops"
+
+
+def synthetic_batch(batch_size, hw, num_classes, torch_device, seed=0):
+    """A batch dict in memory: random uint8 images, random labels (10% ignore), full-size hw."""
+    generator = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, num_classes, (batch_size, *hw), generator=generator)
+    label[torch.rand(label.shape, generator=generator) < 0.1] = files.IGNORE_INDEX
+    batch = {"image": torch.randint(0, 256, (batch_size, 3, *hw), dtype=torch.uint8, generator=generator),
+             "label": label, "hw": torch.tensor([list(hw)] * batch_size)}
+    return {key: value.to(torch_device) for key, value in batch.items()}
 
 
 def skip_reason(device_type, amp_mode, channels_last, use_compile):
     """Why the device cannot run a combination, or None."""
     if channels_last and device_type == "npu":
         return "channels_last: torch_npu supports only contiguous_format (spec/npu.md §8)"
-    return amp.check_amp_supported(device_type, amp_mode)
+    return dist.check_amp_supported(device_type, amp_mode)
 
 
-class Workload:
-    """What one model benchmark runs: the model, its optimizer and batches, built per combination."""
+def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, loss_scale, num_classes,
+             amp_mode="off", channels_last=False, use_compile=False):
+    """(model, train_step, infer) for one combination: a fresh model, its optimizer and synthetic batches."""
+    torch.manual_seed(seed)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model().to(torch_device, memory_format=memory_format)
+    runner = torch.compile(model) if use_compile else model
+    optimizer = make_optimizer(model)
+    scaler = train.make_scaler(torch_device.type, amp_mode, loss_scale)
+    autocast = functools.partial(train.autocast_context, torch_device.type, amp_mode)
+    batch = synthetic_batch(options["batch_size"], options["crop_hw"], num_classes, torch_device)
+    eval_batch = synthetic_batch(1, options["eval_hw"], num_classes, torch_device, seed=1)
+    for part in (batch, eval_batch) if channels_last else ():
+        part["image"] = part["image"].contiguous(memory_format=torch.channels_last)
 
-    def __init__(self, config, torch_device, amp_mode="off", channels_last=False, use_compile=False):
-        bench = config["bench"]
-        torch.manual_seed(config["seed"])
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = models.build(config["model"]).to(torch_device, memory_format=memory_format)
-        self.runner = torch.compile(self.model) if use_compile else self.model
-        self.optimizer = train.build_optimizer(self.model, config["optimizer"])
-        self.scaler = amp.make_scaler(amp_mode, config["loss_scale"])
-        self.autocast = functools.partial(amp.autocast_context, torch_device.type, amp_mode)
-        self.loss_fn = models.loss_function(config)
-        classes = config["model"]["num_classes"]
-        self.batch = synthetic_batch(bench["batch_size"], bench["crop_hw"], classes, torch_device)
-        self.eval_batch = synthetic_batch(1, bench["eval_hw"], classes, torch_device, seed=1)
-        if channels_last:
-            for batch in (self.batch, self.eval_batch):
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    def train_step():
+        model.train()
+        train.train_one_step(runner, batch, loss_fn, optimizer, scaler, autocast)
 
-    def train_step(self):
-        self.model.train()
-        train.train_one_step(self.runner, self.batch, self.loss_fn, self.optimizer, self.scaler, self.autocast)
-
-    def infer(self):
-        self.model.eval()
-        with torch.no_grad(), self.autocast():
-            self.runner(self.eval_batch["image"], self.eval_batch["hw"])
+    def infer():
+        model.eval()
+        with torch.no_grad(), autocast():
+            runner(eval_batch["image"], eval_batch["hw"])
+    return model, train_step, infer
 
 
-def reset_peak(torch_device):
-    if torch_device.type != "cpu":
-        getattr(torch, torch_device.type).reset_peak_memory_stats(torch_device)
-
-
-def bench_combination(config, torch_device, amp_mode, channels_last, use_compile):
-    """One row of the matrix: timings, memory (None on CPU) or the reason it was skipped / failed."""
+def bench_combination(make_workload, options, torch_device, flops, peaks, amp_mode, channels_last, use_compile):
+    """One row of the matrix: timings, memory (None on CPU), achieved TFLOP/s and MFU (None where the peak is
+    unknown), or the reason it was skipped / failed."""
     row = {"amp": amp_mode, "channels_last": channels_last, "compile": use_compile, "status": "ok", "note": ""}
     reason = skip_reason(torch_device.type, amp_mode, channels_last, use_compile)
     if reason:
         return {**row, "status": "skipped", "note": reason}
-    bench, memory = config["bench"], (lambda: dist.peak_memory_mib(torch_device) or None)  # None on CPU
+    module = torch.get_device_module(torch_device)
+    memory = lambda: dist.peak_memory_mib(torch_device) or None  # noqa: E731 - None on CPU
+    reset_peak = module.reset_peak_memory_stats if torch_device.type != "cpu" else (lambda device: None)
     try:
-        work = Workload(config, torch_device, amp_mode, channels_last, use_compile)
+        calls = make_workload(amp_mode, channels_last, use_compile)[1:]
         reset_peak(torch_device)
-        first, train_times = time_calls(work.train_step, torch_device, bench["warmup"], bench["steps"])
+        first, train_times = time_calls(calls[0], torch_device, options["warmup"], options["steps"])
         row.update(first_step_s=first, train_step_ms=1e3 * statistics.median(train_times),
                    train_peak_memory_mib=memory())
         reset_peak(torch_device)
-        _, infer_times = time_calls(work.infer, torch_device, bench["warmup"], bench["steps"])
+        _, infer_times = time_calls(calls[1], torch_device, options["warmup"], options["steps"])
         row.update(infer_ms=1e3 * statistics.median(infer_times), infer_peak_memory_mib=memory())
     except Exception as error:  # noqa: BLE001 - a failing combination (compile, OOM) is a result to record
         text = " ".join(f"{type(error).__name__}: {error}".split())
         return {**row, "status": "error", "note": text[:600]}
     finally:
-        work = None
+        calls = None
         if torch_device.type != "cpu":
-            getattr(torch, torch_device.type).empty_cache()
-    row["train_images_per_s"] = bench["batch_size"] / (row["train_step_ms"] / 1e3)
+            module.empty_cache()
+    row["train_images_per_s"] = options["batch_size"] / (row["train_step_ms"] / 1e3)
     row["infer_images_per_s"] = 1e3 / row["infer_ms"]
-    return row
-
-
-def add_flop_rates(row, flops, peaks):
-    """Achieved TFLOP/s and MFU (None where the peak is unknown) for a finished row."""
-    peak = peaks[row["amp"]][0]
     for kind, milliseconds in (("train", row["train_step_ms"]), ("infer", row["infer_ms"])):
-        achieved = flops[kind] / (milliseconds / 1e3) / 1e12
-        row[f"{kind}_tflops"] = achieved
-        row[f"{kind}_mfu"] = achieved / peak if peak else None
+        row[f"{kind}_tflops"] = flops[kind] / (milliseconds / 1e3) / 1e12
+        row[f"{kind}_mfu"] = row[f"{kind}_tflops"] / peaks[amp_mode][0] if peaks[amp_mode][0] else None
+    return row
 
 
 MODEL_COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"), ("compile", "compile", "{}"),
@@ -210,38 +194,195 @@ MODEL_COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"),
                  ("first step s", "first_step_s", "{:.1f}"), ("note", "note", "{}")]
 
 
-def model_bench(config, command=None, log=functools.partial(print, flush=True)):
-    """Run the amp × channels_last × compile matrix; returns the result dict (also written to disk)."""
+def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, output_dir, title, seed=0,
+                loss_scale="dynamic", num_classes=21, command=None, log=functools.partial(print, flush=True)):
+    """Run the amp × channels_last × compile matrix of options (the [bench] table); build_model() -> a fresh
+    CPU nn.Module, make_optimizer(model), loss_fn(outputs, label) -> loss dict. Returns the result dict
+    (also written to disk)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"[{config['section']}] is a one-process benchmark; run it without torchrun")
-    torch_device, _, _ = dist.setup(config["device"])
-    os.makedirs(config["output_dir"], exist_ok=True)
-    bench = config["bench"]
-    work = Workload(config, torch_device)  # FLOPs do not depend on precision or memory format
+        raise UserError(f"[{title}] is a one-process benchmark; run it without torchrun")
+    make_workload = functools.partial(workload, build_model, make_optimizer, loss_fn, options, torch_device, seed,
+                                      loss_scale, num_classes)
+    model, *calls = make_workload()  # FLOPs do not depend on precision or memory format
+    flops = {}
     try:
-        flops = {"train": count_flops(work.train_step), "infer": count_flops(work.infer)}
+        for kind, call in zip(("train", "infer"), calls):
+            with FlopCounterMode(display=False) as counter:  # 2 FLOPs per multiply-add
+                call()
+            flops[kind] = counter.get_total_flops()
     except ValueError as error:  # e.g. BatchNorm over one value per channel at batch 1
-        raise UserError(f"[{config['section']}] one step at bench.batch_size = {bench['batch_size']}, bench.crop_hw "
-                        f"= {bench['crop_hw']} fails: {error}. Use a larger batch or crop.") from error
-    work = None
-    result = {"section": config["section"], "model": config["model"]["name"],
-              **environment(torch_device, command), "batch_size": bench["batch_size"],
-              "crop_hw": list(bench["crop_hw"]), "eval_hw": list(bench["eval_hw"]), "warmup": bench["warmup"],
-              "steps": bench["steps"], "train_gflop_per_step": flops["train"] / 1e9,
-              "infer_gflop_per_image": flops["infer"] / 1e9, "peak_tflops": {}, "rows": []}
+        raise UserError(f"[{title}] one step at bench.batch_size = {options['batch_size']}, bench.crop_hw "
+                        f"= {options['crop_hw']} fails: {error}. Use a larger batch or crop.") from error
+    result = {"section": title, "model": type(model).__name__.lower(), **environment(torch_device, command),
+              "batch_size": options["batch_size"], "crop_hw": list(options["crop_hw"]),
+              "eval_hw": list(options["eval_hw"]), "warmup": options["warmup"], "steps": options["steps"],
+              "train_gflop_per_step": flops["train"] / 1e9, "infer_gflop_per_image": flops["infer"] / 1e9,
+              "peak_tflops": {}, "rows": []}
+    model = calls = None
     peaks = {mode: peak_tflops(result["device"], torch_device.type, "fp32" if mode == "off" else mode,
-                               bench["peak_tflops"]) for mode in bench["amp"]}
+                               options["peak_tflops"]) for mode in options["amp"]}
     result["peak_tflops"] = {mode: {"tflops": value, "source": source} for mode, (value, source) in peaks.items()}
-    for amp_mode, channels_last, use_compile in itertools.product(bench["amp"], bench["channels_last"],
-                                                                   bench["compile"]):
-        row = bench_combination(config, torch_device, amp_mode, channels_last, use_compile)
-        if row["status"] == "ok":
-            add_flop_rates(row, flops, peaks)
+    for combination in itertools.product(options["amp"], options["channels_last"], options["compile"]):
+        row = bench_combination(make_workload, options, torch_device, flops, peaks, *combination)
         result["rows"].append(row)
         log(markdown_table([row], MODEL_COLUMNS).splitlines()[-1])
     table = markdown_table(result["rows"], MODEL_COLUMNS)
-    log(f"\n{result['section']}: {result['device']}, torch {result['torch']}, batch {bench['batch_size']} x "
-        f"{bench['crop_hw']}, eval {bench['eval_hw']}, {flops['train'] / 1e9:.4g} GFLOP/step, "
+    log(f"\n{title}: {result['device']}, torch {result['torch']}, batch {options['batch_size']} x "
+        f"{options['crop_hw']}, eval {options['eval_hw']}, {flops['train'] / 1e9:.4g} GFLOP/step, "
         f"{flops['infer'] / 1e9:.4g} GFLOP/inference\n{table}")
-    write_outputs(result, table, config["output_dir"], "bench", f"{config['section']} ({result['model']})")
+    write_outputs(result, table, output_dir, "bench", f"{title} ({result['model']})")
     return result
+
+
+def synthetic_scene(rng, hw, num_classes, noise):
+    """(RGB uint8 H×W×3, label uint8 H×W): flat-coloured rectangles with smooth shading and Gaussian
+    noise of std `noise`, which sets the compressed size (see NOISE)."""
+    height, width = hw
+    label = np.full(hw, rng.integers(num_classes), np.uint8)
+    for _ in range(24):
+        y0, x0 = rng.integers(height), rng.integers(width)
+        size_y, size_x = rng.integers(height // 8, height // 2 + 1), rng.integers(width // 8, width // 2 + 1)
+        label[y0:y0 + size_y, x0:x0 + size_x] = rng.integers(num_classes) if rng.random() < 0.9 else 255
+    colours = rng.uniform(30, 225, size=(256, 3)).astype(np.float32)
+    yy, xx = np.linspace(-1, 1, height, dtype=np.float32), np.linspace(-1, 1, width, dtype=np.float32)
+    shading = 25 * (yy[:, None, None] * rng.uniform(-1, 1, 3) + xx[None, :, None] * rng.uniform(-1, 1, 3))
+    image = colours[label] + shading.astype(np.float32) + rng.normal(0, noise, (height, width, 3)).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def write_bench_dataset(folder, dataset, count, hw, num_classes, seed=0):
+    """`count` generated (image, label) files of the dataset's image format under folder/dataset -> items."""
+    items = []
+    for index in range(count):
+        image, label = synthetic_scene(np.random.default_rng([seed, index]), hw, num_classes, NOISE[dataset])
+        image_format = REAL_IMAGES[dataset][1]
+        items.append((os.path.join(folder, dataset, f"{index:06d}_image.{image_format.lower()}"),
+                      os.path.join(folder, dataset, f"{index:06d}_label.png")))
+        files.save_image(items[-1][0], image, image_format)  # JPEG at quality 90, PNG at Pillow's default
+        files.write_label_png(items[-1][1], label)
+    return items
+
+
+def timed_sample(dataset, params, rng, image, label, jitter_in_loader, totals):
+    """The sampler's calls, in its order and with its rng draws (transforms.CROP_PLANS, then the window's
+    resize, then colour.draw_jitter and, in the loader, colour.jittered); adds each stage's seconds to totals."""
+    plan, hue_high = transforms.CROP_PLANS[dataset]
+    start = time.perf_counter()
+    hw, window, flip, label = plan(rng, label, **params)
+    planned = time.perf_counter()
+    image = colour.planar_view(transforms.resize_image_window(image, hw, window, flip))
+    resized = time.perf_counter()
+    jitter = colour.draw_jitter(rng, hue_high)
+    if jitter_in_loader:
+        image, jitter = colour.jittered(image, jitter), None
+    totals["crop_choice"] += planned - start
+    totals["resize"] += resized - planned
+    totals["colour"] += time.perf_counter() - resized
+    return image, label, jitter
+
+
+def pipeline_row(dataset, read, sample, count, options, jitter_in_loader, torch_device):
+    """Per-image milliseconds of each of STAGES over options["steps"] samples after options["warmup"],
+    and with the jitter on the device, of colour.apply_jitter on each collated batch."""
+    warmup, steps, batch_size = options["warmup"], options["steps"], options["batch_size"]
+    colour.apply_jitter(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=torch_device),
+                        torch.zeros(1, colour.JITTER_SIZE, dtype=torch.int16, device=torch_device))  # tables
+    samples = []
+    for position in range(warmup + steps):
+        if position in (0, warmup):  # the warm-up samples' times are thrown away
+            totals = dict.fromkeys((*STAGES, "device_colour"), 0.0)
+        start = time.perf_counter()
+        image, label = read(position % count)
+        totals["decode"] += time.perf_counter() - start
+        samples.append(sample(np.random.default_rng([0, position]), image, label, jitter_in_loader, totals))
+        if len(samples) == batch_size or position == warmup + steps - 1:
+            start = time.perf_counter()
+            batch = data.collate(samples)
+            totals["collate"] += time.perf_counter() - start
+            samples = []
+            if not jitter_in_loader:
+                batch = data.to_device(batch, torch_device)
+                totals["device_colour"] += time_calls(lambda: colour.apply_jitter(batch["image"], batch["jitter"]),
+                                                      torch_device, 0, 1)[0]
+    total = sum(totals[stage] for stage in STAGES)
+    return {"dataset": dataset, "jitter_on": "loader" if jitter_in_loader else "device",
+            "images_per_s": steps / total, "ms_per_image": 1e3 * total / steps,
+            "stages_ms": {stage: 1e3 * totals[stage] / steps for stage in STAGES},
+            "device_colour_ms_per_image": None if jitter_in_loader else 1e3 * totals["device_colour"] / steps,
+            "target_images_per_s": TARGET_IMAGES_PER_S[dataset], "reference": REFERENCES[dataset]}
+
+
+def recipe_rows(recipe, options, folder, image_hw, torch_device, log):
+    """A row per colour jitter placement (options["jitter_on"]) and cache off / on for one training recipe,
+    on files generated under `folder`."""
+    dataset, classes = recipe["dataset"], recipe["num_classes"]
+    hw, image_format = image_hw.get(dataset, REAL_IMAGES[dataset][0]), REAL_IMAGES[dataset][1]
+    items = write_bench_dataset(folder, dataset, options["images"], hw, classes)
+    read_label = functools.partial(files.read_label, num_classes=classes)
+    uncached = lambda i: (files.read_image_bgr(items[i][0]), read_label(items[i][1]))  # noqa: E731
+    start = time.perf_counter()
+    reader = files.ensure_cache(items, files.cache_path_for(os.path.join(folder, ".cache"), items, dataset),
+                                files.read_image_bgr, read_label, log=lambda *a: None)
+    build_s = time.perf_counter() - start
+    file_bytes = {"image_bytes_mean": float(np.mean([os.path.getsize(image) for image, _ in items])),
+                  "label_bytes_mean": float(np.mean([os.path.getsize(label) for _, label in items]))}
+    sample = functools.partial(timed_sample, dataset, recipe["params"])
+    rows = []
+    for place in options["jitter_on"]:
+        if place not in ("loader", "device"):
+            raise UserError(f"bench.jitter_on = {options['jitter_on']}: use \"loader\" and/or \"device\"")
+        for use_cache, read in ((False, uncached), (True, lambda i: (reader.image(i), reader.label(i)))):
+            row = pipeline_row(dataset, read, sample, len(items), options, place == "loader", torch_device)
+            rows.append({**row, "section": recipe["section"], "cache": use_cache, "image_hw": list(hw),
+                         "image_format": image_format, "crop_hw": list(recipe["crop_hw"]), **file_bytes,
+                         "cache_build_s_per_image": build_s / len(items) if use_cache else None})
+            extra = "" if place == "loader" else f" (+ {row['device_colour_ms_per_image']:.2f} ms/image on the device)"
+            log(f"{dataset} jitter in the {place}, cache {'on' if use_cache else 'off'}: "
+                f"{row['images_per_s']:.1f} images/s{extra}")
+    return rows
+
+
+DATA_COLUMNS = [("dataset", "dataset", "{}"), ("jitter on", "jitter_on", "{}"), ("cache", "cache", "{}"),
+                ("image", "image_desc", "{}"), ("images/s", "images_per_s", "{:.1f}"),
+                ("target", "target_images_per_s", "{:.0f}"), ("ms/image", "ms_per_image", "{:.1f}"),
+                ("decode", "decode", "{:.1f}"), ("crop choice", "crop_choice", "{:.1f}"),
+                ("resize", "resize", "{:.1f}"), ("colour", "colour", "{:.1f}"),
+                ("collate", "collate", "{:.1f}"), ("device colour", "device_colour_ms_per_image", "{:.2f}")]
+
+
+def data_bench(recipes, options, torch_device, output_dir, command=None, image_hw=None,
+               log=functools.partial(print, flush=True)):
+    """Per-worker throughput of each recipe's training pipeline (recipe: {"section", "dataset",
+    "num_classes", "crop_hw", "params": the sampler's keyword arguments}); options: the [bench] table;
+    image_hw overrides REAL_IMAGES sizes (tests only). Returns the result dict (also written to disk)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        result = {**environment(torch.device("cpu"), command), "images": options["images"],
+                  "warmup": options["warmup"], "steps": options["steps"], "batch_size": options["batch_size"],
+                  "rows": [], "jitter_device": environment(torch_device, command)["device"]}
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".data_bench-") as folder:
+            for recipe in recipes:
+                result["rows"] += recipe_rows(recipe, options, folder, image_hw or {}, torch_device, log)
+    finally:
+        torch.set_num_threads(threads)
+    shown = [{**row, **row["stages_ms"], "image_desc": "{}x{} {} {:.0f} KB".format(
+        row["image_hw"][1], row["image_hw"][0], row["image_format"], row["image_bytes_mean"] / 1e3)}
+        for row in result["rows"]]
+    table = markdown_table(shown, DATA_COLUMNS) + (
+        "\n\nStage columns are milliseconds per image in the worker. \"device colour\": milliseconds per image "
+        f"of colour.apply_jitter on {result['jitter_device']} (one thread on a CPU), outside the worker.")
+    log(f"\ndata_bench: one worker, {result['device']}, torch {result['torch']}\n{table}")
+    write_outputs(result, table, output_dir, "data_bench", "data pipeline, one worker")
+    return result
+
+
+def pipeline_images_per_s(dataset, divisor, samples=24):
+    """One worker's throughput: decode, augment and collate `samples` training samples, after 2 warm-up ones."""
+    keys = [(index % len(dataset), 10**9 + index) for index in range(samples + 2)]
+    data.collate([dataset[key] for key in keys[:2]], divisor)
+    begin = time.perf_counter()
+    for key in keys[2:]:
+        data.collate([dataset[key]], divisor)
+    return samples / (time.perf_counter() - begin)

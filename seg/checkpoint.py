@@ -1,18 +1,14 @@
 """Checkpoints: atomic saves, resuming, and loading published weight files without running their code.
 
-Weight files seg reads (`load_weights_file` tells them apart by content, not by file name):
-- "seg": seg's own training checkpoint, {"model", "iteration", "config", ...}, from `save_atomic`.
-- "mmseg": an mmsegmentation checkpoint, {"meta", "state_dict"} with backbone./decode_head./auxiliary_head.
-  names; PSPNet uses the same names.
+Formats `load_weights_file` tells apart by content (not file name):
+- "seg": seg's training checkpoint {"model", "iteration", "config", ...}, written by `save_atomic`.
+- "mmseg": {"meta", "state_dict"} with backbone./decode_head./auxiliary_head. names (= PSPNet's).
 - "mmcv_backbone": mmcv's ImageNet ResNetV1c (`resnet50_v1c-2cccc1ad.pth`), names like `stem.0.weight`.
-- "detectron2": a detectron2 model, a .pkl {"model": numpy arrays, "__author__"} or a .pth {"model": tensors};
-  PointRend uses the same names.
-- "caffe2": MSRA's ImageNet `R-101.pkl`, caffe2 blob names (`res2_0_branch2a_bn_gamma`) renamed by
-  `convert_c2_names`.
-- "state_dict": anything else that is a plain dict of tensors.
-
-Pickles are read by an unpickler that builds nothing but numpy arrays and containers, torch files with
-`torch.load(weights_only=True)`: opening a downloaded file can never run code from it.
+- "detectron2": .pkl {"model": numpy arrays, "__author__"} or .pth {"model": tensors} (= PointRend's names).
+- "caffe2": MSRA's ImageNet `R-101.pkl`, blob names (`res2_0_branch2a_bn_gamma`) renamed by `convert_c2_names`.
+- "state_dict": any other plain dict of tensors.
+Pickles go through an unpickler that builds only numpy arrays and containers, torch files through
+`torch.load(weights_only=True)`: opening a downloaded file never runs code from it.
 """
 import codecs
 import collections
@@ -24,24 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seg import files
-from seg.files import UserError
+from seg.files import UserError, write_atomic
 
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pth")
-# torch.save's pre-1.6 (non-zip) format starts with this pickled integer.
-TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-# Model tensors a file may lack without harm: BN step counters only matter for momentum=None, and pixel
-# mean/std are fixed by the model builder.
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickled object of torch.save's pre-1.6 (non-zip) format
+# A file may lack these: BN step counters matter only for momentum=None; pixel mean/std come from the builder.
 OPTIONAL_MODEL_TENSORS = ("num_batches_tracked", "pixel_mean", "pixel_std")
 # Backbone weights inside whole-model files: mmseg (backbone.*) and detectron2 (backbone.bottom_up.*).
 BACKBONE_PREFIXES = {"backbone.bottom_up.": "", "backbone.": ""}
 BACKBONE_ONLY_FORMATS = ("caffe2", "mmcv_backbone")
 
 
-# ----------------------------------------------------------------------------------------------- saving
 def to_cpu(obj):
-    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU, so the file loads anywhere
-    (an NPU tensor would need torch_npu to unpickle)."""
+    """Nested dicts/lists/tuples with every tensor on the CPU (an NPU tensor would need torch_npu to unpickle)."""
     if isinstance(obj, torch.Tensor):
         return obj.cpu()
     if isinstance(obj, dict):
@@ -53,23 +44,38 @@ def to_cpu(obj):
 
 
 def save_atomic(obj, path):
-    """torch.save `obj` (tensors moved to the CPU) to `path` through a temporary file in the same folder and
-    os.replace, so `path` is either the old file or the complete new one, never half-written."""
+    """torch.save `obj` (tensors moved to the CPU) via a temporary file and os.replace: `path` is the old file
+    or the complete new one, never half-written."""
     cpu_obj = to_cpu(obj)
-    files.write_atomic(path, lambda file: torch.save(cpu_obj, file))
+    write_atomic(path, lambda file: torch.save(cpu_obj, file))
+
+
+def checkpoints_newest_first(output_dir):
+    """The `iter_{:07d}.pth` files in `output_dir` (iter_0000000.pth included), highest iteration first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in output_dir.iterdir()
+             if (match := CHECKPOINT_NAME.fullmatch(path.name)) and path.is_file()]
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(output_dir):
-    """The `iter_{:07d}.pth` in `output_dir` with the highest iteration, or None when there is none."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    found = [(int(match.group(1)), path) for path in output_dir.iterdir()
-             if (match := CHECKPOINT_NAME.fullmatch(path.name)) and path.is_file()]
-    return max(found)[1] if found else None
+    """The checkpoint in `output_dir` with the highest iteration, or None when there is none."""
+    return next(iter(checkpoints_newest_first(output_dir)), None)
 
 
-# ------------------------------------------------------------------------------------- reading safely
+def latest_loadable_checkpoint(output_dir, log=print):
+    """(path, training state) of the newest checkpoint that loads, or (None, None). A torn file (copied or
+    cut short outside save_atomic) is logged as a warning, with the reason, and the next older one tried."""
+    for path in checkpoints_newest_first(output_dir):
+        try:
+            return path, load_training_state(path)
+        except UserError as error:  # names the file and the reason
+            log(f"warning: skipping {path.name}, it does not load: {error}")
+    return None, None
+
+
 def torch_load(path):
     """torch.load(weights_only=True) onto the CPU; a refused global or unreadable file becomes a UserError."""
     try:
@@ -80,9 +86,9 @@ def torch_load(path):
         refused = re.search(r"GLOBAL ([\w.]+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
         if refused:
             name = refused.group(1) if "." in refused.group(1) else f"builtins.{refused.group(1)}"  # torch drops it
-            raise UserError(f"{path} asks for the Python global {name}: it is not a plain weights "
-                            f"file, and loading it could run code, so seg refuses it. Use a file holding only "
-                            f"tensors (a state_dict).") from None
+            raise UserError(f"{path} asks for the Python global {name}: it is not a plain weights file, and "
+                            f"loading it could run code, so seg refuses it. Use a file holding only tensors (a "
+                            f"state_dict).") from None
         raise UserError(f"{path}: not a readable torch file ({first_line(error)})") from None
 
 
@@ -101,7 +107,7 @@ def first_line(error):
 
 
 def latin1_encode(text, encoding="latin1"):
-    """`_codecs.encode` as protocol-2 pickles use it to rebuild bytes; any codec but latin-1 is refused."""
+    """`_codecs.encode` as protocol-2 pickles use it to rebuild bytes; other codecs are refused."""
     if codecs.lookup(encoding).name != "iso8859-1":
         raise pickle.UnpicklingError(f"codec {encoding!r} is not used by weights files")
     return codecs.encode(text, "latin1")
@@ -115,9 +121,8 @@ def empty_bytes(*args):
 
 
 def numpy_globals():
-    """(module, name) -> object for every global a numpy-array pickle needs, for numpy 1.x (`numpy.core`)
-    and 2.x (`numpy._core`) files alike. The functions come from numpy's own reducers, so no module is
-    imported by a name read from the file."""
+    """(module, name) -> object for every global a numpy 1.x (`numpy.core`) or 2.x (`numpy._core`) array pickle
+    needs, taken from numpy's own reducers: no module is imported by a name read from the file."""
     reconstruct = np.zeros(1).__reduce__()[0]
     frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol-5 pickles of contiguous arrays
     scalar = np.float32(0).__reduce__()[0]
@@ -143,14 +148,13 @@ class WeightsUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in self.allowed:
             raise UserError(f"{self.path} asks for the Python global {module}.{name}: it is not a plain weights "
-                            f"file (only numpy arrays and containers are allowed), and loading it could run "
-                            f"code, so seg refuses it.")
+                            f"file (only numpy arrays and containers are allowed), and loading it could run code, "
+                            f"so seg refuses it.")
         return self.allowed[(module, name)]
 
 
 def restricted_unpickle(path):
-    """The first object pickled in `path`, built by `WeightsUnpickler` and checked to hold only
-    dict/list/tuple/str/bytes/int/float/bool/None/numpy arrays and scalars."""
+    """The first object pickled in `path`, built by `WeightsUnpickler` and checked by `check_plain`."""
     try:
         with open(path, "rb") as file:
             data = WeightsUnpickler(file, path).load()
@@ -184,7 +188,6 @@ def check_plain(data, path):
             raise UserError(f"{path} holds a {type(item).__name__}: it is not a plain weights file.")
 
 
-# -------------------------------------------------------------------------------------- caffe2 names
 C2_NORM_RENAMES = (("bn.s", "norm.weight"), ("bn.bias", "norm.bias"), ("bn.rm", "norm.running_mean"),
                    ("bn.running.mean", "norm.running_mean"), ("bn.riv", "norm.running_var"),
                    ("bn.running.var", "norm.running_var"), ("bn.gamma", "norm.weight"), ("bn.beta", "norm.bias"))
@@ -218,7 +221,6 @@ def convert_c2_names(names):
     return renamed
 
 
-# ----------------------------------------------------------------------------------------- formats
 def arrays_to_tensors(arrays):
     """{name: tensor} from {name: numpy array}, dropping caffe2's `*_momentum` blobs and non-numeric values."""
     return {name: torch.from_numpy(np.array(value))  # np.array copies: unpickled arrays may be read-only
@@ -233,8 +235,7 @@ def pickle_weights(data, path):
         raise UserError(f"{path} holds a {type(data).__name__}, not a dict of weights.")
     if "model" in data and "__author__" in data and isinstance(data["model"], dict):
         return arrays_to_tensors(data["model"]), "detectron2"
-    blobs = data["blobs"] if isinstance(data.get("blobs"), dict) else data
-    arrays = arrays_to_tensors(blobs)
+    arrays = arrays_to_tensors(data["blobs"] if isinstance(data.get("blobs"), dict) else data)
     renamed = convert_c2_names(arrays)
     return {renamed[name]: value for name, value in arrays.items()}, "caffe2"
 
@@ -258,25 +259,21 @@ def torch_weights(data, path):
 
 
 def load_weights_file(path):
-    """(state: {name: CPU tensor}, format name) for any supported weights file; see the module docstring for the
-    formats. Caffe2 names come back converted (`stem.conv1.weight`, `res2.0.conv1.norm.weight`)."""
+    """(state {name: CPU tensor}, format name; see the module docstring); caffe2 names come back converted."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
-    if zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    data = None if is_zip else restricted_unpickle(path)
+    if is_zip or (type(data) is int and data == TORCH_LEGACY_MAGIC):
         state, file_format = torch_weights(torch_load(path), path)
     else:
-        data = restricted_unpickle(path)
-        if type(data) is int and data == TORCH_LEGACY_MAGIC:
-            state, file_format = torch_weights(torch_load(path), path)
-        else:
-            state, file_format = pickle_weights(data, path)
+        state, file_format = pickle_weights(data, path)
     if not state:
         raise UserError(f"{path} holds no tensors (read as {file_format}); is it a weights file?")
     return state, file_format
 
 
-# ----------------------------------------------------------------------------------------- loading
 def map_prefix(name, prefix_map):
     """`name` with its longest prefix found in `prefix_map` replaced by the mapped string."""
     for old in sorted(prefix_map, key=len, reverse=True):
@@ -286,9 +283,8 @@ def map_prefix(name, prefix_map):
 
 
 def match_names(model_names, file_names, suffix_match):
-    """{model name: file name}. Exact, or detectron2's rule: the longest file name that equals the model
-    name or is a dot-suffix of it (`res4.22.conv2.norm.running_var` for
-    `backbone.bottom_up.res4.22.conv2.norm.running_var`). A file name may serve only one model tensor."""
+    """{model name: file name}: exact, or detectron2's rule, the longest file name equal to a dot-suffix of the
+    model name (`res4.22.conv2.norm.running_var` for `backbone.bottom_up.res4.22...`). One model name per file name."""
     file_names = set(file_names)
     if not suffix_match:
         return {name: name for name in model_names if name in file_names}
@@ -299,13 +295,11 @@ def match_names(model_names, file_names, suffix_match):
         found = next((suffix for suffix in suffixes if suffix in file_names), None)
         if found is not None:
             matches[name] = found
-    users = collections.defaultdict(list)
-    for model_name, file_name in matches.items():
-        users[file_name].append(model_name)
-    for file_name, model_names_using in users.items():
-        if len(model_names_using) > 1:
-            raise UserError(f"weights name {file_name} fits several model tensors ({', '.join(model_names_using[:3])}"
-                            f"); the file's names are too short to place it. Use a file with full names.")
+    shared = [file_name for file_name, count in collections.Counter(matches.values()).items() if count > 1]
+    if shared:
+        using = [model_name for model_name, file_name in matches.items() if file_name == shared[0]]
+        raise UserError(f"weights name {shared[0]} fits several model tensors ({', '.join(using[:3])}); the "
+                        f"file's names are too short to place it. Use a file with full names.")
     return matches
 
 
@@ -313,12 +307,10 @@ def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_miss
               verbose=False, log=print):
     """Copy `state` ({file name: tensor}) into `module`'s parameters and buffers, never broadcasting.
 
-    File names pass through `prefix_map` ({file prefix: model prefix}, longest first), then match model names
-    exactly or by `match_names`' suffix rule. A tensor whose shape differs is skipped and reported.
-    Returns {"loaded": [model name], "shape_mismatch": [(model name, file shape, model shape)],
-    "missing": [model names the file lacks], "unused": [file names nothing took]}; logs one line (`verbose`:
-    every name). With `strict_missing`, any model tensor left unloaded (except OPTIONAL_MODEL_TENSORS) is a
-    UserError and nothing is copied.
+    File names go through `prefix_map` ({file prefix: model prefix}, longest first), then `match_names`; a tensor
+    of another shape is skipped. Returns {"loaded": [model name], "shape_mismatch": [(name, file shape, model
+    shape)], "missing": [model names], "unused": [file names]} and logs one line (`verbose`: every name).
+    `strict_missing`: a model tensor left unloaded (OPTIONAL_MODEL_TENSORS aside) is a UserError, nothing copied.
     """
     mapped = {map_prefix(name, prefix_map or {}): value for name, value in state.items()}
     if len(mapped) != len(state):
@@ -349,10 +341,10 @@ def check_complete(report, source):
     unloaded = [name for name in report["missing"] if name.rsplit(".", 1)[-1] not in OPTIONAL_MODEL_TENSORS]
     unloaded += [f"{name} (file {tuple(file)}, model {tuple(model)})" for name, file, model in report["shape_mismatch"]]
     if unloaded:
-        raise UserError(f"{source}: {len(unloaded)} model tensors would stay unloaded (missing from the file or "
-                        f"shaped differently), e.g. {'; '.join(unloaded[:4])}. To fine-tune from these weights "
-                        f"(other classes or dataset), use a fine-tune section or set allow_missing_weights = true; "
-                        f"otherwise pass the weights that match this model.")
+        raise UserError(f"{source}: {len(unloaded)} model tensors would stay unloaded (missing from the file or shaped "
+                        f"differently), e.g. {'; '.join(unloaded[:4])}. To fine-tune from these weights (other classes "
+                        f"or dataset), use a fine-tune section or set allow_missing_weights = true; otherwise pass the "
+                        f"weights that match this model.")
 
 
 def log_report(report, total, source, verbose, log):
@@ -368,10 +360,9 @@ def log_report(report, total, source, verbose, log):
 
 
 def load_pretrained_backbone(backbone, path, log=print, verbose=False):
-    """ImageNet weights into a backbone module: PSPNet's ResNetV1c from mmcv's `resnet50_v1c-*.pth` (or the
-    backbone.* part of an mmseg checkpoint), PointRend's ResNet-FPN or its `bottom_up` from MSRA's
-    `R-101.pkl` (or a detectron2 model). Names match by detectron2's suffix rule, which is exact matching
-    where the names are equal; R-101's fc1000.* and conv1_b stay unused. Returns `load_into`'s report."""
+    """ImageNet weights into a backbone: ResNetV1c from mmcv's `resnet50_v1c-*.pth` (or an mmseg checkpoint's
+    backbone.*), ResNet-FPN or its `bottom_up` from MSRA's `R-101.pkl` (or a detectron2 model), by the suffix
+    rule; R-101's fc1000.* and conv1_b stay unused. Returns `load_into`'s report."""
     state, file_format = load_weights_file(path)
     report = load_into(backbone, state, prefix_map=BACKBONE_PREFIXES, suffix_match=True,
                        source=f"pretrained backbone {Path(path).name} ({file_format})", verbose=verbose, log=log)
@@ -382,9 +373,8 @@ def load_pretrained_backbone(backbone, path, log=print, verbose=False):
 
 
 def load_model_weights(model, path, allow_missing=False, log=print, verbose=False):
-    """Whole-model weights: seg's own checkpoint, an mmseg checkpoint (PSPNet) or a detectron2 model
-    (PointRend). Model tensors the file does not fill are a UserError unless `allow_missing` (fine-tuning,
-    e.g. a head with another class count). Returns `load_into`'s report."""
+    """Whole-model weights: seg's checkpoint, mmseg's (PSPNet) or detectron2's (PointRend). Unfilled model tensors
+    are a UserError unless `allow_missing` (fine-tuning, e.g. another class count). Returns `load_into`'s report."""
     state, file_format = load_weights_file(path)
     if file_format in BACKBONE_ONLY_FORMATS:
         raise UserError(f"{path} holds ImageNet backbone weights ({file_format}), not a whole model; give it as the "

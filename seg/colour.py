@@ -1,21 +1,11 @@
-"""Colour jitter of the training pipelines: mmseg PhotoMetricDistortion and detectron2 ColorAugSSD.
+"""Colour jitter: mmseg PhotoMetricDistortion and detectron2 ColorAugSSD, in numpy and in torch.
 
-Images are uint8 B, G, R; the jitters take and return 3×H×W channel planes (or H×W×3 views of them,
-see seg/transforms.py). All randomness comes from the `rng: numpy.random.Generator` argument.
-
-A jitter is drawn as parameters (draw_jitter, in the loader worker) and applied either there with numpy
-(apply_jitter_planes) or after the host->device copy to the whole batch with torch (apply_jitter), the
-same values bit for bit; data.jitter_on chooses (seg/train.py). On a GPU this takes the most expensive
-augmentation stage out of the loader workers.
-
-Colour: bgr_to_hsv is OpenCV's uint8 BGR2HSV integer algorithm (exact); hsv_to_bgr follows OpenCV's
-float32 HSV2BGR in the same operation order, rounded half to even. Hue shifts: [-18, 17] for mmseg
-(numpy randint), [-18, 18] for detectron2 (Python randint). Transcribed from OpenCV's source and
-checked against per-pixel transcriptions and colorsys, not against a cv2 binary.
-
-Every drawn saturation or hue step is its own uint8 BGR -> HSV -> BGR round trip, as in the references
-(two steps are not fused: the uint8 rounding in between changes results). Brightness and contrast are
-per-value maps, so consecutive ones compose into one 256-entry table.
+Images are uint8 B, G, R as 3×H×W planes or H×W×3 views of them (planar_view); randomness comes from the `rng:
+numpy.random.Generator` argument. draw_jitter draws a sample's parameters in the loader worker; they are applied
+there (apply_jitter_planes, numpy) or, to take the costliest stage off a GPU machine's workers, to the whole batch
+after the host->device copy (apply_jitter, torch): bit for bit the same. The HSV conversions are OpenCV's uint8
+BGR2HSV (exact) and float32 HSV2BGR, transcribed from its source and checked against per-pixel transcriptions and
+colorsys, not against a cv2 binary.
 """
 
 import functools
@@ -24,23 +14,21 @@ import numpy as np
 import torch
 
 
-def _planar_view(planes):
+def planar_view(planes):
     """3×H×W planes -> H×W×3 view (no copy; torch.from_numpy(view).permute(2, 0, 1) is contiguous)."""
     return np.moveaxis(planes, 0, -1)
 
 
-def _planes_of(image):
-    """H×W×3 image -> 3×H×W contiguous planes, without a copy when image is a _planar_view."""
+def planes_of(image):
+    """H×W×3 image -> 3×H×W contiguous planes, without a copy when image is a planar_view."""
     return np.ascontiguousarray(np.moveaxis(image, -1, 0))
 
 
 # ------------------------------------------------------------------------------------- tables
-# OpenCV's uint8 conversions, tabulated once. BGR -> HSV is integer arithmetic with 12-bit reciprocals
-# (rounded half to even, like cvRound): S depends only on (max, min) and H only on (g - b, b - r), so
-# two tables give both exactly. HSV -> BGR is float32: with H * (6/180) = sector + f, the channels are
-# v (max), v(1 - s) (min) and v(1 - s*m) (middle; m = f or 1 - f by sector), times 255, rounded half
-# to even. The min is tabulated by (s, v); the middle needs v(1 - s*m) per pixel in OpenCV's order.
-
+# BGR -> HSV uses 12-bit reciprocals rounded half to even (cvRound): S depends only on (max, min), H only on
+# (g - b, b - r), so two tables are exact. HSV -> BGR: with H * (6/180) = sector + f the channels are v (max),
+# v(1 - s) (min, tabulated by (s, v)) and v(1 - s*m) (middle; m = f or 1 - f by sector, computed per pixel in
+# OpenCV's order), times 255, rounded half to even.
 _HUE_OFFSET = 255 * 511 + 255  # hue table index: (g - b) * 511 + (b - r) + this, in [0, 511 * 511)
 
 
@@ -156,21 +144,6 @@ def _hsv_round_trip(planes, saturation_map=None, hue_shift=0):
     return _to_bgr(h, middle_key, v, (s_and_low >> 8).astype(np.uint8))
 
 
-def bgr_to_hsv(image):
-    """H×W×3 uint8 BGR -> H×W×3 uint8 HSV, H in [0, 180), S and V in [0, 255], as cv2.COLOR_BGR2HSV."""
-    b, g, r = _planes_of(image)
-    v = np.maximum(np.maximum(b, g), r)
-    s = _S_OF_MAX_MIN.take(_key(v, np.minimum(np.minimum(b, g), r)))
-    return np.stack([_hue(b, g, r), s, v], axis=-1)
-
-
-def hsv_to_bgr(hsv):
-    """H×W×3 uint8 HSV (OpenCV ranges, H >= 180 wraps) -> H×W×3 uint8 BGR, as cv2.COLOR_HSV2BGR."""
-    h, s, v = _planes_of(hsv)
-    bgr = _to_bgr(h, _key(h, s), v, _LOW_OF_S_V.take(_key(s, v)))
-    return np.ascontiguousarray(_planar_view(bgr))
-
-
 def _affine_map(alpha, beta):
     """uint8 -> uint8 table of mmseg/detectron2 `convert`: clip(float32(x) * alpha + beta, 0, 255), truncated."""
     values = np.arange(256, dtype=np.float32) * np.float32(alpha) + np.float32(beta)
@@ -186,27 +159,21 @@ def _map_planes(planes, table):
     return pairs.take(flat.view(np.uint16), mode="clip").view(np.uint8).reshape(planes.shape)
 
 
-# Jitter parameters of one sample, int16 (JITTER_SIZE,): three 256-entry uint8 maps (brightness and a
-# leading contrast composed; saturation; a trailing contrast), then whether the saturation and hue steps
-# happen, then the hue shift. Drawn in the loader worker, applied there (apply_jitter_planes, numpy) or
-# batched on the device after the host->device copy (apply_jitter, torch): the same result bit for bit.
+# Jitter parameters of one sample, int16 (JITTER_SIZE,): three 256-entry uint8 maps (brightness and a leading
+# contrast composed; saturation; a trailing contrast), whether the saturation and hue steps happen, the hue shift.
 PRE, SATURATION, POST = slice(0, 256), slice(256, 512), slice(512, 768)
-SATURATION_ON, HUE_ON, HUE_SHIFT = 768, 769, 770
-JITTER_SIZE = 771
+SATURATION_ON, HUE_ON, HUE_SHIFT, JITTER_SIZE = 768, 769, 770, 771
 _IDENTITY = np.arange(256, dtype=np.uint8)
 
 
 def draw_jitter(rng, hue_high):
-    """Draw the colour jitter shared by mmseg PhotoMetricDistortion and detectron2 ColorAugSSD.
-
-    Each step happens with probability 1/2, in this order: brightness (beta in [-32, 32)), contrast first
-    (coin), contrast (alpha in [0.5, 1.5)) if first, saturation (alpha in [0.5, 1.5)), hue (shift in
-    [-18, hue_high)), contrast if not first. Consecutive per-value maps compose exactly into one table.
-    Returns the int16 (JITTER_SIZE,) parameters described above.
-    """
+    """int16 (JITTER_SIZE,) parameters of mmseg PhotoMetricDistortion / detectron2 ColorAugSSD. Each step happens
+    with probability 1/2, in this order: brightness (beta in [-32, 32)), contrast first (coin), contrast (alpha in
+    [0.5, 1.5)) if first, saturation (alpha in [0.5, 1.5)), hue (shift in [-18, hue_high): 18 for mmseg's numpy
+    randint, 19 for detectron2's inclusive Python randint), contrast if not first. Consecutive per-value maps
+    (brightness, contrast) compose exactly into one table."""
     def maybe(draw):
         return draw() if rng.integers(2) else None
-
     params = np.zeros(JITTER_SIZE, np.int16)
     pre = maybe(lambda: _affine_map(1, rng.uniform(-32, 32)))
     pre = _IDENTITY if pre is None else pre
@@ -225,8 +192,8 @@ def draw_jitter(rng, hue_high):
 
 
 def apply_jitter_planes(planes, params):
-    """Jitter 3×H×W uint8 planes (numpy) with draw_jitter parameters; maps that are the identity are skipped.
-    Every HSV step is its own uint8 round trip, as in the references."""
+    """Jitter 3×H×W uint8 planes (numpy) with draw_jitter parameters; identity maps are skipped.
+    Every HSV step is its own uint8 round trip, as in the references (fusing two changes results)."""
     pre, post = params[PRE].astype(np.uint8), params[POST].astype(np.uint8)
     if not np.array_equal(pre, _IDENTITY):
         planes = _map_planes(planes, pre)
@@ -241,33 +208,21 @@ def apply_jitter_planes(planes, params):
 
 def jittered(image, params):
     """apply_jitter_planes on an H×W×3 image view (as the samplers return) -> H×W×3 view of the result."""
-    return _planar_view(apply_jitter_planes(_planes_of(image), params))
-
-
-def photometric_distortion(rng, image):
-    """mmseg PhotoMetricDistortion (defaults) on an H×W×3 uint8 BGR image; hue shift in [-18, 17]."""
-    return jittered(image, draw_jitter(rng, 18))
-
-
-def color_aug_ssd(rng, image):
-    """detectron2 ColorAugSSDTransform (BGR) on an H×W×3 uint8 image; hue shift in [-18, 18]."""
-    return jittered(image, draw_jitter(rng, 19))
+    return planar_view(apply_jitter_planes(planes_of(image), params))
 
 
 # ------------------------------------------------------------------------------ on the device (torch)
-# The same tables and operation order in int32/float32 torch ops, batched over samples with per-sample
-# parameters: no host synchronisation, one pass over the batch per step. On a CPU these torch ops are
-# 5-10× slower than the numpy path above (one thread: 17 ms vs 3.3 ms per 512×512 round trip; 38-53 ms vs
-# ~4 ms per VOC crop, which always computes both round trips), so the host keeps numpy.
+# The same tables and operation order in int32/float32 torch ops, batched, no host synchronisation. On a CPU
+# 5-10× slower than numpy (one thread: 17 vs 3.3 ms per 512×512 round trip; 38-53 vs ~4 ms per VOC crop, which
+# always computes both round trips), so the host keeps numpy.
 
 
 @functools.lru_cache(maxsize=None)
 def _device_tables(device):
     """(saturation, hue, middle, low) tables as int32 / float32 tensors on `device`, built once per device."""
-    def put(array, dtype):
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
-    return (put(_S_OF_MAX_MIN, torch.int32), put(_H_OF_DIFFS, torch.int32), put(_MIDDLE_OF_H_S, torch.float32),
-            put(_LOW_OF_S_V, torch.int32))
+    return tuple(torch.from_numpy(np.ascontiguousarray(table)).to(device=device, dtype=dtype) for table, dtype in
+                 ((_S_OF_MAX_MIN, torch.int32), (_H_OF_DIFFS, torch.int32), (_MIDDLE_OF_H_S, torch.float32),
+                  (_LOW_OF_S_V, torch.int32)))
 
 
 def _round_trip_torch(x, maps, saturation_base, shift):
@@ -293,12 +248,9 @@ def _round_trip_torch(x, maps, saturation_base, shift):
 
 
 def apply_jitter(images, params):
-    """apply_jitter_planes for a batch on any device: uint8 N×3×H×W images and int16 N×JITTER_SIZE
-    parameters on the same device -> uint8 N×3×H×W, equal bit for bit.
-
-    Steps a sample did not draw are computed for the whole batch and discarded with torch.where, so
-    nothing is read back to the host (cheap on a GPU).
-    """
+    """apply_jitter_planes, bit for bit, on a batch on any device: uint8 N×3×H×W images and int16
+    N×JITTER_SIZE parameters -> uint8 N×3×H×W. Steps a sample did not draw are computed for the whole
+    batch and discarded with torch.where, so nothing is read back to the host (cheap on a GPU)."""
     count = images.shape[0]
     params = params.to(torch.int32)
     maps = params[:, :POST.stop].contiguous().view(-1)  # the three 256-entry maps of every sample

@@ -6,7 +6,9 @@ in one visible place. Keys under `model` are the keyword arguments of the model'
 """
 import copy
 import difflib
+import os
 import sys
+import tempfile
 
 from seg.files import UserError
 
@@ -156,6 +158,9 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {})
     config = apply_overrides(config, overrides, model_defaults_for(model_name))
     if not model_name:
         return config
+    if not model_defaults_for(config["model"]["name"]):
+        raise UserError(f"model.name = {config['model']['name']!r} is not a model seg builds; use \"pspnet\" or "
+                        f"\"pointrend\"")
     model_defaults = model_defaults_for(config["model"]["name"])
     config["model"] = {"name": config["model"]["name"],
                        **{key: _plain(value) for key, value in model_defaults.items() if value is not None},
@@ -201,3 +206,68 @@ def _literal(value):
     if isinstance(value, list):
         return "[" + ", ".join(_literal(item) for item in value) + "]"
     return repr(value)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf16"), "data.dataset": ("voc", "cityscapes"),
+           "data.jitter_on": ("auto", "loader", "device"), "test.mode": ("whole", "slide"),
+           "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid")}
+AT_LEAST = {"iterations": 1, "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
+            "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1, "bench.warmup": 0,
+            "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1}
+SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw", "bench.eval_hw")
+POSITIVE_LISTS = ("data.ratio_range", "data.short_edges", "test.scales", "schedule.steps")
+WRITES_OUTPUT_DIR = ("train", "evaluate", "demo", "bench", "data_bench")
+
+
+def lookup(config, dotted):
+    node = config
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def validate(config):
+    """Check the whole resolved config before any data is read or model built: every choice, every count, list
+    lengths, the test windows and that the output folder can be written. UserError names the first bad key."""
+    def bad(key, expected):
+        raise UserError(f"[{config['section']}] {key} = {_literal(lookup(config, key))}: expected {expected}")
+    for key, choices in CHOICES.items():
+        if lookup(config, key) not in choices:
+            bad(key, " or ".join(f'"{choice}"' for choice in choices))
+    for key, least in AT_LEAST.items():
+        if lookup(config, key) < least:
+            bad(key, f"an integer >= {least}")
+    for key in SIZES:
+        value = lookup(config, key)
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            bad(key, "two positive integers [height, width]")
+    for key in POSITIVE_LISTS:
+        value = lookup(config, key)
+        if key != "schedule.steps" and not value or not all(isinstance(v, (int, float)) and v > 0 for v in value):
+            bad(key, "a list of positive numbers")
+    checks = [("loss_scale", config["loss_scale"] == "dynamic" or config["loss_scale"] > 0, '"dynamic" or a number > 0'),
+              ("data.ratio_range", len(config["data"]["ratio_range"]) == 2 and
+               config["data"]["ratio_range"][0] <= config["data"]["ratio_range"][1], "[low, high] with low <= high"),
+              ("data.cat_max_ratio", 0 < config["data"]["cat_max_ratio"] <= 1, "a share in (0, 1]"),
+              ("optimizer.lr", config["optimizer"]["lr"] > 0, "a learning rate > 0"),
+              ("test.stride_hw", all(s <= c for s, c in zip(config["test"]["stride_hw"], config["test"]["crop_hw"])),
+               "strides no larger than test.crop_hw (larger ones leave gaps between the windows)")]
+    for key, ok, expected in checks:
+        if not ok:
+            bad(key, expected)
+    if config["task"] in WRITES_OUTPUT_DIR:
+        check_writable_folder(config["output_dir"], "output_dir")
+    if config["task"] == "predict" and config["output"]:
+        check_writable_folder(config["output"], "output")
+    return config
+
+
+def check_writable_folder(folder, key):
+    """Make `folder` if needed and check a file can be created in it; UserError naming the key otherwise."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UserError(f"{key} = {folder}: cannot write there ({error.strerror or error}); choose another {key}") from None

@@ -1,17 +1,17 @@
-"""Datasets on disk (VOC12aug, Cityscapes), the infinite sharded sampler, collation and loaders.
+"""Datasets on disk (VOC12aug, Cityscapes): metadata, listers, datasets, sampler, collation and loaders.
 
-Randomness: every training sample is augmented with its own numpy Generator seeded by
-(seed, position of the sample in the global stream), so augmentations differ across ranks and workers,
-do not depend on the number of workers or processes, and a resumed run replays exactly the samples it
-would have seen.
+Each training sample is augmented with its own numpy Generator seeded by (seed, its position in the global stream):
+augmentations differ across ranks and workers, do not depend on how many there are, and a resumed run replays
+exactly the samples it would have seen.
 """
+import functools
 import glob
 import os
 
 import numpy as np
 import torch
 
-from seg import colour, files
+from seg import colour
 from seg.files import IGNORE_INDEX, UserError, check_same_size, read_image_bgr, read_label
 
 VOC_CLASSES = (
@@ -28,14 +28,23 @@ CITYSCAPES_PALETTE = (
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
-# cityscapesScripts helpers/labels.py: label id -> train id for the 19 evaluated classes; all else is ignored.
+# cityscapesScripts helpers/labels.py: label id -> train id of the 19 evaluated classes; all else is ignored
 _CITYSCAPES_TRAIN_ID_OF = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                            24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 CITYSCAPES_ID_TO_TRAINID = np.full(256, 255, dtype=np.uint8)
 CITYSCAPES_ID_TO_TRAINID[list(_CITYSCAPES_TRAIN_ID_OF)] = list(_CITYSCAPES_TRAIN_ID_OF.values())
+LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
+               "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`"}
 
 
-# ---------------------------------------------------------------- listing files
+def dataset_info(name):
+    """{"list": lister(root, splits), "hint", "classes", "palette"} of a dataset kind ("voc" or "cityscapes")."""
+    infos = {"voc": (voc_items, VOC_CLASSES, VOC_PALETTE),
+             "cityscapes": (cityscapes_items, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)}
+    if name not in infos:
+        raise UserError(f"data.dataset must be one of {sorted(infos)}, got {name!r}")
+    lister, classes, palette = infos[name]
+    return {"list": lister, "hint": LABEL_HINTS[name], "classes": list(classes), "palette": palette}
 
 
 def read_split(path):
@@ -43,8 +52,8 @@ def read_split(path):
     if not os.path.isfile(path):
         raise UserError(f"split file {path} not found: check data_root / data.root, or prepare the dataset "
                         f"(python run.py prepare_voc_aug)")
-    return [line.strip() for line in open(path).read().splitlines() if line.strip()]
-
+    with open(path) as handle:
+        return [line.strip() for line in handle.read().splitlines() if line.strip()]
 
 
 def voc_items(root, splits):
@@ -70,10 +79,8 @@ def cityscapes_items(root, splits):
             raise UserError(f"{os.path.join(root, 'leftImg8bit', split)}: no *_leftImg8bit.png images. Put "
                             f"the Cityscapes folders under data/cityscapes (see README) or set data_root=PATH.")
         for image in images:
-            city = os.path.basename(os.path.dirname(image))
-            stem = os.path.basename(image)[: -len("_leftImg8bit.png")]
-            label = os.path.join(root, "gtFine", split, city, f"{stem}_gtFine_labelTrainIds.png")
-            items.append((image, label))
+            city, stem = os.path.basename(os.path.dirname(image)), os.path.basename(image)[: -len("_leftImg8bit.png")]
+            items.append((image, os.path.join(root, "gtFine", split, city, f"{stem}_gtFine_labelTrainIds.png")))
     missing = [label for _, label in items if not os.path.isfile(label)]
     if missing:
         raise UserError(f"{missing[0]} (and {len(missing) - 1} more) missing: run "
@@ -81,30 +88,21 @@ def cityscapes_items(root, splits):
     return items
 
 
-
-LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
-               "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`"}
-
-
-# ---------------------------------------------------------------- datasets
-
-
 def load_item(items, index, num_classes, hint="", reader=None):
-    """(image BGR uint8, label uint8) of item `index`: decoded from disk, or from a decoded cache
-    (`reader` = (image_fn, label_fn) from seg.cache, whose labels were checked when it was built)."""
+    """(image uint8 H×W×3 BGR, label uint8 H×W) of item `index`: decoded, or read from the decoded cache
+    (`reader` = (image_fn, label_fn) from files.cached_items_reader, whose labels were checked when built)."""
     if reader is not None:
         return reader[0](index), reader[1](index)
     image_path, label_path = items[index]
-    image = read_image_bgr(image_path)
-    label = read_label(label_path, num_classes, hint)
+    image, label = read_image_bgr(image_path), read_label(label_path, num_classes, hint)
     check_same_size(image, label, image_path, label_path)
     return image, label
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Items are (index, stream position) pairs from InfiniteShardedSampler; a sample is (image, label,
-    colour jitter parameters). With jitter_in_loader the jitter is applied here (numpy) and the parameters
-    are None; otherwise the batch carries them to the device (colour.apply_jitter, seg/train.py)."""
+    """Keys are (index, stream position) from InfiniteShardedSampler; a sample is (image, label, jitter). With
+    jitter_in_loader the colour jitter is applied here (numpy) and jitter is None; otherwise the batch carries
+    the parameters to the device (colour.apply_jitter)."""
 
     def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None, jitter_in_loader=True):
         self.items, self.sample_fn, self.num_classes = items, sample_fn, num_classes
@@ -124,11 +122,11 @@ class TrainDataset(torch.utils.data.Dataset):
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    """Test-resized image views (from resize_fn), original-size label."""
+    """(resize_fn(image): the test-resized image views, original-size label)."""
 
     def __init__(self, items, resize_fn, num_classes, hint="", reader=None):
-        self.items, self.resize_fn, self.num_classes, self.hint = items, resize_fn, num_classes, hint
-        self.reader = reader
+        self.items, self.resize_fn, self.num_classes = items, resize_fn, num_classes
+        self.hint, self.reader = hint, reader
 
     def __len__(self):
         return len(self.items)
@@ -138,17 +136,11 @@ class EvalDataset(torch.utils.data.Dataset):
         return self.resize_fn(image), label
 
 
-# ---------------------------------------------------------------- sampling and collation
-
-
 class InfiniteShardedSampler(torch.utils.data.Sampler):
-    """Endless shuffled epochs; rank r takes every world_size-th index of each shared permutation.
-
-    Yields (dataset index, position of the sample in the global stream), starting at this rank's
-    `start`-th sample, so a resumed run continues the same stream. The global position seeds the
-    sample's augmentation: one process with batch 2B and two with batch B see the same samples,
-    augmented the same way. Each epoch drops the tail that does not divide evenly across ranks.
-    """
+    """Endless shuffled epochs; rank r takes every world_size-th index of each shared permutation and yields
+    (dataset index, global stream position) from its `start`-th sample on (resume). The position seeds the
+    augmentation: one process with batch 2B and two with batch B see the same samples, augmented the same way.
+    Each epoch drops the tail that does not divide evenly across ranks."""
 
     def __init__(self, size, rank, world_size, seed, start=0):
         if size < world_size:
@@ -172,11 +164,10 @@ def pad_to(size, divisor):
 
 
 def collate(samples, divisor=1, min_hw=(0, 0)):
-    """[(image H×W×3 uint8, label H×W uint8[, colour jitter parameters or None])] -> batch dict, padded
-    bottom/right to a common size: "image" uint8 N×3×H×W (padding 0; the model zeroes padding after
-    normalising anyway), "label" uint8 N×H×W (padding 255; widened to int64 on the device: 8× fewer bytes
-    to copy), "hw" int64 N×2 valid sizes, and "jitter" int16 N×colour.JITTER_SIZE when samples carry them.
-    """
+    """[(image uint8 H×W×3, label uint8 H×W[, jitter or None])] -> batch padded bottom/right to at least min_hw,
+    rounded up to a multiple of divisor: "image" uint8 N×3×H×W (padding 0; the model zeroes padding after
+    normalising), "label" uint8 N×H×W (padding 255; widened to int64 on the device: 8× fewer bytes to copy),
+    "hw" int64 N×2 valid sizes, and "jitter" int16 N×colour.JITTER_SIZE when samples carry parameters."""
     height = pad_to(max(min_hw[0], *(sample[0].shape[0] for sample in samples)), divisor)
     width = pad_to(max(min_hw[1], *(sample[0].shape[1] for sample in samples)), divisor)
     images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
@@ -197,22 +188,13 @@ def collate(samples, divisor=1, min_hw=(0, 0)):
     return batch
 
 
-class Collate:
-    """Picklable collate with a padding divisor (workers need a top-level callable)."""
-
-    def __init__(self, divisor, min_hw=(0, 0)):
-        self.divisor, self.min_hw = divisor, min_hw
-
-    def __call__(self, samples):
-        return collate(samples, self.divisor, self.min_hw)
-
-
 def train_loader(dataset, per_device_batch, rank, world_size, seed, workers, pin_memory, start=0, divisor=1,
                  min_hw=(0, 0)):
+    """Batches of `dataset` drawn by InfiniteShardedSampler, collated (a partial: picklable for the workers)."""
     sampler = InfiniteShardedSampler(len(dataset), rank, world_size, seed, start)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=per_device_batch, sampler=sampler, num_workers=workers,
-        collate_fn=Collate(divisor, min_hw), pin_memory=pin_memory, drop_last=True,
+        dataset, batch_size=per_device_batch, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+        collate_fn=functools.partial(collate, divisor=divisor, min_hw=min_hw), drop_last=True,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         # its own generator: creating the iterator must not draw from the global RNG (exact resume)
         generator=torch.Generator().manual_seed(seed))
@@ -240,33 +222,3 @@ def prefetch(batches, device):
         yield current
     yield upcoming
 
-
-# ---------------------------------------------------------------- building from plain arguments
-
-
-def dataset_info(name):
-    """Lister, label hint, class names and palette of a dataset kind ("voc" or "cityscapes")."""
-    infos = {"voc": (voc_items, LABEL_HINTS["voc"], VOC_CLASSES, VOC_PALETTE),
-             "cityscapes": (cityscapes_items, LABEL_HINTS["cityscapes"], CITYSCAPES_CLASSES,
-                            CITYSCAPES_PALETTE)}
-    if name not in infos:
-        raise UserError(f"data.dataset must be one of {sorted(infos)}, got {name!r}")
-    lister, hint, classes, palette = infos[name]
-    return {"list": lister, "hint": hint, "classes": list(classes), "palette": palette}
-
-
-def split_items(config, splits_key):
-    """(items, dataset info, cached reader or None) for config["data"][splits_key].
-
-    With data.cache = true every image and label is decoded once into <data_root>/.cache/, a
-    memory-mapped file that loader workers and processes share (seg/files.py).
-    """
-    cfg = config["data"]
-    info = dataset_info(cfg["dataset"])
-    items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg[splits_key])
-    if not cfg["cache"]:
-        return items, info, None
-    path = files.cache_path_for(os.path.join(config["data_root"], ".cache"), items, f"{cfg['dataset']}-{splits_key}")
-    reader = files.cached_items_reader(items, path, config["model"]["num_classes"], info["hint"],
-                                       workers=max(cfg["workers"], 1))
-    return items, info, reader

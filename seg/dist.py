@@ -3,6 +3,7 @@
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them seg runs as rank 0 of 1. The backend
 follows the device: nccl (CUDA), hccl (Ascend), gloo (CPU).
 """
+import inspect
 import os
 import warnings
 
@@ -19,11 +20,10 @@ def import_torch_npu():
     try:
         import torch_npu  # noqa: F401
     except (ImportError, RuntimeError) as error:
-        raise UserError(
-            f"device = \"npu\" needs torch_npu, which failed to import ({error}). Install the torch_npu "
-            f"build that matches torch {torch.__version__.split('+')[0]} (pip install torch-npu=="
-            f"{torch.__version__.split('+')[0]}) and source the CANN set_env.sh first."
-        ) from error
+        version = torch.__version__.split("+")[0]
+        raise UserError(f"device = \"npu\" needs torch_npu, which failed to import ({error}). Install the torch_npu "
+                        f"build that matches torch {version} (pip install torch-npu=={version}) and source the "
+                        f"CANN set_env.sh first.") from error
     return torch.npu
 
 
@@ -33,16 +33,26 @@ def resolve_device_type(device):
         if torch.cuda.is_available():
             return "cuda"
         try:
-            if import_torch_npu().is_available():
-                return "npu"
+            return "npu" if import_torch_npu().is_available() else "cpu"
         except UserError:
-            pass
-        return "cpu"
+            return "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device = \"cuda\" but no CUDA GPU is visible; use device = \"cpu\" or \"auto\"")
     if device == "npu" and not import_torch_npu().is_available():
         raise UserError("device = \"npu\" but torch_npu sees no NPU; check ASCEND_RT_VISIBLE_DEVICES")
     return device
+
+
+def check_amp_supported(device_type, amp):
+    """An error message when the device cannot run this precision, else None. torch silently disables
+    autocast for an unsupported dtype (a 910A asked for bf16 runs fp32), so the trainer asks first."""
+    if amp != "bf16":
+        return None
+    if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this CUDA GPU does not support bf16; use amp = \"fp16\""
+    if device_type == "npu" and not torch.npu.is_bf16_supported():
+        return "this Ascend chip (910A family) has no bf16; use amp = \"fp16\" with loss_scale = 128 or 512"
+    return None
 
 
 def setup(device="auto"):
@@ -51,11 +61,10 @@ def setup(device="auto"):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cpu":
-        torch_device = torch.device("cpu")
-    else:
+    torch_device = torch.device("cpu")
+    if device_type != "cpu":
         # set the device before the process group: hccl's barrier uses the current device
-        getattr(torch, device_type).set_device(local_rank)
+        torch.get_device_module(device_type).set_device(local_rank)
         if device_type == "npu" and hasattr(torch.npu, "set_compile_mode"):
             # prebuilt operator binaries: online compilation per new shape makes evaluation crawl
             torch.npu.set_compile_mode(jit_compile=False)
@@ -67,6 +76,10 @@ def setup(device="auto"):
 
 def is_distributed():
     return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def world_size():
+    return torch_dist.get_world_size() if is_distributed() else 1
 
 
 def all_reduce_sum(tensor):
@@ -88,9 +101,7 @@ def cleanup():
 
 def convert_sync_batchnorm(model, device_type, sync_bn):
     """SyncBN when distributed on CUDA/NPU; elsewhere plain BN, with one warning if SyncBN was asked."""
-    if not sync_bn:
-        return model
-    if not is_distributed():
+    if not sync_bn or not is_distributed():
         return model  # one process: BN already sees the whole batch
     if device_type == "cpu":
         warnings.warn("sync_bn = true but SyncBatchNorm cannot run on CPU (gloo); using per-process BN",
@@ -100,20 +111,25 @@ def convert_sync_batchnorm(model, device_type, sync_bn):
 
 
 def wrap_ddp(model, torch_device):
-    """DistributedDataParallel when distributed (broadcast_buffers=False, as both references)."""
+    """DistributedDataParallel when distributed, with rank-local buffers as both references (their
+    broadcast_buffers=False). torch 2.13 deprecates that argument for forward_sync_buffers=False, which
+    also syncs buffers once at init: a no-op here, every rank builds or loads the same buffers."""
     if not is_distributed():
         return model
     device_ids = None if torch_device.type == "cpu" else [torch_device.index]
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    local = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+             else {"broadcast_buffers": False})  # torch_npu pins older torch releases
+    return ddp(model, device_ids=device_ids, **local)
 
 
 def synchronize(torch_device):
     """Wait for queued device work (timing and peak-memory readings only)."""
     if torch_device.type != "cpu":
-        getattr(torch, torch_device.type).synchronize()
+        torch.get_device_module(torch_device).synchronize()
 
 
 def peak_memory_mib(torch_device):
     if torch_device.type == "cpu":
         return 0.0
-    return getattr(torch, torch_device.type).max_memory_allocated(torch_device) / 2**20
+    return torch.get_device_module(torch_device).max_memory_allocated(torch_device) / 2**20

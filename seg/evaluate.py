@@ -1,5 +1,5 @@
-"""Inference and evaluation: one inference path serves the evaluate task, evaluation during training and
-the predict task (seg/predict.py).
+"""Inference, metrics and prediction pictures: one inference path serves evaluation (the evaluate task and
+evaluation during training) and prediction on the user's own images.
 
 Inference of one image, as both references do it:
 - Views: on the data side (loader workers), the image is resized with the keep-ratio rule of
@@ -14,41 +14,28 @@ Inference of one image, as both references do it:
   (their argmax is the prediction, as in detectron2). With several scales or test.flip (predict the
   mirrored view, mirror its logits back), the scores are the mean of the softmax probabilities at the
   original size over scales × flips (mmseg's aug_test).
+
+Metrics come from a dataset-level confusion matrix (rows ground truth, columns predictions) accumulated on the
+device without reading anything back per image, then all-reduced across ranks; no prediction maps are kept.
 """
-import functools
-import io
+import collections
+import glob
 import itertools
-import json
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from seg import amp, data, dist, files, metrics, models, transforms
-from seg.files import UserError
+from seg import data, dist, files, transforms
+from seg.files import IGNORE_INDEX, UserError
 
-TEST_MODES = ("whole", "slide")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+OVERLAY_QUALITY = 95  # with 4:4:4 chroma, so thin class borders keep their colour
 
 
 # ------------------------------------------------------------------------------- views (data side)
-
-def check_test_options(test):
-    """Raise a UserError naming the key when a [test] option cannot work."""
-    if test["mode"] not in TEST_MODES:
-        raise UserError(f"test.mode = {test['mode']!r}: use \"whole\" or \"slide\"")
-    for key in ("crop_hw", "stride_hw"):
-        value = test[key]
-        if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
-            raise UserError(f"test.{key} = {value}: expected two positive integers [height, width]")
-    if any(stride > crop for stride, crop in zip(test["stride_hw"], test["crop_hw"])):
-        raise UserError(f"test.stride_hw = {test['stride_hw']} is larger than test.crop_hw = {test['crop_hw']}: "
-                        f"the windows would leave gaps; use a stride no larger than the crop")
-    if not test["scales"] or not all(isinstance(r, (int, float)) and r > 0 for r in test["scales"]):
-        raise UserError(f"test.scales = {test['scales']}: expected positive ratios of data.test_scale, "
-                        f"e.g. [1.0] or [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
-
 
 def resize_to_scales(image, long_short, ratios):
     """One view per ratio: H×W×3 uint8 `image` resized so that its long side is at most
@@ -67,14 +54,13 @@ def stack_views(views):
     height, width = max(view.shape[0] for view in views), max(view.shape[1] for view in views)
     image = torch.zeros(len(views), 3, height, width, dtype=torch.uint8)
     for index, view in enumerate(views):
-        pixels = torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)
-        image[index, :, : view.shape[0], : view.shape[1]] = pixels
+        image[index, :, : view.shape[0], : view.shape[1]] = torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)
     return image, torch.tensor([view.shape[:2] for view in views], dtype=torch.int64)
 
 
 def collate_views(samples):
     """A batch of one EvalDataset sample (views, label): {"image": V×3×H×W, "hw": V×2, "label": 1×h×w uint8}
-    (metrics.confusion_matrix widens labels on the device: 8× fewer bytes to copy than int64)."""
+    (confusion_matrix widens labels on the device: 8× fewer bytes to copy than int64)."""
     (views, label), = samples
     image, hw = stack_views(views)
     return {"image": image, "hw": hw, "label": torch.tensor(label)[None]}  # a copy: labels may be read-only
@@ -85,21 +71,14 @@ def collate_views(samples):
 def whole_logits(model, image):
     """float N×C×H×W logits for a batch of uint8 N×3×H×W images that are entirely valid (no padding)."""
     count, _, height, width = image.shape
-    hw = full_sizes(count, height, width, image.device)
+    # sizes made on the device by fill kernels: torch.tensor(..., device=) would copy from pageable memory (a sync)
+    hw = torch.full((count, 2), height, dtype=torch.int64, device=image.device)
+    hw[:, 1] = width
     logits = model(image, hw)["seg"].float()
-    divisor = model.size_divisibility
-    padded_hw = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+    padded_hw = (data.pad_to(height, model.size_divisibility), data.pad_to(width, model.size_divisibility))
     if tuple(logits.shape[-2:]) != padded_hw:
         logits = F.interpolate(logits, size=padded_hw, mode="bilinear", align_corners=False)
     return logits[:, :, :height, :width]
-
-
-def full_sizes(count, height, width, device):
-    """int64 count×2 valid sizes, all (height, width), made on `device` by fill kernels: torch.tensor(...,
-    device=device) would copy from pageable host memory, which synchronises with the device."""
-    sizes = torch.full((count, 2), height, dtype=torch.int64, device=device)
-    sizes[:, 1] = width
-    return sizes
 
 
 def window_starts(size, crop, stride):
@@ -121,8 +100,8 @@ def slide_logits(model, image, crop_hw, stride_hw, windows_per_batch=4):
     total, count = None, torch.zeros(height, width, device=image.device)
     for first in range(0, len(corners), windows_per_batch):
         group = corners[first: first + windows_per_batch]
-        windows = torch.cat([image[:, :, top: top + crop_h, left: left + crop_w] for top, left in group])
-        logits = whole_logits(model, windows)
+        logits = whole_logits(model, torch.cat([image[:, :, top: top + crop_h, left: left + crop_w]
+                                                for top, left in group]))
         if total is None:
             total = logits.new_zeros(1, logits.shape[1], height, width)
         for (top, left), window in zip(group, logits):
@@ -161,7 +140,69 @@ def test_time_scores(model, image, hw, out_hw, test):
     return total / (len(sizes) * len(flips))
 
 
-# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict_label(model, image_bgr, test, test_scale, autocast):
+    """uint8 H×W class indices for a uint8 H×W×3 BGR image, and whether it ran in slide mode: views whose long
+    side exceeds test["max_size"] switch a whole-mode image to slide mode (bounds device memory). `model` must be
+    in eval mode; autocast() gives the precision context."""
+    views = resize_to_scales(image_bgr, test_scale, test["scales"])
+    slide = test["mode"] == "whole" and max(max(view.shape[:2]) for view in views) > test["max_size"]
+    image, hw = stack_views(views)
+    with autocast():
+        scores = test_time_scores(model, image.to(model.pixel_mean.device), hw, image_bgr.shape[:2],
+                                  {**test, "mode": "slide"} if slide else test)
+    return scores.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), slide
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
+    """num_classes×num_classes int64 counts of (label, pred) pairs over pixels whose label is valid.
+
+    pred, label: integer tensors of the same shape, on the same device. Labels outside [0, num_classes) other
+    than ignore_index are rejected by the data loader, not here (a check would read the labels back).
+    No host synchronisation: ignored pixels are not removed (label[valid] would read the number of valid
+    pixels back to size its result) but routed to one extra bin, num_classes², that is dropped at the end.
+    """
+    extra = num_classes * num_classes
+    index = torch.where(label != ignore_index, label.long() * num_classes + pred.long(), extra).reshape(-1)
+    if index.device.type == "npu":
+        # spec npu.md §5 lists torch_npu's scatter for fp16/fp32 only and its bincount for uint8..int64; with
+        # every value below minlength the result has extra + 1 bins
+        counts = torch.bincount(index, minlength=extra + 1)
+    else:
+        # torch.bincount on CUDA reads max(index) back to size its output (a sync per call); adding ones into a
+        # tensor whose size is known up front needs nothing from the device
+        counts = torch.zeros(extra + 1, dtype=torch.int64, device=index.device).index_add_(
+            0, index, index.new_ones(1).expand(index.numel()))
+    return counts[:extra].reshape(num_classes, num_classes)
+
+
+def metrics_from_confusion(matrix):
+    """aAcc, mIoU, mAcc and per-class IoU / Acc as fractions. Acc_c is NaN when class c never occurs in the
+    ground truth; IoU_c is NaN when it occurs in neither prediction nor ground truth; means skip NaN classes
+    (np.nanmean, as mmsegmentation)."""
+    matrix = matrix.double().cpu()
+    intersection, label_area = matrix.diag(), matrix.sum(dim=1)
+    iou = intersection / (label_area + matrix.sum(dim=0) - intersection)  # 0/0 -> NaN, as in mmsegmentation
+    acc = intersection / label_area
+    return {"aAcc": (intersection.sum() / label_area.sum()).item(), "mIoU": torch.nanmean(iou).item(),
+            "mAcc": torch.nanmean(acc).item(), "IoU": iou.tolist(), "Acc": acc.tolist()}
+
+
+def percent(value):
+    return "nan" if value != value else f"{100 * value:.2f}"
+
+
+def format_table(metrics, class_names):
+    """The per-class IoU/Acc table and the summary line, in percent with 2 decimals."""
+    width = max(len(name) for name in class_names)
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"]):
+        lines.append(f"{name:<{width}}  {percent(iou):>6}  {percent(acc):>6}")
+    lines.append(f"aAcc {percent(metrics['aAcc'])}  mIoU {percent(metrics['mIoU'])}  mAcc {percent(metrics['mAcc'])}")
+    return "\n".join(lines)
+
 
 def host_and_device_batches(loader, torch_device):
     """(batch as the loader made it, its copy on the device) pairs, in loader order; batch k+1 is copied
@@ -172,65 +213,16 @@ def host_and_device_batches(loader, torch_device):
 
 
 @torch.no_grad()
-def confusion_over(model, loader, torch_device, num_classes, amp_mode, test):
-    """Dataset-level confusion matrix, summed over this rank's images and then over all ranks.
-
-    Nothing is read back from the device per image (sizes come from the host batch, the matrix stays on
-    the device), so the device runs ahead of Python and the loader, not in lockstep with them.
-    """
+def confusion_over(model, loader, torch_device, num_classes, autocast, test):
+    """Dataset-level confusion matrix, summed over this rank's images and then over all ranks. Nothing is read
+    back from the device per image, so the device runs ahead of Python and the loader."""
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=torch_device)
     for host, batch in host_and_device_batches(loader, torch_device):
-        with amp.autocast_context(torch_device.type, amp_mode):
+        with autocast():
             scores = test_time_scores(model, batch["image"], host["hw"], host["label"].shape[-2:], test)
-        matrix += metrics.confusion_matrix(scores.argmax(dim=1), batch["label"], num_classes)
+        matrix += confusion_matrix(scores.argmax(dim=1), batch["label"], num_classes)
     return dist.all_reduce_sum(matrix)
-
-
-def eval_dataset(config):
-    """The val split as an EvalDataset whose samples are (views, original-size label)."""
-    items, info, reader = data.split_items(config, "val_splits")
-    resize = functools.partial(resize_to_scales, long_short=tuple(config["data"]["test_scale"]),
-                               ratios=tuple(config["test"]["scales"]))
-    return data.EvalDataset(items, resize, config["model"]["num_classes"], info["hint"], reader), info
-
-
-def evaluate_and_report(config, model, torch_device, rank, world_size, iteration=None):
-    """Evaluate on the val split; rank 0 prints the table and writes eval.json. Returns the metrics."""
-    check_test_options(config["test"])
-    dataset, info = eval_dataset(config)
-    loader = data.eval_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu",
-                              collate_views)
-    matrix = confusion_over(model, loader, torch_device, config["model"]["num_classes"], config["amp"],
-                            config["test"])
-    result = metrics.metrics_from_confusion(matrix)
-    if rank == 0:
-        where = f" at iteration {iteration}" if iteration else ""
-        print(f"evaluation on {len(dataset)} images{where}:\n{metrics.format_table(result, info['classes'])}",
-              flush=True)
-        record = {"iteration": iteration, "test": config["test"], "classes": info["classes"], **result}
-        files.write_text_atomic(json.dumps(record, indent=1), os.path.join(config["output_dir"], "eval.json"))
-        with open(os.path.join(config["output_dir"], "metrics.jsonl"), "a") as handle:
-            handle.write(json.dumps({"iteration": iteration, "aAcc": result["aAcc"], "mIoU": result["mIoU"],
-                                     "mAcc": result["mAcc"]}) + "\n")
-    return result
-
-
-def evaluate(config):
-    """The evaluate task: load `weights`, score the val split."""
-    from seg import train
-
-    if not config["weights"]:
-        raise UserError(f"[{config['section']}] needs weights=PATH (a seg, mmsegmentation or detectron2 checkpoint)")
-    check_test_options(config["test"])
-    torch_device, rank, world_size = train.setup_run(config)
-    model = models.build(config["model"]).to(torch_device)
-    models.load_initial_weights(model, config, log=print if rank == 0 else (lambda *a: None))
-    result = evaluate_and_report(config, model, torch_device, rank, world_size)
-    if rank == 0 and config["save_predictions"] > 0:
-        save_predictions(config, model, torch_device)
-    dist.cleanup()
-    return result
 
 
 # -------------------------------------------------------------------------------------------- pictures
@@ -242,31 +234,87 @@ def colorize(label, palette):
     return table[label]
 
 
-@torch.no_grad()
-def save_predictions(config, model, torch_device):
-    """Write <output_dir>/predictions/<stem>.png: input | ground truth | prediction, colour-coded, for the
-    first `save_predictions` val images, predicted as evaluation does (test scales, flip, mode)."""
-    dataset, info = eval_dataset(config)
-    folder = os.path.join(config["output_dir"], "predictions")
-    model.eval()
-    count = min(config["save_predictions"], len(dataset))
-    for index in range(count):
-        host = collate_views([dataset[index]])
-        batch = data.to_device(host, torch_device)
-        label = host["label"][0].numpy()
-        with amp.autocast_context(torch_device.type, config["amp"]):
-            scores = test_time_scores(model, batch["image"], host["hw"], label.shape, config["test"])
-        pred = scores.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
-        image_path = dataset.items[index][0]
-        photo = files.read_image_bgr(image_path)[:, :, ::-1]
-        panel = np.concatenate([photo, colorize(label, info["palette"]), colorize(pred, info["palette"])], axis=1)
-        stem = os.path.splitext(os.path.basename(image_path))[0]
-        files.write_bytes_atomic(image_bytes(Image.fromarray(panel), "PNG"), os.path.join(folder, f"{stem}.png"))
-    print(f"wrote {count} colour-coded predictions to {folder}")
+def draw_legend(image, classes, palette, names):
+    """Draw a white box at the top left listing `classes` (swatch and name) onto a Pillow RGB image, with
+    Pillow's default font scaled to the image. Returns the box (left, top, right, bottom), inclusive."""
+    size = max(10, round(min(image.size) / 40))
+    try:
+        font = ImageFont.load_default(size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(image)
+    row, pad = draw.textbbox((0, 0), "Ag", font=font)[3] + 4, 4
+    text_width = max(draw.textlength(names[k], font=font) for k in classes)
+    box = (0, 0, int(3 * pad + row + text_width), pad + len(classes) * row)
+    draw.rectangle(box, fill=(255, 255, 255))
+    for index, k in enumerate(classes):
+        top = pad + index * row
+        draw.rectangle((pad, top, pad + row - 4, top + row - 4), fill=tuple(palette[k]), outline=(0, 0, 0))
+        draw.text((2 * pad + row, top), names[k], fill=(0, 0, 0), font=font)
+    return box
 
 
-def image_bytes(image, image_format, **options):
-    """A Pillow image encoded in memory (then written atomically by files.write_bytes_atomic)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **options)
-    return buffer.getvalue()
+def overlay(photo, label, palette, names):
+    """uint8 H×W×3 RGB photo with the label colours blended at 50 % ((photo + colour + 1) // 2) and a legend
+    of the classes present. Returns (Pillow RGB image, legend box (left, top, right, bottom) inclusive)."""
+    colours = colorize(label, palette)
+    image = Image.fromarray(((photo.astype(np.uint16) + colours + 1) // 2).astype(np.uint8))
+    return image, draw_legend(image, np.unique(label).tolist(), palette, names)
+
+
+def label_png(label, palette):
+    """PNG bytes of a uint8 H×W label map as an indexed image: pixel = class index, `palette` for display."""
+    image = Image.fromarray(label)
+    image.putpalette([value for colour in palette for value in colour])  # "L" becomes "P", indices kept
+    return files.image_bytes(image, "PNG")
+
+
+def write_prediction(folder, stem, photo, label, palette, names):
+    """FOLDER/<stem>.png (indexed label map) and FOLDER/<stem>_overlay.jpg (RGB `photo`), each atomically."""
+    files.write_bytes_atomic(label_png(label, palette), os.path.join(folder, f"{stem}.png"))
+    image, _ = overlay(photo, label, palette, names)
+    jpeg = files.image_bytes(image, "JPEG", quality=OVERLAY_QUALITY, subsampling=0)
+    files.write_bytes_atomic(jpeg, os.path.join(folder, f"{stem}_overlay.jpg"))
+
+
+def write_panel(path, photo, label, prediction, palette):
+    """PATH: RGB photo | ground truth | prediction side by side, colour-coded, written atomically."""
+    panel = np.concatenate([photo, colorize(label, palette), colorize(prediction, palette)], axis=1)
+    files.write_bytes_atomic(files.image_bytes(Image.fromarray(panel), "PNG"), path)
+
+
+def palette_and_names(palette, classes, num_classes):
+    """The RGB palette and class names for `num_classes` classes; classes beyond the dataset's (a model
+    fine-tuned on other data) get fixed pseudo-random colours and names "class k"."""
+    palette, names = [tuple(colour) for colour in palette[:num_classes]], list(classes[:num_classes])
+    rng = np.random.default_rng(0)
+    while len(palette) < num_classes:
+        palette.append(tuple(int(value) for value in rng.integers(0, 256, 3)))
+        names.append(f"class {len(names)}")
+    return palette, names
+
+
+def list_images(pattern):
+    """Sorted paths from `input`: one file, a folder (its jpg/jpeg/png/bmp/webp files, not recursive) or a glob."""
+    if os.path.isfile(pattern):
+        return [pattern]
+    if os.path.isdir(pattern):
+        paths = sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
+                       if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(pattern, name)))
+        if not paths:
+            raise UserError(f"input={pattern}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+        return paths
+    paths = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
+    if not paths:
+        raise UserError(f"input={pattern}: no such file or folder, and no file matches it as a glob")
+    return paths
+
+
+def output_stems(paths):
+    """File stems naming each image's outputs; a stem seen before gets _2, _3, ... so nothing is overwritten."""
+    seen, stems = collections.Counter(), []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        seen[stem] += 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return stems

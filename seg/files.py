@@ -1,29 +1,14 @@
-"""Everything seg reads and writes besides checkpoints: atomic writes, image and label decoding and encoding, and
-the decoded-image cache. UserError, the one exception for mistakes a user can fix, lives here too.
+"""What seg reads and writes besides checkpoints: UserError, atomic writes (a temporary file beside the target,
+then os.replace: a crash never leaves half an output), image and label decoding and encoding, and the cache.
 
-Atomic writes: a temporary file in the target folder, then os.replace, so a crash or Ctrl-C never leaves a
-half-written output behind.
-
-Decoded-image cache (`data.cache = true`): decode every PNG/JPEG once, then read uint8 arrays.
-
-Decoding dominates the data pipeline (a 2048×1024 Cityscapes PNG takes ~50 ms with Pillow; the whole
-detectron2 mapper takes ~105 ms), so the first run writes every decoded image (BGR H×W×3) and label
-(H×W) into one file, and loader workers memory-map it: the pages are shared by all workers and
-processes on the machine, and a sample costs a copy instead of a decode.
-
-One file per item list, laid out as
-    header (64 bytes): MAGIC, index offset and index length (little-endian uint64)
-    arrays, each starting on a 64-byte boundary
-    index: JSON with the item paths, their (size, mtime_ns), and each array's offset and shape.
-It is written to a temporary file and renamed into place, so a file under the final name is always
-complete: an interrupted build leaves no cache behind. A lock file (created with O_EXCL) elects one
-builder; other processes wait for the finished file. A lock whose process died, or that has not been
-refreshed for `stale_s` seconds, is taken over. If two processes still build at once (a lock judged
-stale too early), each renames a complete file, so readers never see a mixed one.
-
-The cache is valid while the item list and every file's size and mtime match the index; otherwise it
-is rebuilt. Disk cost is the decoded size: ~0.75 MB per VOC sample, ~8.4 MB per Cityscapes sample
-(25 GB for the 2975 training images), so it pays where that fits in the page cache or on a fast disk.
+Decoded-image cache (`data.cache = true`): decoding dominates the data pipeline (a 2048×1024 Cityscapes PNG takes
+~50 ms with Pillow, the whole detectron2 mapper ~105 ms), so the first run decodes every image (BGR H×W×3) and label
+(H×W) into one file per item list, which loader workers memory-map: all processes share its pages and a sample costs
+a copy. Layout: 64-byte header (MAGIC, index offset and length as little-endian uint64), arrays on 64-byte
+boundaries, JSON index (item paths, their (size, mtime_ns), each array's offset and shape); rebuilt when any of
+those change. Written under a temporary name and renamed, so it is always complete. A lock file (O_EXCL) elects one
+builder, the others wait; a lock whose process died or that is not refreshed for `stale_s` is taken over. Disk cost:
+~0.75 MB per VOC sample, ~8.4 MB per Cityscapes sample (25 GB for the 2975 training images).
 """
 import concurrent.futures
 import contextlib
@@ -38,34 +23,30 @@ import tempfile
 import time
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IGNORE_INDEX = 255
 _IGNORE_COLOUR = (224, 224, 192)  # colour of index 255 in the official VOC PNGs
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Pillow's errors for unreadable files; DecompressionBombError: a picture over ~179 megapixels
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class UserError(Exception):
-    """A bad config key, missing file or malformed input.
-
-    The message names the file or key and says what to do; run.py prints it without a stack trace and
-    exits with code 2.
-    """
-
-
-# ---------------------------------------------------------------- atomic writes
+    """A mistake the user can fix; the message names the file or key and says what to do (run.py exits 2)."""
 
 
 def write_atomic(path, write):
-    """Call `write(binary_file)` on a temporary file beside `path`, then rename it to `path` in one step.
-
-    `path` is afterwards either the old file or the complete new one; the temporary never outlives a failure.
-    """
-    path = os.fspath(path)
+    """Call `write(binary_file)` on a temporary file beside `path`, then rename it to `path`: `path` is the old
+    file or the complete new one, with the mode open(path, "w") gives (0o666 & ~umask, not mkstemp's 0o600)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    umask = os.umask(0o077)  # the umask can only be read by setting it: private for that instant
+    os.umask(umask)
     try:
         with os.fdopen(handle, "wb") as stream:
+            os.chmod(temporary, 0o666 & ~umask)
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -84,19 +65,34 @@ def write_text_atomic(text, path):
     write_bytes_atomic(text.encode("utf-8"), path)
 
 
-# ---------------------------------------------------------------- images and labels
-
-
-def read_image_bgr(path):
-    """uint8 H×W×3 in BGR order, as both references feed their models. Pillow packs the pixels straight
-    into BGR bytes: no RGB copy and no reversing copy (bytearray: a writable array, as torch wants)."""
+def read_image_bgr(path, upright=False):
+    """uint8 H×W×3 BGR (the order both references feed their models; see to_bgr). upright: turn the picture by
+    its EXIF orientation first (photos for prediction)."""
     try:
         with Image.open(path) as image:
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            width, height = rgb.size
-            return np.frombuffer(bytearray(rgb.tobytes("raw", "BGR")), np.uint8).reshape(height, width, 3)
-    except (OSError, ValueError) as error:
+            file_format = image.format  # a turned copy has none
+            return to_bgr(ImageOps.exif_transpose(image) if upright else image, path, file_format)
+    except _UNREADABLE as error:
         raise UserError(f"{path}: cannot read image ({error}); replace or remove it from the split") from error
+
+
+def to_bgr(image, path="", file_format=None):
+    """uint8 H×W×3 BGR, writable (as torch wants), of a Pillow image of any mode. 16-bit grey keeps its top 8 bits
+    (value >> 8, as Pillow decodes 16-bit RGB PNGs): modes I;16*, and "I" read from a PNG or PGM file (`file_format`;
+    older Pillow's mode for 16-bit grey there). Other 32-bit images ("I", "F") have no known 8-bit reading: UserError
+    naming `path`. Other modes convert as Pillow's convert("RGB") (La, premultiplied, by way of LA)."""
+    file_format = file_format or image.format
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and file_format in ("PNG", "PPM")):
+        grey = (np.asarray(image) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("I", "F"):
+        raise UserError(f"{path}: a 32-bit {'integer' if image.mode == 'I' else 'float'} image (Pillow mode "
+                        f"{image.mode}) has no 8-bit reading; convert it to an 8-bit PNG or JPEG")
+    if image.mode == "La":
+        image = image.convert("LA")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    width, height = rgb.size  # Pillow packs BGR bytes itself: no RGB array, no reversing copy
+    return np.frombuffer(bytearray(rgb.tobytes("raw", "BGR")), np.uint8).reshape(height, width, 3)
 
 
 def read_label(path, num_classes, hint=""):
@@ -123,18 +119,14 @@ def check_same_size(image, label, image_path, label_path):
 
 
 def write_label_png(path, label, palette=None):
-    """Write a label map (uint8 H×W class ids, 255 = ignore) as a PNG, atomically.
-
-    With `palette` (RGB triples, index = class id) the PNG is mode "P" – its pixel values are still the class ids,
-    it just shows in colour like the VOC SegmentationClass files, with 255 drawn in VOC's cream; without, mode "L".
-    """
+    """Write a label map (uint8 H×W class ids, 255 = ignore) as a PNG, atomically: mode "L", or with `palette`
+    (RGB triples, index = class id) mode "P", same pixel values shown in colour, 255 in VOC's cream."""
     label = np.asarray(label)
     if label.ndim != 2 or label.dtype != np.uint8:
         raise ValueError(f"label must be a uint8 H×W array, got {label.dtype} {label.shape}")
     image = Image.fromarray(label)
     if palette is not None:
-        colours = [tuple(c) for c in palette][:256]
-        colours += [(0, 0, 0)] * (256 - len(colours))
+        colours = ([tuple(c) for c in palette] + [(0, 0, 0)] * 256)[:256]
         if len(palette) < 256:
             colours[255] = _IGNORE_COLOUR
         image.putpalette([value for colour in colours for value in colour])
@@ -149,20 +141,15 @@ def save_image(path, image_rgb, image_format):
 
 
 def image_bytes(image, image_format, **options):
-    """A Pillow image encoded in memory (then written atomically by files.write_bytes_atomic)."""
+    """A Pillow image encoded in memory (then written atomically by write_bytes_atomic)."""
     buffer = io.BytesIO()
     image.save(buffer, format=image_format, **options)
     return buffer.getvalue()
 
 
 # ---------------------------------------------------------------- decoded-image cache
-MAGIC = b"SEGCACHE1"
-HEADER_BYTES = 64
-ALIGN = 64
-VERSION = 1
-
-
-# ---------------------------------------------------------------- naming and validity
+MAGIC, VERSION = b"SEGCACHE1", 1
+HEADER_BYTES = ALIGN = 64
 
 
 def cache_path_for(folder, items, tag):
@@ -173,11 +160,7 @@ def cache_path_for(folder, items, tag):
 
 def file_stats(items):
     """[[image size, image mtime_ns, label size, label mtime_ns]] for each (image, label) item."""
-    stats = []
-    for image_path, label_path in items:
-        image, label = os.stat(image_path), os.stat(label_path)
-        stats.append([image.st_size, image.st_mtime_ns, label.st_size, label.st_mtime_ns])
-    return stats
+    return [[value for stat in map(os.stat, item) for value in (stat.st_size, stat.st_mtime_ns)] for item in items]
 
 
 def read_index(path):
@@ -205,9 +188,6 @@ def is_current(index, items):
         return False
 
 
-# ---------------------------------------------------------------- building
-
-
 def _write_array(handle, array):
     """Append a C-contiguous array at the next 64-byte boundary; returns [offset, shape]."""
     offset = -(-handle.tell() // ALIGN) * ALIGN
@@ -217,13 +197,9 @@ def _write_array(handle, array):
 
 
 def build_cache(items, path, read_image, read_label, log=print, workers=1, heartbeat=None):
-    """Decode every (image, label) item into a new cache file at `path`, atomically.
-
-    read_image(path) -> uint8 H×W×3, read_label(path) -> uint8 H×W (their errors propagate, and the
-    partial file is removed). `workers` threads decode in parallel (Pillow releases the GIL while
-    decoding); arrays are written in item order. heartbeat() is called after each item (lock refresh).
-    Returns the index dict.
-    """
+    """Decode every item with read_image(path) -> uint8 H×W×3 and read_label(path) -> uint8 H×W (their errors
+    propagate; the partial file is removed) into a new cache at `path`, in `workers` threads (Pillow releases the
+    GIL); heartbeat() after each item refreshes the lock. Returns the index dict."""
     stats = file_stats(items)
     temporary = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -238,10 +214,8 @@ def build_cache(items, path, read_image, read_label, log=print, workers=1, heart
                     heartbeat()
                 if number % 500 == 0:
                     log(f"cache {path}: {number}/{len(items)} decoded ({time.time() - start:.0f} s)")
-            index = {"version": VERSION, "items": [list(item) for item in items], "stats": stats,
-                     "entries": entries}
-            payload = json.dumps(index).encode()
-            index_offset = handle.tell()
+            index = {"version": VERSION, "items": [list(item) for item in items], "stats": stats, "entries": entries}
+            index_offset, payload = handle.tell(), json.dumps(index).encode()
             handle.write(payload)
             handle.seek(0)
             handle.write(MAGIC + struct.pack("<QQ", index_offset, len(payload)))
@@ -257,8 +231,8 @@ def build_cache(items, path, read_image, read_label, log=print, workers=1, heart
 
 
 def _decode_in_order(pool, items, read_image, read_label, workers):
-    """Yield (image, label) in item order, with at most 2·workers decodes in flight, so memory stays
-    bounded when writing is slower than decoding (Executor.map would queue every item at once)."""
+    """Yield (image, label) in item order with at most 2·workers decodes in flight, so memory stays bounded
+    when writing is slower than decoding (Executor.map would queue every item at once)."""
     pending = []
     for item in items:
         pending.append(pool.submit(lambda pair: (read_image(pair[0]), read_label(pair[1])), item))
@@ -266,9 +240,6 @@ def _decode_in_order(pool, items, read_image, read_label, workers):
             yield pending.pop(0).result()
     for future in pending:
         yield future.result()
-
-
-# ---------------------------------------------------------------- one builder, the others wait
 
 
 def _lock_is_stale(lock_path, stale_s):
@@ -308,11 +279,8 @@ def _remove_stale_temporaries(path, stale_s):
 
 
 def ensure_cache(items, path, read_image, read_label, log=print, workers=1, stale_s=300.0, poll_s=0.5):
-    """Return a CachedReader for `items`, building the cache first if it is missing or out of date.
-
-    Safe to call from every process at once: the one that creates `<path>.lock` builds, the others
-    poll until a current cache appears (or the builder fails, and then one of them tries).
-    """
+    """A CachedReader for `items`, building the cache if missing or out of date. Safe from every process at once:
+    the one that creates `<path>.lock` builds; the others poll for the cache (or, if it fails, one of them builds)."""
     logged_wait = False
     while True:
         if is_current(read_index(path), items):
@@ -349,37 +317,28 @@ def _touch(lock_path, last):
         last[0] = now
 
 
-# ---------------------------------------------------------------- reading
-
-
 class CachedReader:
-    """Read-side of a cache file: .image(i) uint8 H×W×3 BGR, .label(i) uint8 H×W, len() items.
-
-    Arrays are copy-on-write views of a memory map (writable; writes stay private to the process and
-    never reach the file). The map is opened lazily, so a reader pickled into DataLoader workers sends
-    only its path and each worker maps the same shared pages.
-    """
+    """A cache file's items: .image(i) uint8 H×W×3 BGR, .label(i) uint8 H×W, len(). Arrays are copy-on-write views
+    of a memory map (writes stay private), opened lazily: a pickled reader carries only its path and index."""
 
     def __init__(self, path):
         self.path = path
         index = read_index(path)
         if index is None:
             raise FileNotFoundError(f"{path}: not a complete seg cache file")
-        self.entries = index["entries"]
-        self.items = [tuple(item) for item in index["items"]]
+        self.entries, self.items = index["entries"], [tuple(item) for item in index["items"]]
         self._buffer = None
 
     def __len__(self):
         return len(self.entries)
 
     def __getstate__(self):
-        return {"path": self.path, "entries": self.entries, "items": self.items, "_buffer": None}
+        return {**self.__dict__, "_buffer": None}
 
     def _array(self, offset, shape):
         if self._buffer is None:
             self._buffer = np.memmap(self.path, dtype=np.uint8, mode="c")
-        size = int(np.prod(shape))
-        return self._buffer[offset:offset + size].view(np.ndarray).reshape(shape)
+        return self._buffer[offset:offset + int(np.prod(shape))].view(np.ndarray).reshape(shape)
 
     def image(self, i):
         return self._array(*self.entries[i][0])
@@ -389,11 +348,8 @@ class CachedReader:
 
 
 def cached_items_reader(items, cache_path, num_classes, hint="", log=print, workers=1):
-    """(image_fn(i), label_fn(i)) reading item i from the cache at `cache_path` (built if needed).
-
-    Decoding goes through seg.data's readers, so label values are checked (against num_classes) once,
-    while the cache is built.
-    """
+    """(image_fn(i), label_fn(i)) reading item i from the cache at `cache_path`, built if needed with
+    read_image_bgr and read_label, so label values are checked once, while it is built."""
     try:
         reader = ensure_cache(items, cache_path, read_image_bgr,
                               lambda label_path: read_label(label_path, num_classes, hint), log, workers)

@@ -1,11 +1,9 @@
-"""PointRend semantic segmentation (detectron2 SemanticFPN + PointRend, R101-FPN, Cityscapes).
+"""PointRend semantic segmentation (detectron2 SemanticFPN + PointRend, R101-FPN, Cityscapes); state-dict names
+and shapes equal detectron2's (spec/checkpoint_keys/detectron2_pointrend_r101_fpn.txt).
 
-The point maths is written with gathers and index arithmetic instead of F.grid_sample, so the whole
-loss path stays on the device (the Ascend port ran every grid_sample on the host) and autograd flows
-through the bilinear weights. Coordinates are (x, y) in [0, 1] of the padded input, x along the width;
-pixel centres sit at ((i + 0.5)/W, (j + 0.5)/H), as for grid_sample with align_corners=False.
-
-State-dict names and shapes equal detectron2's (spec checkpoint_keys/detectron2_pointrend_r101_fpn.txt).
+Point maths uses gathers instead of F.grid_sample, so the loss path stays on the device (the Ascend port ran
+grid_sample on the host) and autograd flows through the bilinear weights. Coordinates are (x, y) in [0, 1] of the
+padded input; pixel centres sit at ((i + 0.5)/W, (j + 0.5)/H), as for grid_sample with align_corners=False.
 """
 import torch
 import torch.nn as nn
@@ -18,14 +16,12 @@ FPN_STRIDES = (4, 8, 16, 32)
 
 
 def _pixel_coordinate(unit, size, single_rounding=False):
-    """Unit coordinates in [0, 1] -> fp32 pixel coordinates x·size − 0.5 (pixel centres at integers).
+    """Unit coordinates in [0, 1] -> fp32 pixel coordinates u·size − 0.5 (pixel centres at integers).
 
-    Evaluated as grid_sample does, from the grid value 2u − 1 that callers of grid_sample pass:
-    ((2u − 1) + 1)·size/2 − 0.5; for u < 1/4, 2u − 1 drops low bits of u that can decide nearest ties.
-    grid_sample's CPU and CUDA kernels fuse the final multiply-add (one rounding); fp32 here rounds twice,
-    which moves px by at most one unit in the last place. That is harmless for bilinear weights but can
-    turn a near-tie into an exact tie for nearest sampling, so single_rounding=True does the multiply-add
-    in fp64 (exact: a 24-bit value times size/2) and rounds to fp32 once, as the fused kernels do.
+    Evaluated as grid_sample does from its grid value 2u − 1: ((2u − 1) + 1)·size/2 − 0.5 (for u < 1/4, 2u − 1
+    drops low bits of u that can decide nearest ties). grid_sample's kernels fuse the final multiply-add (one
+    rounding); fp32 here rounds twice, off by at most one ulp: harmless for bilinear weights, but it can turn a
+    near-tie into an exact tie, so single_rounding=True computes it in fp64 (exact) and rounds to fp32 once.
     """
     grid = 2.0 * unit.float() - 1.0
     if single_rounding:
@@ -34,11 +30,10 @@ def _pixel_coordinate(unit, size, single_rounding=False):
 
 
 def point_sample(features, points_xy):
-    """Bilinear samples of features at points, zero outside the map; = grid_sample(features, 2u − 1,
-    align_corners=False) with padding_mode="zeros".
+    """= grid_sample(features, 2u − 1, align_corners=False), zero padding: bilinear samples at points.
 
-    features: N×C×H×W (any float dtype); points_xy: N×P×2, (x, y) in [0, 1].
-    Returns N×C×P in fp32 (autocast runs grid_sample in fp32 too). Differentiable in both arguments.
+    features: N×C×H×W (any float dtype); points_xy: N×P×2, (x, y) in [0, 1]. Returns N×C×P fp32 (autocast runs
+    grid_sample in fp32 too), differentiable in both arguments.
     """
     n, c, h, w = features.shape
     p = points_xy.shape[1]
@@ -59,13 +54,10 @@ def point_sample(features, points_xy):
 
 
 def sample_labels_nearest(labels, points_xy):
-    """Nearest-neighbour label at each point, exactly as detectron2's point targets:
-    grid_sample(labels[:, None].float(), 2u − 1, mode="nearest", align_corners=False).long().
-
-    labels: N×H×W int64; points_xy: N×P×2 in [0, 1]. Returns N×P int64.
-    Ties (x·W − 0.5 exactly k + 0.5) round half to even like grid_sample. A point whose nearest pixel lies
-    outside the map gets 0, not 255 (grid_sample's zero padding); for u in [0, 1) that never happens.
-    """
+    """Nearest label at each point, exactly detectron2's point targets: grid_sample(labels[:, None].float(),
+    2u − 1, mode="nearest", align_corners=False).long(). labels: N×H×W int64; points_xy: N×P×2 in [0, 1] ->
+    N×P int64. Ties (u·W − 0.5 = k + 0.5) round half to even like grid_sample; a nearest pixel outside the map
+    gives 0, not 255 (zero padding; never for u in [0, 1))."""
     n, h, w = labels.shape
     # fp64 only for this N×P index maths (no autograd); torch.round is half-to-even like grid_sample
     col = _pixel_coordinate(points_xy[..., 0], w, single_rounding=True).round()
@@ -84,21 +76,16 @@ def uncertainty(logits):
 
 
 @torch.no_grad()
-def uncertain_point_coords_with_randomness(
-    coarse_logits, num_points, oversample_ratio=3, importance_sample_ratio=0.75, generator=None
-):
-    """Training points (spec §3.3): int(β·P) most uncertain of int(k·P) uniform candidates, then
-    P − int(β·P) fresh uniform points.
+def uncertain_point_coords_with_randomness(coarse_logits, num_points, oversample_ratio=3, importance_sample_ratio=0.75,
+                                           generator=None):
+    """Training points (spec §3.3): the int(β·P) most uncertain of int(k·P) uniform candidates (uncertainty of
+    the interpolated logits, as detectron2), then P − int(β·P) fresh uniform points.
 
-    coarse_logits: N×C×h×w. Returns N×P×2 in [0, 1), important points first. Uncertainty is taken of
-    the interpolated logits (interpolating a grid uncertainty map is wrong, detectron2 notes).
-    generator: optional torch.Generator on coarse_logits' device (tests replay it); None = default RNG.
+    coarse_logits: N×C×h×w -> N×P×2 in [0, 1), important first. generator: a torch.Generator on its device or None.
     """
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(
-            f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, "
-            f"got {oversample_ratio} and {importance_sample_ratio}"
-        )
+        raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, "
+                         f"got {oversample_ratio} and {importance_sample_ratio}")
     n, device = coarse_logits.shape[0], coarse_logits.device
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
@@ -111,11 +98,8 @@ def uncertain_point_coords_with_randomness(
 
 
 def uncertain_point_coords_on_grid(uncertainty_map, num_points):
-    """The min(H·W, num_points) most uncertain cells of an N×1×H×W map.
-
-    Returns (indices N×n int64 into the flattened H·W map, coords N×n×2 fp32 cell centres
-    ((i mod W) + 0.5)/W, ((i div W) + 0.5)/H).
-    """
+    """The min(H·W, num_points) most uncertain cells of an N×1×H×W map: (indices N×n int64 into the flat map,
+    coords N×n×2 fp32 cell centres ((i mod W) + 0.5)/W, ((i div W) + 0.5)/H)."""
     n, _, h, w = uncertainty_map.shape
     count = min(h * w, num_points)
     indices = uncertainty_map.reshape(n, h * w).topk(count, dim=1, sorted=True).indices
@@ -130,11 +114,9 @@ def _upsample2x(x):
 
 
 def subdivision_inference(coarse, fine_features, point_head, steps=2, num_points=8192):
-    """Spec §3.5: `steps` times upsample ×2, pick the most uncertain cells and overwrite them with the point
-    head's logits. The point head always sees the ORIGINAL coarse logits, not the refined map.
-
-    coarse: N×C×h×w; fine_features: N×F×h×w (p2). Returns fp32 N×C×(h·2^steps)×(w·2^steps).
-    """
+    """Spec §3.5: `steps` times upsample ×2 and overwrite the most uncertain cells with the point head's logits,
+    which always sees the ORIGINAL coarse logits. coarse: N×C×h×w; fine_features: N×F×h×w (p2)
+    -> fp32 N×C×(h·2^steps)×(w·2^steps)."""
     refined = coarse.float()
     for _ in range(steps):
         refined = _upsample2x(refined)
@@ -142,9 +124,8 @@ def subdivision_inference(coarse, fine_features, point_head, steps=2, num_points
         indices, coords = uncertain_point_coords_on_grid(uncertainty(refined), num_points)
         point_logits = point_head(point_sample(fine_features, coords), point_sample(coarse, coords))
         # scatter in fp32: point_head may run in fp16 under autocast, and the NPU scatter wants fp16/fp32
-        refined = refined.reshape(n, c, h * w).scatter(
-            2, indices[:, None].expand(n, c, indices.shape[1]), point_logits.float()
-        ).reshape(n, c, h, w)
+        index = indices[:, None].expand(n, c, indices.shape[1])
+        refined = refined.reshape(n, c, h * w).scatter(2, index, point_logits.float()).reshape(n, c, h, w)
     return refined
 
 
@@ -168,11 +149,8 @@ class Upsample2x(nn.Module):
 
 
 class SemSegFPNHead(nn.Module):
-    """Coarse head (spec §2.4): per level p2..p5, log2(stride/4) (at least 1) conv-GN-ReLU layers, each
-    followed by ×2 upsampling except at stride 4; the four branches are summed, then a 1×1 predictor.
-
-    forward({"p2".."p5": N×in_channels×H/s×W/s}) -> N×num_classes×H/4×W/4 logits.
-    """
+    """Coarse head (spec §2.4): per level, max(1, log2(stride/4)) conv-GN-ReLU layers, each + ×2 upsampling
+    except at stride 4; branches summed, then a 1×1 predictor. {"p2".."p5"} -> N×num_classes×H/4×W/4 logits."""
 
     def __init__(self, num_classes=19, in_channels=256, channels=128, num_groups=32):
         super().__init__()
@@ -187,15 +165,12 @@ class SemSegFPNHead(nn.Module):
         c2_msra_fill(self.predictor)
 
     def forward(self, features):
-        summed = sum(getattr(self, level)(features[level]) for level in FPN_LEVELS)
-        return self.predictor(summed)
+        return self.predictor(sum(getattr(self, level)(features[level]) for level in FPN_LEVELS))
 
 
 class StandardPointHead(nn.Module):
-    """Per-point MLP (spec §2.5) written as 1×1 Conv1d: concat(fine, coarse) -> 3×(fc + ReLU) -> predictor.
-
-    forward(fine N×F×P, coarse N×C×P) -> N×num_classes×P.
-    """
+    """Per-point MLP (spec §2.5) as 1×1 Conv1d: concat(fine N×F×P, coarse N×C×P) -> 3×(fc + ReLU) -> predictor
+    -> N×num_classes×P."""
 
     def __init__(self, num_classes=19, fine_channels=256, channels=256):
         super().__init__()
@@ -236,20 +211,17 @@ class PointRendSemSegHead(nn.Module):
             seg = subdivision_inference(coarse, features["p2"], self.point_head,
                                         self.subdivision_steps, self.subdivision_num_points)
             return {"seg": seg}
-        coords = uncertain_point_coords_with_randomness(
-            coarse, self.train_num_points, self.oversample_ratio, self.importance_sample_ratio
-        )
+        coords = uncertain_point_coords_with_randomness(coarse, self.train_num_points, self.oversample_ratio,
+                                                        self.importance_sample_ratio)
         # coarse is not detached: the point loss trains the coarse head and backbone too (spec §3.4)
         point_logits = self.point_head(point_sample(features["p2"], coords), point_sample(coarse, coords))
         return {"coarse": coarse, "point_logits": point_logits, "point_coords": coords}
 
 
 class PointRend(nn.Module):
-    """ResNet-FPN backbone + PointRendSemSegHead; forward(image uint8 N×3×H×W BGR, hw int64 N×2).
-
-    Outputs are at the padded size H'×W' (multiples of 32): train {"coarse": N×C×H'/4×W'/4,
-    "point_logits": N×C×P, "point_coords": N×P×2 relative to the padded input}; eval {"seg": N×C×H'×W'}.
-    """
+    """ResNet-FPN + PointRendSemSegHead; forward(image uint8 N×3×H×W BGR, hw int64 N×2), outputs at the padded
+    size H'×W' (multiples of 32): train {"coarse": N×C×H'/4×W'/4, "point_logits": N×C×P, "point_coords": N×P×2
+    relative to the padded input}; eval {"seg": N×C×H'×W'}."""
 
     def __init__(self, backbone, sem_seg_head):
         super().__init__()
@@ -259,24 +231,20 @@ class PointRend(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor([103.53, 116.28, 123.675]), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([1.0, 1.0, 1.0]), persistent=False)
         self.input_rgb = False
-        self.size_divisibility = 32
+        self.size_divisibility = 32  # res5's stride: every FPN top-down step is then exactly ×2
 
     def forward(self, image, hw):
-        x = normalize_and_pad(image, hw, self.pixel_mean, self.pixel_std, self.input_rgb,
-                              self.size_divisibility)
+        x = normalize_and_pad(image, hw, self.pixel_mean, self.pixel_std, self.input_rgb, self.size_divisibility)
         return self.sem_seg_head(self.backbone(x))
 
 
 def build_pointrend(num_classes=19, depth=101, fpn_channels=256, head_channels=128, head_groups=32,
                     point_fc=256, train_num_points=2048, oversample_ratio=3, importance_sample_ratio=0.75,
                     subdivision_steps=2, subdivision_num_points=8192, **backbone_kwargs):
-    """detectron2's pointrend_semantic_R_101_FPN_1x_cityscapes model. backbone_kwargs go to
-    build_resnet_fpn (e.g. reduced widths for tests); head_groups must divide head_channels."""
+    """detectron2's pointrend_semantic_R_101_FPN_1x_cityscapes. backbone_kwargs go to build_resnet_fpn (e.g.
+    reduced widths); head_groups must divide head_channels."""
     backbone = build_resnet_fpn(depth=depth, out_channels=fpn_channels, **backbone_kwargs)
-    head = PointRendSemSegHead(
-        SemSegFPNHead(num_classes, fpn_channels, head_channels, head_groups),
-        StandardPointHead(num_classes, fpn_channels, point_fc),
-        train_num_points, oversample_ratio, importance_sample_ratio,
-        subdivision_steps, subdivision_num_points,
-    )
+    head = PointRendSemSegHead(SemSegFPNHead(num_classes, fpn_channels, head_channels, head_groups),
+                               StandardPointHead(num_classes, fpn_channels, point_fc), train_num_points,
+                               oversample_ratio, importance_sample_ratio, subdivision_steps, subdivision_num_points)
     return PointRend(backbone, head)

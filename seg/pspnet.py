@@ -1,8 +1,5 @@
-"""PSPNet (mmseg 0.10.0 R50-D8 layout): ResNetV1c backbone, pyramid pooling head, auxiliary FCN head.
-
-Module names reproduce mmseg's, so `state_dict()` equals spec/checkpoint_keys/mmseg_pspnet_r50_d8.txt key for
-key (the pixel mean/std buffers are non-persistent and stay out of it). Losses live in seg/losses.py.
-"""
+"""PSPNet (mmseg 0.10.0 R50-D8): ResNetV1c backbone, pyramid pooling head, auxiliary FCN head. Module names are
+mmseg's: `state_dict()` equals spec/checkpoint_keys/mmseg_pspnet_r50_d8.txt key for key."""
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +33,15 @@ class PSPHead(nn.Module):
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         self.dropout = nn.Dropout2d(dropout)
         # PyTorch's own adaptive pool: its bins overlap for e.g. 64/3 and a hand-written one would not match.
-        self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvBNReLU(in_channels, channels, 1)) for scale in pool_scales
-        )
+        self.psp_modules = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels, channels, 1))
+                                         for s in pool_scales)
         self.bottleneck = ConvBNReLU(in_channels + len(pool_scales) * channels, channels, 3, padding=1)
 
     def forward(self, x):
         """x: N×C_in×h×w -> logits N×num_classes×h×w."""
-        size = x.shape[-2:]
-        branches = [x]
-        for branch in self.psp_modules:
-            branches.append(F.interpolate(branch(x), size=size, mode="bilinear", align_corners=False))
-        return self.conv_seg(self.dropout(self.bottleneck(torch.cat(branches, dim=1))))
+        branches = [F.interpolate(branch(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                    for branch in self.psp_modules]
+        return self.conv_seg(self.dropout(self.bottleneck(torch.cat([x] + branches, dim=1))))
 
 
 class FCNHead(nn.Module):
@@ -65,8 +59,7 @@ class FCNHead(nn.Module):
 
 
 def init_head(head):
-    """mmcv/mmseg head init: ConvModule convs kaiming-normal (fan_out, relu), bias 0; norms 1/0;
-    conv_seg normal(0, 0.01), bias 0."""
+    """mmseg head init: ConvModule convs kaiming-normal (fan_out, relu), norms 1/0, conv_seg normal(0, 0.01)/0."""
     for module in head.modules():
         if isinstance(module, ConvBNReLU):
             nn.init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
@@ -77,11 +70,10 @@ def init_head(head):
 
 
 class PSPNet(nn.Module):
-    """Encoder-decoder: backbone stages 3 and 4 feed the auxiliary and the decode head.
+    """Backbone stages 3 and 4 feed the auxiliary and the decode head.
 
-    forward(image, hw): image uint8 N×3×H×W BGR, hw int N×2 valid sizes (bottom/right padding).
-    Train mode -> {"seg": N×K×H/8×W/8, "aux": N×K×H/8×W/8} logits; eval mode -> {"seg": ...} only
-    (the auxiliary head is not run). Sizes are ceil-divided: a 64×64 input gives 8×8 logits.
+    forward(image uint8 N×3×H×W BGR, hw int N×2 valid sizes, padding at bottom/right) -> train: {"seg", "aux"},
+    eval: {"seg"} (aux head not run), logits N×K×ceil(H/8)×ceil(W/8).
     """
 
     def __init__(self, backbone, decode_head, auxiliary_head):
@@ -89,7 +81,7 @@ class PSPNet(nn.Module):
         self.backbone = backbone
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
-        # Non-persistent: they come from the builder, and the state_dict stays identical to mmseg's.
+        # Non-persistent: set by the builder, and the state_dict stays identical to mmseg's.
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN_RGB), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD_RGB), persistent=False)
         self.input_rgb = True
@@ -106,11 +98,8 @@ class PSPNet(nn.Module):
 
 def build_pspnet(num_classes=21, depth=50, base_channels=64, stem_channels=64, blocks=None, channels=512,
                  aux_channels=256, dropout=0.1, pool_scales=(1, 2, 3, 6)):
-    """PSPNet R{depth}-D8 (output stride 8: dilations 1,1,2,4, strides 1,2,1,1, contract_dilation).
-
-    The defaults give mmseg's pspnet_r50-d8 for VOC (48,977,034 parameters). For a CPU demo, shrink
-    base_channels/stem_channels/blocks/channels/aux_channels; the code path is the same.
-    """
+    """PSPNet R{depth}-D8 (dilations 1,1,2,4, strides 1,2,1,1, contract_dilation). The defaults give mmseg's
+    pspnet_r50-d8 for VOC (48,977,034 parameters); a CPU demo shrinks widths and blocks, same code path."""
     backbone = build_resnet_v1c(depth, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True,
                                 stem_channels=stem_channels, base_channels=base_channels, norm="bn", blocks=blocks)
     decode_head = PSPHead(backbone.out_channels[3], channels, num_classes, pool_scales, dropout)

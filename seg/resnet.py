@@ -1,13 +1,9 @@
-"""Backbones shared by both models: input normalisation, ResNetV1c (PSPNet) and MSRA ResNet + FPN (PointRend).
+"""Backbones: input normalisation, ResNetV1c (PSPNet) and MSRA ResNet + FPN (PointRend).
 
-Module names follow the reference checkpoints so their weights load without renaming:
-- ResNetV1c uses mmcv's layout (`stem.0`, `layer3.5.conv2`, `layer1.0.downsample.1`, ...), see
-  spec/checkpoint_keys/mmseg_pspnet_r50_d8.txt.
-- The MSRA ResNet and FPN use detectron2's layout (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`, ...), see
-  spec/checkpoint_keys/detectron2_pointrend_r101_fpn.txt.
-
-Widths (`stem_channels`, `base_channels`) and blocks per stage (`blocks`) can be reduced for a CPU demo; a reduced
-model runs exactly the same code as the full one.
+Module names follow the reference checkpoints, so their weights load without renaming: ResNetV1c uses mmcv's
+(`stem.0`, `layer1.0.downsample.1`; spec/checkpoint_keys/mmseg_pspnet_r50_d8.txt), the MSRA ResNet and FPN
+detectron2's (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`; spec/checkpoint_keys/detectron2_pointrend_r101_fpn.txt).
+Reduced widths/blocks (a CPU demo) run exactly the same code as the full models.
 """
 
 import math
@@ -23,14 +19,12 @@ STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
 def normalize_and_pad(image, hw, mean, std, rgb, divisor):
-    """Turn a padded batch of BGR images into the network input.
+    """A padded batch of BGR images -> network input.
 
-    image: N×3×H×W, uint8 (or float) in 0..255, BGR order; pixels outside each image's valid area are ignored.
-    hw: int N×2, the valid (height, width) of each image; padding sits at the bottom/right.
-    mean, std: 3 values in the model's channel order (RGB if `rgb`, else BGR).
-    rgb: flip BGR to RGB before normalising. divisor: pad H and W up to a multiple of it (1 = no padding).
-    Returns float32 N×3×H'×W' with (x - mean) / std inside each valid area and exactly 0 elsewhere, because both
-    references pad after normalising (0 = the mean colour).
+    image: N×3×H×W uint8 (or float) in 0..255, BGR; hw: int N×2 valid (height, width), padding at bottom/right.
+    mean, std: 3 values in the model's channel order (RGB if `rgb`: flip BGR to RGB first).
+    divisor: pad H and W up to a multiple of it (1 = none). Returns float32 N×3×H'×W', (x - mean) / std inside
+    each valid area and exactly 0 elsewhere: both references pad after normalising (0 = the mean colour).
     """
     x = image.float()
     if rgb:
@@ -52,11 +46,9 @@ def normalize_and_pad(image, hw, mean, std, rgb, divisor):
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """Batch norm with fixed statistics and affine terms: y = x·scale + shift, per channel.
-
-    scale = weight / sqrt(running_var + eps), shift = bias - running_mean·scale. All four are buffers, so nothing
-    trains and train()/eval() make no difference. A fresh one is the identity (running_var = 1 - eps, as in
-    detectron2), so an unloaded backbone still passes signals through unchanged.
+    """Batch norm with fixed statistics and affine terms, all buffers: y = x·scale + shift per channel, with
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean·scale; train()/eval() change nothing.
+    A fresh one is the identity (running_var = 1 - eps, as in detectron2).
     """
 
     def __init__(self, num_features, eps=1e-5):
@@ -79,8 +71,7 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 def make_norm(kind, channels):
-    """"bn": trainable nn.BatchNorm2d (eps 1e-5, momentum 0.1; the trainer may convert it to SyncBN);
-    "frozen": FrozenBatchNorm2d."""
+    """"bn": nn.BatchNorm2d (eps 1e-5, momentum 0.1; the trainer may convert it to SyncBN); "frozen"."""
     if kind == "bn":
         return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
     if kind == "frozen":
@@ -99,15 +90,16 @@ def stage_blocks(depth, blocks):
     return STAGE_BLOCKS[depth]
 
 
-# ---------------------------------------------------------------- ResNetV1c (mmseg PSPNet backbone)
+def c2_msra_fill(conv):
+    """detectron2/fvcore init for convs followed by ReLU: kaiming-normal (fan_out, relu), bias 0."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
 
 
 class BottleneckV1c(nn.Module):
-    """mmcv "pytorch"-style bottleneck: the stride and dilation sit on the 3x3 conv (conv2).
-
-    in_channels -> width (1x1) -> width (3x3, stride, dilation) -> 4·width (1x1), plus the shortcut
-    (1x1 conv with the stride + norm, `downsample`, when the shape changes), then ReLU.
-    """
+    """mmcv "pytorch"-style bottleneck, stride and dilation on the 3x3 conv: in -> width (1x1) -> width (3x3)
+    -> 4·width (1x1), plus the shortcut (`downsample`: strided 1x1 conv + norm when the shape changes), ReLU."""
 
     def __init__(self, in_channels, width, stride, dilation, norm):
         super().__init__()
@@ -133,8 +125,7 @@ class BottleneckV1c(nn.Module):
 
 
 def deep_stem(stem_channels, norm):
-    """Three 3x3 convs 3 -> stem/2 -> stem/2 -> stem (first one stride 2), each + norm + ReLU.
-    nn.Sequential indices: convs 0/3/6, norms 1/4/7, as in mmcv."""
+    """3x3 convs 3 -> stem/2 -> stem/2 -> stem (first stride 2), each + norm + ReLU; convs 0/3/6, norms 1/4/7."""
     half = stem_channels // 2
     layers = []
     for cin, cout, stride in ((3, half, 2), (half, half, 1), (half, stem_channels, 1)):
@@ -173,14 +164,11 @@ class ResNetV1c(nn.Module):
 
 
 def init_resnet_v1c(model, zero_init_residual=True):
-    """mmcv's from-scratch init: convs kaiming-normal (fan_out, relu), norms weight 1 / bias 0, and, with
-    zero_init_residual, bn3 of every block at 0 so each residual branch starts as the identity.
-    Pretrained weights overwrite all of it."""
+    """mmcv's from-scratch init: convs kaiming-normal (fan_out, relu), norms 1 / 0, and with zero_init_residual
+    every bn3 weight 0 (each residual branch starts as the identity)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            c2_msra_fill(module)  # the same as mmcv's kaiming_init(mode="fan_out")
         elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
@@ -192,24 +180,16 @@ def init_resnet_v1c(model, zero_init_residual=True):
 
 def build_resnet_v1c(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True,
                      stem_channels=64, base_channels=64, norm="bn", blocks=None, zero_init_residual=True):
-    """mmseg ResNetV1c; the defaults are the R50-D8 PSPNet backbone (output stride 8).
-
-    Stage i has width base_channels·2^i and outputs 4× that (256/512/1024/2048 by default).
-    blocks overrides the per-stage block counts of `depth` (e.g. (1, 1, 1, 1) for a demo).
-    Returns a ResNetV1c whose forward gives the list of the 4 stage outputs.
-    """
+    """mmseg ResNetV1c, by default the R50-D8 PSPNet backbone (output stride 8). Stage i has width
+    base_channels·2^i and outputs 4× that (256/512/1024/2048); `blocks` overrides `depth`'s block counts."""
     model = ResNetV1c(stage_blocks(depth, blocks), dilations, strides, contract_dilation,
                       stem_channels, base_channels, norm)
     init_resnet_v1c(model, zero_init_residual)
     return model
 
 
-# ---------------------------------------------------------------- MSRA ResNet + FPN (detectron2 PointRend)
-
-
 class NormedConv2d(nn.Conv2d):
-    """Bias-free conv whose norm is a child named `norm` (detectron2 layout: `conv1.weight`, `conv1.norm.*`).
-    forward = norm(conv(x)); the activation is left to the caller."""
+    """Bias-free conv with its norm as child `norm` (detectron2: `conv1.weight`, `conv1.norm.*`); no activation."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, norm="frozen"):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
@@ -220,8 +200,8 @@ class NormedConv2d(nn.Conv2d):
 
 
 class BottleneckMSRA(nn.Module):
-    """MSRA bottleneck: the stride sits on the first 1x1 conv (stride_in_1x1). The shortcut is a strided
-    1x1 conv + norm when the channel count changes (first block of each stage), else the identity."""
+    """MSRA bottleneck, stride on the first 1x1 conv (stride_in_1x1); the shortcut is a strided 1x1 conv + norm
+    when the channel count changes (first block of a stage), else the identity."""
 
     def __init__(self, in_channels, width, stride, norm):
         super().__init__()
@@ -258,7 +238,6 @@ class ResNetMSRA(nn.Module):
         super().__init__()
         self.stem = StemMSRA(stem_channels, norm)
         self.out_channels = {}
-        self.strides = {}
         in_channels = stem_channels
         for i, count in enumerate(blocks):
             name, width, stride = f"res{i + 2}", base_channels * 2**i, 1 if i == 0 else 2
@@ -267,7 +246,6 @@ class ResNetMSRA(nn.Module):
             self.add_module(name, nn.Sequential(*layer))
             in_channels = width * EXPANSION
             self.out_channels[name] = in_channels
-            self.strides[name] = 4 * 2**i
 
     def forward(self, x):
         """x: N×3×H×W -> dict res2..res5, N×C×(H/s)×(W/s) for s = 4, 8, 16, 32."""
@@ -279,13 +257,6 @@ class ResNetMSRA(nn.Module):
         return outputs
 
 
-def c2_msra_fill(conv):
-    """detectron2/fvcore init for convs followed by ReLU: kaiming-normal (fan_out, relu), bias 0."""
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-
-
 def c2_xavier_fill(conv):
     """detectron2/fvcore init for FPN convs: kaiming-uniform with a=1, bias 0."""
     nn.init.kaiming_uniform_(conv.weight, a=1)
@@ -294,12 +265,8 @@ def c2_xavier_fill(conv):
 
 
 def build_resnet_msra(depth=101, stem_channels=64, base_channels=64, norm="frozen", blocks=None):
-    """MSRA ResNet (detectron2 R-50/R-101 layout, FrozenBN everywhere, no stage frozen).
-
-    Stage res{i+2} has width base_channels·2^i and outputs 4× that (256/512/1024/2048 by default).
-    blocks overrides the per-stage block counts of `depth`. Every conv gets c2_msra_fill; FrozenBN starts
-    as the identity. Returns a ResNetMSRA.
-    """
+    """MSRA ResNet (detectron2 R-50/R-101, FrozenBN everywhere, no stage frozen), convs c2_msra_fill'ed.
+    Stage res{i+2} has width base_channels·2^i and outputs 4× that; `blocks` overrides `depth`'s block counts."""
     model = ResNetMSRA(stage_blocks(depth, blocks), stem_channels, base_channels, norm)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -308,11 +275,8 @@ def build_resnet_msra(depth=101, stem_channels=64, base_channels=64, norm="froze
 
 
 class FPN(nn.Module):
-    """Feature pyramid on top of an MSRA ResNet: p2..p5, all `out_channels` wide, sum fusion, no p6.
-
-    Children are named as in detectron2 (`fpn_lateral{2..5}`, `fpn_output{2..5}`, `bottom_up`), registered in
-    its order, so state_dict() lists keys exactly as the reference checkpoint does.
-    """
+    """Feature pyramid p2..p5 on an MSRA ResNet, all `out_channels` wide, sum fusion, no p6. Children are named
+    and registered as in detectron2, so state_dict() lists the reference checkpoint's keys in its order."""
 
     def __init__(self, bottom_up, out_channels):
         super().__init__()
@@ -324,9 +288,6 @@ class FPN(nn.Module):
             self.add_module(f"fpn_lateral{level}", lateral)
             self.add_module(f"fpn_output{level}", output)
         self.bottom_up = bottom_up
-        self.out_channels = out_channels
-        self.strides = {f"p{level}": 2**level for level in (2, 3, 4, 5)}
-        self.size_divisibility = 32  # res5 stride: inputs padded to it make every top-down step exactly x2
 
     def forward(self, x):
         """x: N×3×H×W (H, W multiples of 32) -> {"p2": N×C×H/4×W/4, ..., "p5": N×C×H/32×W/32}."""
@@ -335,8 +296,7 @@ class FPN(nn.Module):
         outputs = {"p5": self.fpn_output5(merged)}
         for level in (4, 3, 2):
             lateral = getattr(self, f"fpn_lateral{level}")(features[f"res{level}"])
-            # size= rather than scale_factor= (the NPU interpolate has no scale_factor). With H, W multiples of
-            # 32 the lateral map is exactly twice the coarser one, so this is nearest x2.
+            # size= as the NPU interpolate has no scale_factor; with H, W multiples of 32 this is nearest x2
             top_down = F.interpolate(merged, size=lateral.shape[-2:], mode="nearest")
             merged = lateral + top_down
             outputs[f"p{level}"] = getattr(self, f"fpn_output{level}")(merged)
@@ -344,9 +304,7 @@ class FPN(nn.Module):
 
 
 def build_resnet_fpn(depth=101, out_channels=256, stem_channels=64, base_channels=64, norm="frozen", blocks=None):
-    """PointRend backbone: MSRA ResNet (`bottom_up`) + FPN. forward(x) -> {"p2","p3","p4","p5"}.
-
-    With the defaults, state_dict() equals the `backbone.` entries of the detectron2 R101-FPN checkpoint.
-    """
+    """PointRend backbone, MSRA ResNet (`bottom_up`) + FPN: forward(x) -> {"p2".."p5"}. With the defaults,
+    state_dict() equals the `backbone.` entries of the detectron2 R101-FPN checkpoint."""
     bottom_up = build_resnet_msra(depth, stem_channels, base_channels, norm, blocks)
     return FPN(bottom_up, out_channels)

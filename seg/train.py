@@ -1,20 +1,103 @@
-"""The training loop shared by PSPNet and PointRend: train_one_step, train, schedules, optimizer.
+"""The pieces of the training loop shared by PSPNet and PointRend: losses, precision, optimizer, learning rate,
+one step, and the meter that reads losses and speed once per log step. seg/tasks.py runs the loop.
 
-Launch with `python run.py SECTION` or `torchrun --nproc_per_node N run.py SECTION`.
+Losses are functions of (model outputs, labels); labels are int64 N×H×W with 255 for ignored and padded
+pixels, and every loss dict's keys start with "loss" (the step sums them).
+
+Precision (the one place that decides it): amp = "off" | "fp16" | "bf16". fp16 needs a loss scale:
+loss_scale = "dynamic" (start 2**16, halve on overflow, double after 2000 clean steps) or a number (static, like
+the Ascend scripts' 128 and 512). bf16 has fp32's range and needs none. A step whose gradients overflow is
+skipped, never applied, with either kind of scale.
 """
-import functools
-import json
+import contextlib
 import math
-import os
 import time
 
 import torch
+import torch.nn.functional as F
 
-from seg import amp, checkpoint, colour, data, dist, evaluate, models, transforms
-from seg.files import UserError
+from seg import colour, dist
+from seg.files import IGNORE_INDEX
+from seg.pointrend import sample_labels_nearest
 
 NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+STATIC_SCALE = 2**31 - 1  # growth interval of a static loss scale: it never grows
 
+
+# ------------------------------------------------------------------------------------------- losses
+
+def pixel_cross_entropy(logits, label, average="all", ignore_index=IGNORE_INDEX):
+    """Cross-entropy of N×C×H×W logits against N×H×W labels, computed in fp32.
+
+    average="all": sum over valid pixels divided by N·H·W, ignored pixels included in the count
+    (mmsegmentation 0.10). average="valid": divided by the number of valid pixels (detectron2,
+    nn.CrossEntropyLoss); 0, not NaN, when every pixel is ignored.
+    """
+    per_pixel = F.cross_entropy(logits.float(), label, reduction="none", ignore_index=ignore_index)
+    if average == "all":
+        return per_pixel.mean()
+    if average == "valid":  # clamp keeps an all-ignored batch at 0/1 = 0 instead of 0/0 = NaN
+        return per_pixel.sum() / (label != ignore_index).sum().clamp(min=1)
+    raise ValueError(f"loss average must be 'all' or 'valid', got {average!r}")
+
+
+def resize_logits(logits, size_hw):
+    """Bilinear (align_corners=False) resize of N×C×h×w logits to size_hw, in fp32."""
+    return F.interpolate(logits.float(), size=tuple(size_hw), mode="bilinear", align_corners=False)
+
+
+def pspnet_losses(outputs, label, average="all", aux_weight=0.4):
+    """mmsegmentation's decode + 0.4·auxiliary loss: logits are resized to the label size first."""
+    size = label.shape[-2:]
+    losses = {"loss_seg": pixel_cross_entropy(resize_logits(outputs["seg"], size), label, average)}
+    if "aux" in outputs:
+        losses["loss_aux"] = aux_weight * pixel_cross_entropy(resize_logits(outputs["aux"], size), label, average)
+    return losses
+
+
+def pointrend_losses(outputs, label):
+    """detectron2's coarse loss plus the point loss. The stride-4 coarse logits are upsampled to the padded
+    input size (= label size) and averaged over valid pixels. Point labels are nearest-sampled from the padded
+    labels at the points the model used; the point loss averages over valid points and is 0 when all are
+    ignored (detectron2 issue #1455 went NaN there)."""
+    coarse = resize_logits(outputs["coarse"], label.shape[-2:])
+    point_labels = sample_labels_nearest(label, outputs["point_coords"])
+    return {"loss_sem_seg": pixel_cross_entropy(coarse, label, "valid"),
+            "loss_sem_seg_point": pixel_cross_entropy(outputs["point_logits"], point_labels, "valid")}
+
+
+# ---------------------------------------------------------------------------------------- precision
+
+def autocast_context(device_type, amp):
+    """A context manager running the forward pass in the requested precision."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=DTYPES[amp])
+
+
+def make_scaler(device_type, amp, loss_scale):
+    """torch.amp.GradScaler, enabled for fp16 only (elsewhere its calls pass through). A static scale is one
+    that never grows; train_one_step undoes the halving GradScaler applies after an overflow."""
+    dynamic = loss_scale == "dynamic"
+    return torch.amp.GradScaler(device_type, init_scale=2.0**16 if dynamic else float(loss_scale),
+                                growth_interval=2000 if dynamic else STATIC_SCALE, enabled=amp == "fp16")
+
+
+def scaler_state(scaler):
+    """The scaler in checkpoints as plain numbers: {"scale", "dynamic", "clean_steps"}, or None without fp16."""
+    if not scaler.is_enabled():
+        return None
+    return {"scale": scaler.get_scale(), "dynamic": scaler.get_growth_interval() != STATIC_SCALE,
+            "clean_steps": int(scaler.state_dict()["_growth_tracker"])}
+
+
+def load_scaler_state(scaler, state):
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict({**scaler.state_dict(), "scale": state["scale"], "_growth_tracker": state["clean_steps"]})
+
+
+# -------------------------------------------------------------------------------- optimizer and step
 
 def lr_at(iteration, base_lr, schedule, total):
     """Learning rate before iteration `iteration` (0-based) of `total`.
@@ -25,13 +108,11 @@ def lr_at(iteration, base_lr, schedule, total):
     """
     if schedule["policy"] == "poly":
         return (base_lr - schedule["min_lr"]) * (1 - iteration / total) ** schedule["power"] + schedule["min_lr"]
-    if schedule["policy"] == "multistep":
-        factor = schedule["gamma"] ** sum(1 for step in schedule["steps"] if step <= iteration)
-        if iteration < schedule["warmup_iters"]:
-            alpha = iteration / schedule["warmup_iters"]
-            factor *= schedule["warmup_factor"] * (1 - alpha) + alpha
-        return base_lr * factor
-    raise UserError(f"schedule.policy must be 'poly' or 'multistep', got {schedule['policy']!r}")
+    factor = schedule["gamma"] ** sum(1 for step in schedule["steps"] if step <= iteration)
+    if iteration < schedule["warmup_iters"]:
+        alpha = iteration / schedule["warmup_iters"]
+        factor *= schedule["warmup_factor"] * (1 - alpha) + alpha
+    return base_lr * factor
 
 
 def param_groups(model, weight_decay, weight_decay_norm):
@@ -44,9 +125,8 @@ def param_groups(model, weight_decay, weight_decay_norm):
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model, cfg):
-    groups = param_groups(model, cfg["weight_decay"], cfg["weight_decay_norm"])
-    return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"])
+def build_optimizer(model, lr, momentum, weight_decay, weight_decay_norm):
+    return torch.optim.SGD(param_groups(model, weight_decay, weight_decay_norm), lr=lr, momentum=momentum)
 
 
 def set_norm_eval(model, norm_eval):
@@ -55,107 +135,6 @@ def set_norm_eval(model, norm_eval):
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
-
-
-def train_one_step(model, batch, loss_fn, optimizer, scaler, autocast):
-    """Forward, backward, step. Returns (dict of detached loss terms, whether the step was applied)."""
-    optimizer.zero_grad(set_to_none=True)
-    with autocast():
-        outputs = model(batch["image"], batch["hw"])
-    losses = loss_fn(outputs, batch["label"])
-    total = sum(losses.values())
-    if scaler is None:
-        total.backward()
-        optimizer.step()
-        applied = True
-    else:
-        scaler.scale_loss(total).backward()
-        applied = scaler.step(optimizer)
-    return {key: value.detach() for key, value in losses.items()}, applied
-
-
-class Meter:
-    """Sums loss terms on the device; read (one sync) only on log steps."""
-
-    def __init__(self):
-        self.sums, self.count, self.data_time = {}, 0, 0.0
-
-    def add(self, losses, data_time):
-        for key, value in losses.items():
-            self.sums[key] = self.sums.get(key, 0) + value
-        self.count += 1
-        self.data_time += data_time
-
-    def means(self):
-        keys = sorted(self.sums)
-        stacked = dist.all_reduce_sum(torch.stack([self.sums[key].float() for key in keys]))
-        scale = max(self.count, 1) * (torch.distributed.get_world_size() if dist.is_distributed() else 1)
-        return {key: value / scale for key, value in zip(keys, stacked.tolist())}
-
-
-def log_record(record, output_dir, rank):
-    if rank != 0:
-        return
-    losses = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
-    print(f"iter {record['iteration']}/{record['total']}  {losses}  lr {record['lr']:.3e}  "
-          f"{record['images_per_s']:.1f} img/s  data {record['data_time_s']:.3f}s  "
-          f"eta {record['eta_min']:.1f} min  mem {record['peak_mem_mib']:.0f} MiB", flush=True)
-    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def setup_run(config):
-    """Device, process group, seeds and output folder for a train or evaluate task."""
-    torch_device, rank, world_size = dist.setup(config["device"])
-    message = amp.check_amp_supported(torch_device.type, config["amp"])
-    if message:
-        raise UserError(f"amp = \"{config['amp']}\": {message}")
-    torch.manual_seed(config["seed"] + rank)
-    os.makedirs(config["output_dir"], exist_ok=True)
-    return torch_device, rank, world_size
-
-
-def per_device_batch(config, world_size):
-    batch = config["data"]["batch_size"]
-    if batch % world_size:
-        raise UserError(f"data.batch_size = {batch} (global) is not divisible by {world_size} processes")
-    return batch // world_size
-
-
-def train(config):
-    torch_device, rank, world_size = setup_run(config)
-    model = models.build(config["model"]).to(torch_device)
-    models.load_initial_weights(model, config, log=print if rank == 0 else (lambda *a: None))
-    model = dist.convert_sync_batchnorm(model, torch_device.type, config["sync_bn"])
-    optimizer = build_optimizer(model, config["optimizer"])
-    scaler = amp.make_scaler(config["amp"], config["loss_scale"])
-    start = resume_state(config, model, optimizer, scaler, torch_device, rank)
-    batch_size = per_device_batch(config, world_size)
-    dataset = train_dataset(config, jitter_in_loader(config, torch_device.type))
-    loader = data.train_loader(
-        dataset, batch_size, rank, world_size, config["seed"], config["data"]["workers"], torch_device.type != "cpu",
-        start=start * batch_size, divisor=model.size_divisibility, min_hw=training_pad_hw(config))
-    ddp_model = speedups(model, config, torch_device, rank)
-    run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, torch_device, rank, world_size)
-    if config["measure_pipeline"] and rank == 0:
-        rate = pipeline_images_per_s(loader.dataset, model.size_divisibility)
-        workers = config["data"]["workers"]
-        jitter = "colour jitter in the loader" if dataset.jitter_in_loader else "colour jitter on the device"
-        print(f"input pipeline: {rate:.1f} images/s per worker (decode + augment + collate, {jitter}; measured in the "
-              f"main process); {workers} workers per device give up to {rate * max(workers, 1):.0f} images/s",
-              flush=True)
-    dist.cleanup()
-
-
-def jitter_in_loader(config, device_type):
-    """Where the colour jitter runs (data.jitter_on): in the loader workers (numpy) or on the device after the
-    copy (torch, batched). "auto": on the device for CUDA, where it frees the workers of their costliest stage;
-    in the loader on CPU (numpy is 5-10× faster there than torch's CPU ops) and on NPU (the torch_npu support of
-    the int32 table lookups is unverified; the Ascend ports jitter in the workers too)."""
-    place = config["data"]["jitter_on"]
-    if place not in ("auto", "loader", "device"):
-        raise UserError(f"data.jitter_on = {place!r}: use \"auto\", \"loader\" or \"device\"")
-    return place == "loader" or (place == "auto" and device_type != "cuda")
 
 
 def on_device(batch):
@@ -168,134 +147,25 @@ def on_device(batch):
     return batch
 
 
-def train_dataset(config, jitter_in_loader=True):
-    """The training split with the dataset's augmentation (transforms.TRAIN_SAMPLERS); the colour jitter
-    is applied in the loader or, with jitter_in_loader=False, left to on_device."""
-    cfg = config["data"]
-    items, info, reader = data.split_items(config, "train_splits")
-    params = {"crop_hw": tuple(cfg["crop_hw"])}
-    if cfg["dataset"] == "voc":
-        params.update(scale=tuple(cfg["scale"]), ratio_range=tuple(cfg["ratio_range"]),
-                      cat_max_ratio=cfg["cat_max_ratio"])
+def train_one_step(model, batch, loss_fn, optimizer, scaler, autocast):
+    """Forward, backward, step. Returns (dict of detached loss terms, whether the step was applied).
+    Only fp16 reads anything back (the overflow check; GradScaler reads it too)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        outputs = model(batch["image"], batch["hw"])
+    losses = loss_fn(outputs, batch["label"])
+    scaler.scale(sum(losses.values())).backward()
+    applied = True
+    if scaler.is_enabled():
+        before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        applied = scaler.get_scale() >= before  # an overflow halves the scale
+        if not applied and scaler.get_growth_interval() == STATIC_SCALE:
+            scaler.update(before)
     else:
-        params.update(short_edges=tuple(cfg["short_edges"]), max_size=cfg["max_size"],
-                      single_category_max_area=cfg["cat_max_ratio"])
-    sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[cfg["dataset"]], **params)
-    return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"], reader,
-                             jitter_in_loader)
-
-
-def pipeline_images_per_s(dataset, divisor, samples=24):
-    """One worker's throughput: decode, augment and collate `samples` training samples, after 2 warm-up ones."""
-    keys = [(index % len(dataset), 10**9 + index) for index in range(samples + 2)]
-    data.collate([dataset[key] for key in keys[:2]], divisor)
-    start = time.perf_counter()
-    for key in keys[2:]:
-        data.collate([dataset[key]], divisor)
-    return samples / (time.perf_counter() - start)
-
-
-def speedups(model, config, torch_device, rank):
-    """channels_last, then DDP, then torch.compile; neither speed-up on NPU (spec/npu.md §8)."""
-    say = print if rank == 0 else (lambda *a: None)
-    if config["channels_last"]:
-        if torch_device.type == "npu":
-            say("channels_last = true ignored: torch_npu supports only contiguous tensors")
-        else:
-            model.to(memory_format=torch.channels_last)  # in place, before DDP registers its hooks
-    model = dist.wrap_ddp(model, torch_device)
-    if config["compile"]:
-        if torch_device.type == "npu":
-            say("compile = true ignored: run eagerly on NPU")
-        else:
-            model = torch.compile(model)
-    return model
-
-
-def training_pad_hw(config):
-    """mmseg pads every VOC training sample to the crop size (Pad(size=(512, 512))): padded pixels count in
-    its loss denominator and reach the BN statistics. detectron2 pads the batch only to a multiple of 32."""
-    return tuple(config["data"]["crop_hw"]) if config["data"]["dataset"] == "voc" else (0, 0)
-
-
-def resume_state(config, model, optimizer, scaler, torch_device, rank):
-    """Iteration to start from: 0, or the latest checkpoint's when resume = true."""
-    if not config["resume"]:
-        return 0
-    path = checkpoint.latest_checkpoint(config["output_dir"])
-    if path is None:
-        if rank == 0:
-            print(f"resume = true but {config['output_dir']} holds no checkpoint; starting from scratch")
-        return 0
-    state = checkpoint.load_training_state(path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    reseed(config["seed"], rank, state["iteration"])
-    if rank == 0:
-        print(f"resumed from {path} at iteration {state['iteration']}")
-    return state["iteration"]
-
-
-def run_iterations(config, ddp_model, model, optimizer, scaler, loader, start, torch_device, rank, world_size):
-    total, base_lr = config["iterations"], config["optimizer"]["lr"]
-    loss_fn = models.loss_function(config)
-    autocast = lambda: amp.autocast_context(torch_device.type, config["amp"])  # noqa: E731
-    images_per_step = config["data"]["batch_size"]
-    meter, batches = Meter(), data.prefetch(loader, torch_device)
-    tick = warm_start = time.perf_counter()
-    for iteration in range(start, total):
-        ddp_model.train()
-        set_norm_eval(ddp_model, config["norm_eval"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(iteration, base_lr, config["schedule"], total)
-        fetch_start = time.perf_counter()
-        batch = on_device(next(batches))
-        data_time = time.perf_counter() - fetch_start
-        losses, applied = train_one_step(ddp_model, batch, loss_fn, optimizer, scaler, autocast)
-        if not applied and rank == 0:
-            print(f"iter {iteration + 1}: fp16 gradients overflowed, step skipped; loss scale now {scaler.scale:g}")
-        meter.add(losses, data_time)
-        done = iteration + 1 - start
-        if done == 5:
-            dist.synchronize(torch_device)
-            warm_start, warm_done = time.perf_counter(), 5
-        if (iteration + 1) % config["log_interval"] == 0 or iteration + 1 == total:
-            means = meter.means()
-            if any(math.isnan(value) for value in means.values()):
-                raise UserError(f"the loss became NaN by iteration {iteration + 1} ({means}); lower optimizer.lr, "
-                                f"use amp=\"bf16\" or a static loss_scale, or start from pretrained weights")
-            dist.synchronize(torch_device)
-            now = time.perf_counter()
-            speed = images_per_step * meter.count / (now - tick)
-            log_record({"iteration": iteration + 1, "total": total, **means, "lr": optimizer.param_groups[0]["lr"],
-                        "images_per_s": speed, "data_time_s": meter.data_time / meter.count,
-                        "eta_min": (total - iteration - 1) * images_per_step / speed / 60,
-                        "peak_mem_mib": dist.peak_memory_mib(torch_device)}, config["output_dir"], rank)
-            meter, tick = Meter(), time.perf_counter()
-        hooks_start = time.perf_counter()
-        end = iteration + 1 == total
-        if end:
-            dist.synchronize(torch_device)
-            train_end = hooks_start
-        if should(config["checkpoint_interval"], iteration, end):
-            save_training_state(config, model, optimizer, scaler, iteration + 1, rank)
-            reseed(config["seed"], rank, iteration + 1)
-        if should(config["eval_interval"], iteration, end and config["final_eval"]):
-            evaluate.evaluate_and_report(config, model, torch_device, rank, world_size, iteration + 1)
-        # checkpoints and evaluations are not training time (as the Ascend timers exclude hooks)
-        hooks = time.perf_counter() - hooks_start
-        tick, warm_start = tick + hooks, warm_start + (hooks if 5 < done < total - start else 0)
-    done = total - start
-    if done > 5 and rank == 0:
-        measured = (done - warm_done) * images_per_step / (train_end - warm_start)
-        print(f"done: {done} iterations, {measured:.2f} images/s global (after 5 warm-up iterations, "
-              f"{world_size} process(es), batch {images_per_step})", flush=True)
-
-
-def should(interval, iteration, at_end):
-    return at_end or (interval > 0 and (iteration + 1) % interval == 0)
+        optimizer.step()
+    return {key: value.detach() for key, value in losses.items()}, applied
 
 
 def reseed(seed, rank, iteration):
@@ -307,12 +177,63 @@ def reseed(seed, rank, iteration):
     torch.manual_seed((seed * 1_000_003 + iteration) * 4099 + rank)
 
 
-def save_training_state(config, model, optimizer, scaler, iteration, rank):
-    """Model, optimizer, scaler, iteration and the resolved config; rank 0 writes, atomically."""
-    if rank == 0:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler else None, "iteration": iteration, "config": config}
-        path = os.path.join(config["output_dir"], f"iter_{iteration:07d}.pth")
-        checkpoint.save_atomic(state, path)
-        print(f"saved {path}", flush=True)
-    dist.barrier()
+# -------------------------------------------------------------------------------------------- meter
+
+class Meter:
+    """Loss sums stay on the device until a log step reads them (one sync); speed counts wall time between
+    log steps minus the spans in paused() (checkpoints, evaluations: as the Ascend timers exclude hooks).
+    The final figure starts after WARMUP iterations."""
+    WARMUP = 5
+
+    def __init__(self, images_per_step, torch_device):
+        self.images_per_step, self.device = images_per_step, torch_device
+        self.sums, self.count, self.data_time, self.done = {}, 0, 0.0, 0
+        self.tick = time.perf_counter()
+        self.warm = None  # [iterations done, time] once warm
+        self.measured = None  # (iterations, seconds) from the warm start to the latest read
+
+    def add(self, losses, data_time):
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.count, self.data_time, self.done = self.count + 1, self.data_time + data_time, self.done + 1
+        if self.done == self.WARMUP:
+            dist.synchronize(self.device)
+            self.warm = [self.done, time.perf_counter()]
+
+    def read(self, iteration, total, lr):
+        """The log record since the last read: mean loss terms over steps and ranks, lr, speed, ETA, memory."""
+        keys = sorted(self.sums)
+        stacked = dist.all_reduce_sum(torch.stack([self.sums[key].float() for key in keys]))
+        scale = max(self.count, 1) * dist.world_size()
+        dist.synchronize(self.device)
+        now = time.perf_counter()
+        if self.warm is not None and self.done > self.WARMUP:
+            self.measured = (self.done - self.warm[0], now - self.warm[1])
+        speed = self.images_per_step * self.count / (now - self.tick)
+        record = {"iteration": iteration, "total": total, **{k: v / scale for k, v in zip(keys, stacked.tolist())},
+                  "lr": lr, "images_per_s": speed, "data_time_s": self.data_time / max(self.count, 1),
+                  "eta_min": (total - iteration) * self.images_per_step / speed / 60,
+                  "peak_mem_mib": dist.peak_memory_mib(self.device)}
+        self.sums, self.count, self.data_time, self.tick = {}, 0, 0.0, time.perf_counter()
+        return record
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - start
+        self.tick += elapsed
+        if self.warm is not None:
+            self.warm[1] += elapsed
+
+    def summary(self, world_size):
+        """The run's global images/s after the warm-up (None for runs of WARMUP iterations or fewer)."""
+        if self.measured is None:
+            return None
+        rate = self.measured[0] * self.images_per_step / self.measured[1]
+        return (f"done: {self.done} iterations, {rate:.2f} images/s global (after {self.WARMUP} warm-up "
+                f"iterations, {world_size} process(es), batch {self.images_per_step})")
+
+
+def finite(record):
+    return all(math.isfinite(value) for key, value in record.items() if key.startswith("loss"))

@@ -2,45 +2,18 @@
 
 Images are uint8 H×W×3 BGR, labels uint8 H×W (255 = ignore); all randomness comes from the `rng:
 numpy.random.Generator` argument. Nothing here normalises or pads (collate pads, the model normalises).
-Images returned by the samplers, the jitters and resize_image are H×W×3 views of 3×H×W channel
-planes: torch.from_numpy(image).permute(2, 0, 1) is then contiguous without a copy, and
-np.ascontiguousarray(image) gives the usual interleaved layout.
-
-Resize only the pixels the crop keeps: a sample draws its scale, computes the resized size, draws crop
-windows in resized coordinates and tests the category rule on label windows gathered from the original
-label; only the chosen window of the resized image is then computed, by a separable bilinear gather
-from the original image. The window equals the same window of a full resize bit for bit.
-
-Interpolation (dst = output index, scale = src_size / dst_size):
-- bilinear (both datasets): OpenCV INTER_LINEAR: src = (dst + 0.5) * scale - 0.5 in float32, taps
-  floor(src) and floor(src) + 1 clamped to the border, no antialiasing; float32 blend, then rounded
-  half up (floor(x + 0.5)), like OpenCV's fixed-point cast.
-- nearest, VOC (OpenCV INTER_NEAREST): src = min(floor(dst * scale), src_size - 1).
-- nearest, Cityscapes (Pillow NEAREST): src = floor(scale / 2 + dst * scale) with the position summed
-  step by step in float64 as Pillow does; equal to Pillow for every size tried.
-Colour jitter (photometric_distortion, color_aug_ssd, the HSV conversions): seg/colour.py, re-exported.
-
-Differences from the references (for the README):
-- VOC image resize: OpenCV blends with 11-bit fixed-point weights, we blend in float32: expect
-  differences of 1 on a few pixels (not checked against a cv2 binary; OpenCV is not a dependency).
-- Cityscapes image resize: detectron2 uses Pillow BILINEAR. Upscaling (short edge 1280-2048 for
-  1024×2048 images) matches it within 1 (tested). Downscaling (short edge 512 and 768) Pillow
-  antialiases with a wider filter and we do not (cannot be done cheaply on a window): our images are
-  sharper; on a noisy photo-like image the mean difference is ~1.5 levels (max ~10), on a fine
-  high-contrast pattern up to ~40.
-- HSV: see seg/colour.py.
-- Random streams: numpy Generator draws instead of global numpy / Python `random`, so a seed gives
-  different samples than upstream, with the same distributions. The Cityscapes flip coin is drawn
-  before the colour jitter (detectron2 draws it after); both are independent and the jitter is per
-  pixel, so the distribution is unchanged.
+A sampler is three stages, which seg/bench.py times apart: a crop plan (CROP_PLANS: scale, crop windows tested on
+label windows gathered from the original label, flip coin); resize_image_window, only the chosen window of the
+resized image (bit for bit that window of a full resize); colour.draw_jitter. Labels are resized exactly by
+OpenCV's (VOC) or Pillow's (Cityscapes) nearest rule, images with OpenCV INTER_LINEAR's geometry in float32.
+Differences (README "Differences from the references"): VOC images ±1 on a few pixels (OpenCV's 11-bit weights;
+not checked against cv2); Cityscapes images within 1 of Pillow BILINEAR when upscaling, sharper when downscaling
+(no antialiasing: mean ~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
 """
 
 import numpy as np
 
-# The samplers call draw_jitter through this module's name, so that tests and seg/databench.py can
-# replace it here (monkeypatch, stage timers).
-from seg.colour import (_planar_view, _planes_of, bgr_to_hsv, color_aug_ssd, draw_jitter, hsv_to_bgr,  # noqa: F401
-                        photometric_distortion)
+from seg import colour
 
 
 # ---------------------------------------------------------------------------------------- sizes
@@ -62,19 +35,19 @@ def shortest_edge_hw(h, w, short_edge, max_size):
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
-# ------------------------------------------------------------------------ source index tables
-# Each returns, for the output positions start .. start + length - 1 along one axis, where to read.
+# Source index tables: for the output positions dst = start .. start + length - 1 along one axis, where to read
+# (scale = src_size / dst_size).
 
 def nearest_src_cv2(start, length, src_size, dst_size):
-    """OpenCV INTER_NEAREST: min(floor(dst * src/dst_size), src_size - 1), intp array (length,)."""
+    """OpenCV INTER_NEAREST: min(floor(dst * scale), src_size - 1) -> intp (length,)."""
     scale = 1.0 / (dst_size / src_size)  # OpenCV stores the inverse scale and inverts it
     dst = np.arange(start, start + length, dtype=np.float64)
     return np.minimum(np.floor(dst * scale).astype(np.intp), src_size - 1)
 
 
 def nearest_src_pil(start, length, src_size, dst_size):
-    """Pillow NEAREST (ImagingScaleAffine): the position starts at scale/2 and adds scale per output
-    pixel in float64; the running sum (not a product) is what makes it bit-exact."""
+    """Pillow NEAREST (ImagingScaleAffine): floor(scale / 2 + dst * scale), the position summed step by step in
+    float64 as Pillow does; the running sum (not a product) equals Pillow for every size tried."""
     scale = src_size / dst_size
     steps = np.full(start + length, scale)
     steps[0] = 0.5 * scale
@@ -83,24 +56,20 @@ def nearest_src_pil(start, length, src_size, dst_size):
 
 
 def bilinear_src(start, length, src_size, dst_size):
-    """OpenCV INTER_LINEAR taps: (first, second, weight of second), intp, intp, float32 (length,).
-    Positions outside the image are clamped, so a border output copies the border pixel."""
+    """OpenCV INTER_LINEAR taps floor(src), floor(src) + 1 of src = (dst + 0.5) * scale - 0.5 in float32, no
+    antialiasing -> (first, second, weight of second), intp, intp, float32 (length,). Positions outside the
+    image are clamped, so a border output copies the border pixel."""
     scale = 1.0 / (dst_size / src_size)
     dst = np.arange(start, start + length, dtype=np.float64)
     position = ((dst + 0.5) * scale - 0.5).astype(np.float32)
-    first = np.floor(position)
-    weight = position - first
-    first = first.astype(np.intp)
-    below, above = first < 0, first >= src_size - 1
-    weight[below | above] = 0
-    first[below] = 0
-    first[above] = src_size - 1
+    first, weight = np.floor(position).astype(np.intp), position - np.floor(position)
+    weight[(first < 0) | (first >= src_size - 1)] = 0
+    first = np.clip(first, 0, src_size - 1)
     return first, np.minimum(first + 1, src_size - 1), weight
 
 
 # ------------------------------------------------------------------------------ windowed resize
 # A window is (y0, x0, height, width) in the coordinates of the resized image.
-
 _STRIP_VALUES = 1 << 17  # output values per strip: keeps the float temporaries in cache
 
 
@@ -117,12 +86,10 @@ def _blend(values, first, second, weight, axis):
 
 def resize_image_window(image, hw, window, flip=False):
     """Window of the H×W×3 uint8 image bilinearly resized to hw, mirrored if flip -> 3×height×width planes.
-
-    Works in strips of output rows. When upscaling rows it blends columns first, on the few source rows a
-    strip reads; otherwise rows first. The order depends only on the scale, so a window equals the same
-    window of the full resize bit for bit. 0.5 is added before the last pass (a convex blend keeps it)
-    so the final float -> uint8 cast (truncation) rounds half up.
-    """
+    Works in strips of output rows. When upscaling rows it blends columns first, on the few source rows a strip
+    reads; otherwise rows first. The order depends only on the scale, so a window equals the same window of the
+    full resize bit for bit. 0.5 is added before the last pass (a convex blend keeps it) so the final float ->
+    uint8 cast (truncation) rounds half up, like OpenCV's fixed-point cast."""
     (h, w), (y0, x0, height, width) = image.shape[:2], window
     if tuple(hw) == (h, w):  # scale 1: every tap weight is 0, a plain crop
         crop = image[y0:y0 + height, x0:x0 + width]
@@ -162,28 +129,15 @@ def resize_label_window(label, hw, window, nearest_src, flip=False):
 
 def resize_image(image, hw):
     """Bilinear resize of an H×W×3 uint8 image to hw = (new_h, new_w), OpenCV INTER_LINEAR geometry."""
-    return _planar_view(resize_image_window(image, hw, (0, 0) + tuple(hw)))
+    return colour.planar_view(resize_image_window(image, hw, (0, 0) + tuple(hw)))
 
 
-def resize_label(label, hw, rule="cv2"):
-    """Nearest resize of an H×W label to hw; rule "cv2" (mmseg) or "pil" (detectron2)."""
-    src = nearest_src_cv2 if rule == "cv2" else nearest_src_pil
-    return resize_label_window(label, hw, (0, 0) + tuple(hw), src)
-
-
-def hflip(image, label):
-    """Horizontal flip of an H×W×3 image and its H×W label (contiguous copies)."""
-    return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
-
-
-# ---------------------------------------------------------------------------------------- crops
+# ------------------------------------------------------------------------- crop plans and samplers
 
 def _draw_window(rng, hw, crop_hw):
     """Uniform crop window (y0, x0, height, width) inside hw; a side shorter than the crop is kept whole."""
     height, width = min(crop_hw[0], hw[0]), min(crop_hw[1], hw[1])
-    y0 = int(rng.integers(hw[0] - height + 1))
-    x0 = int(rng.integers(hw[1] - width + 1))
-    return y0, x0, height, width
+    return int(rng.integers(hw[0] - height + 1)), int(rng.integers(hw[1] - width + 1)), height, width  # y0 first
 
 
 def class_counts(label, ignore_index=255):
@@ -212,11 +166,9 @@ def detectron2_accepts(label, max_area, ignore_index):
 
 
 def choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last):
-    """Draw crop windows of the resized size hw until accepts(label_of(window)), at most `tries` times.
-
-    label_of(window) -> label crop. If every try fails, mmseg (draw_after_last=True) draws one more window
-    and uses it untested; detectron2 (False) keeps the last tested one. Returns (window, label crop).
-    """
+    """Draw crop windows of the resized size hw until accepts(label_of(window) -> label crop), at most `tries`
+    times -> (window, label crop). If every try fails, mmseg (draw_after_last=True) draws one more window and
+    uses it untested; detectron2 (False) keeps the last tested one."""
     for _ in range(tries):
         window = _draw_window(rng, hw, crop_hw)
         crop_label = label_of(window)
@@ -228,48 +180,60 @@ def choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last):
     return window, crop_label
 
 
-# ------------------------------------------------------------------------------------ pipelines
-
-def _crop_and_flip(rng, image, label, hw, crop_hw, accepts, tries, draw_after_last, nearest_src):
-    """Choose the crop window of the image resized to hw, draw the flip coin, then compute only that
-    window: (3×h×w image planes, h×w label)."""
-    if image.shape[:2] != label.shape:
-        raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
+def _plan_window(rng, label, hw, crop_hw, accepts, tries, draw_after_last, nearest_src):
+    """Crop window of the label resized to hw, then the flip coin -> (hw, window, flip, label crop mirrored if flip)."""
     label_of = lambda window: resize_label_window(label, hw, window, nearest_src)  # noqa: E731
     window, crop_label = choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last)
-    flip = rng.random() < 0.5
-    crop_label = np.ascontiguousarray(crop_label[:, ::-1]) if flip else crop_label
-    return resize_image_window(image, hw, window, flip), crop_label
+    flip = bool(rng.random() < 0.5)
+    return hw, window, flip, np.ascontiguousarray(crop_label[:, ::-1]) if flip else crop_label
+
+
+def voc_crop_plan(rng, label, *, scale, ratio_range, crop_hw, cat_max_ratio, ignore_index=255):
+    """mmseg 0.10 Resize(scale, ratio_range, keep_ratio) -> RandomCrop(crop_hw, cat_max_ratio, 10 tries) ->
+    RandomFlip(0.5) on an H×W label. Draws rng.random() ratio, windows (y0 then x0), rng.random() flip."""
+    ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
+    hw = rescale_hw(*label.shape, (int(scale[0] * ratio), int(scale[1] * ratio)))
+    accepts = lambda crop: mmseg_accepts(crop, cat_max_ratio, ignore_index)  # noqa: E731
+    return _plan_window(rng, label, hw, crop_hw, accepts, 10 if cat_max_ratio < 1 else 0, True, nearest_src_cv2)
+
+
+def cityscapes_crop_plan(rng, label, *, short_edges, max_size, crop_hw, single_category_max_area, ignore_index=255):
+    """detectron2 ResizeShortestEdge(short_edges, max_size, "choice") -> RandomCrop_CategoryAreaConstraint(crop_hw,
+    max_area, 10 tries) -> RandomFlip. Draws rng.integers short edge index, windows (y0, x0), rng.random() flip."""
+    hw = shortest_edge_hw(*label.shape, short_edges[int(rng.integers(len(short_edges)))], max_size)
+    accepts = lambda crop: detectron2_accepts(crop, single_category_max_area, ignore_index)  # noqa: E731
+    tries = 10 if single_category_max_area < 1 else 0
+    return _plan_window(rng, label, hw, crop_hw, accepts, tries, False, nearest_src_pil)
+
+
+# name -> (crop plan, hue_high of colour.draw_jitter: mmseg's hue shift is in [-18, 17], detectron2's [-18, 18])
+CROP_PLANS = {"voc": (voc_crop_plan, 18), "cityscapes": (cityscapes_crop_plan, 19)}
+
+
+def _train_sample(name, rng, image, label, **options):
+    """CROP_PLANS[name] -> that window of the resized image -> colour.draw_jitter, drawn last -> (H×W×3 uint8 BGR
+    image, a view of channel planes; H×W uint8 label, not padded; int16 jitter parameters, applied later by
+    colour.jittered or apply_jitter). Flip drawn before the jitter (detectron2: after): the jitter is per pixel."""
+    if image.shape[:2] != label.shape:
+        raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
+    plan, hue_high = CROP_PLANS[name]
+    hw, window, flip, crop_label = plan(rng, label, **options)
+    image = colour.planar_view(resize_image_window(image, hw, window, flip))
+    return image, crop_label, colour.draw_jitter(rng, hue_high)
 
 
 def voc_train_sample(rng, image, label, *, scale=(2048, 512), ratio_range=(0.5, 2.0), crop_hw=(512, 512),
                      cat_max_ratio=0.75, ignore_index=255):
-    """mmseg 0.10 VOC train pipeline: Resize(scale, ratio_range, keep_ratio) -> RandomCrop(crop_hw,
-    cat_max_ratio, 10 tries) -> RandomFlip(0.5) -> PhotoMetricDistortion. Not padded: a side shorter
-    than the crop stays short. Returns (H×W×3 uint8 BGR image, a view of channel planes; H×W uint8 label;
-    PhotoMetricDistortion's parameters from colour.draw_jitter, not yet applied: see seg/colour.py).
-    Draws, in order: rng.random() ratio, windows (rng.integers y0 then x0), rng.random() flip, jitter."""
-    ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
-    hw = rescale_hw(*label.shape, (int(scale[0] * ratio), int(scale[1] * ratio)))
-    accepts = lambda crop: mmseg_accepts(crop, cat_max_ratio, ignore_index)  # noqa: E731
-    planes, crop_label = _crop_and_flip(rng, image, label, hw, crop_hw, accepts, 10 if cat_max_ratio < 1 else 0,
-                                        True, nearest_src_cv2)
-    return _planar_view(planes), crop_label, draw_jitter(rng, 18)
+    """mmseg 0.10 VOC train pipeline: voc_crop_plan, then PhotoMetricDistortion (see _train_sample)."""
+    return _train_sample("voc", rng, image, label, scale=scale, ratio_range=ratio_range, crop_hw=crop_hw,
+                         cat_max_ratio=cat_max_ratio, ignore_index=ignore_index)
 
 
 def cityscapes_train_sample(rng, image, label, *, short_edges=(512, 768, 1024, 1280, 1536, 1792, 2048),
-                            max_size=4096, crop_hw=(512, 1024), single_category_max_area=0.75,
-                            ignore_index=255):
-    """detectron2 PointRend Cityscapes augmentation: ResizeShortestEdge(short_edges, max_size, "choice")
-    -> RandomCrop_CategoryAreaConstraint(crop_hw, max_area, 10 tries) -> ColorAugSSD -> RandomFlip.
-    Returns (H×W×3 uint8 BGR image, a view of channel planes; H×W uint8 label; ColorAugSSD's parameters
-    from colour.draw_jitter, not yet applied: the jitter is per pixel, so it commutes with the flip).
-    Draws, in order: rng.integers short edge index, windows (y0 then x0), rng.random() flip, jitter."""
-    hw = shortest_edge_hw(*label.shape, short_edges[int(rng.integers(len(short_edges)))], max_size)
-    accepts = lambda crop: detectron2_accepts(crop, single_category_max_area, ignore_index)  # noqa: E731
-    planes, crop_label = _crop_and_flip(rng, image, label, hw, crop_hw, accepts,
-                                        10 if single_category_max_area < 1 else 0, False, nearest_src_pil)
-    return _planar_view(planes), crop_label, draw_jitter(rng, 19)
+                            max_size=4096, crop_hw=(512, 1024), single_category_max_area=0.75, ignore_index=255):
+    """detectron2 PointRend Cityscapes augmentation: cityscapes_crop_plan, then ColorAugSSD (see _train_sample)."""
+    return _train_sample("cityscapes", rng, image, label, short_edges=short_edges, max_size=max_size, crop_hw=crop_hw,
+                         single_category_max_area=single_category_max_area, ignore_index=ignore_index)
 
 
 TRAIN_SAMPLERS = {"voc": voc_train_sample, "cityscapes": cityscapes_train_sample}

@@ -10,22 +10,25 @@ import pytest
 import torch
 
 import run
-from seg import bench, config, databench, models
+from seg import bench, colour, config, tasks, train, transforms
+from seg.pointrend import build_pointrend
+from seg.pspnet import build_pspnet
 
-TINY_PSPNET = ('model={name="pspnet", num_classes=21, base_channels=8, stem_channels=8, blocks=[1, 1, 1, 1], '
-               'channels=16, aux_channels=8}')
-TINY_POINTREND = ('model={name="pointrend", num_classes=19, fpn_channels=16, head_channels=8, head_groups=4, '
-                  'point_fc=16, stem_channels=8, base_channels=4, blocks=[1, 1, 1, 1], train_num_points=50, '
-                  'subdivision_num_points=300}')
+TINY_PSPNET = dict(num_classes=21, base_channels=8, stem_channels=8, blocks=(1, 1, 1, 1), channels=16, aux_channels=8)
+TINY_POINTREND = dict(num_classes=19, fpn_channels=16, head_channels=8, head_groups=4, point_fc=16, stem_channels=8,
+                      base_channels=4, blocks=(1, 1, 1, 1), train_num_points=50, subdivision_num_points=300)
+# [base.bench] of configs.toml with the tests' small sizes
+BENCH = {"warmup": 1, "steps": 2, "batch_size": 2, "crop_hw": [512, 512], "eval_hw": [512, 683],
+         "amp": ["off", "fp16", "bf16"], "channels_last": [False, True], "compile": [False], "peak_tflops": 0.0,
+         "images": 8, "jitter_on": ["loader", "device"]}
 
 
-def load(section, *overrides):
-    return config.load_config(run.CONFIG_PATH, section, list(overrides), models.builder_defaults)
+def load(section, *overrides):  # for the CUDA test at the end
+    return config.load_config(run.CONFIG_PATH, section, list(overrides), tasks.builder_defaults)
 
 
-def tiny_bench_config(section, model, output_dir, *overrides):
-    return load(section, model, "device=cpu", f"output_dir={output_dir}", "bench.warmup=1", "bench.steps=2",
-                "bench.batch_size=2", "bench.compile=[false]", *overrides)
+def sgd(model):  # [pspnet_1p] optimizer
+    return train.build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=0.0005, weight_decay_norm=0.0005)
 
 
 def conv_forward_flops(model, image, hw):
@@ -45,10 +48,11 @@ def conv_forward_flops(model, image, hw):
 
 
 def test_pspnet_bench_writes_the_matrix(tmp_path):
-    cfg = tiny_bench_config("pspnet_bench", TINY_PSPNET, tmp_path, "bench.crop_hw=[32, 32]",
-                            "bench.eval_hw=[24, 40]", 'bench.amp=["off", "bf16"]', "bench.peak_tflops=2.0")
-    run.run_task(cfg)
-    result = json.loads((tmp_path / "bench.json").read_text())
+    options = {**BENCH, "crop_hw": [32, 32], "eval_hw": [24, 40], "amp": ["off", "bf16"], "peak_tflops": 2.0}
+    result = bench.model_bench(lambda: build_pspnet(**TINY_PSPNET), sgd,
+                               lambda outputs, label: train.pspnet_losses(outputs, label, "all", 0.4), options,
+                               torch.device("cpu"), str(tmp_path), "pspnet_bench", log=lambda *a: None)
+    assert json.loads((tmp_path / "bench.json").read_text()) == result
     assert result["section"] == "pspnet_bench" and result["model"] == "pspnet"
     assert result["device_type"] == "cpu" and result["torch"] == torch.__version__
     assert result["batch_size"] == 2 and result["crop_hw"] == [32, 32] and result["eval_hw"] == [24, 40]
@@ -66,7 +70,7 @@ def test_pspnet_bench_writes_the_matrix(tmp_path):
         assert math.isclose(row["train_mfu"], row["train_tflops"] / 2.0)
         assert math.isclose(row["train_tflops"], result["train_gflop_per_step"] / row["train_step_ms"])
     # inference FLOPs = the convolutions' (PSPNet has no matmuls; interpolation is not counted)
-    model = models.build(cfg["model"]).eval()
+    model = build_pspnet(**TINY_PSPNET).eval()
     assert result["infer_gflop_per_image"] * 1e9 == sum(
         conv_forward_flops(model, torch.zeros(1, 3, 24, 40, dtype=torch.uint8), torch.tensor([[24, 40]])))
     # a training step: forward, then each convolution's weight and input gradients (one forward's FLOPs
@@ -76,6 +80,7 @@ def test_pspnet_bench_writes_the_matrix(tmp_path):
     assert result["train_gflop_per_step"] * 1e9 == 3 * sum(train_convs) - train_convs[0]
     text = (tmp_path / "bench.md").read_text()
     assert result["device"] in text and "| bf16 | True | False | ok |" in text
+    assert text.startswith("# pspnet_bench (pspnet)\n")
 
 
 def test_pointrend_bench_and_recorded_failures(tmp_path, monkeypatch):
@@ -83,10 +88,11 @@ def test_pointrend_bench_and_recorded_failures(tmp_path, monkeypatch):
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(torch, "compile", failing_compile)
-    cfg = tiny_bench_config("pointrend_bench", TINY_POINTREND, tmp_path, "bench.crop_hw=[64, 64]",
-                            "bench.eval_hw=[64, 96]", 'bench.amp=["off"]', "bench.channels_last=[false]",
-                            "bench.compile=[false, true]")
-    result = bench.model_bench(cfg, command="pytest")
+    options = {**BENCH, "crop_hw": [64, 64], "eval_hw": [64, 96], "amp": ["off"], "channels_last": [False],
+               "compile": [False, True]}
+    result = bench.model_bench(lambda: build_pointrend(**TINY_POINTREND), sgd, train.pointrend_losses, options,
+                               torch.device("cpu"), str(tmp_path), "pointrend_bench", num_classes=19,
+                               command="pytest", log=lambda *a: None)
     ok, failed = result["rows"]
     assert ok["status"] == "ok" and ok["train_mfu"] is None  # no peak known for a CPU
     assert result["peak_tflops"]["off"]["tflops"] is None and "bench.peak_tflops" in \
@@ -94,7 +100,7 @@ def test_pointrend_bench_and_recorded_failures(tmp_path, monkeypatch):
     assert failed["status"] == "error" and "RuntimeError: no C++ compiler here" in failed["note"]
     assert "train_step_ms" not in failed
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][1]["status"] == "error"
-    assert result["command"] == "pytest"
+    assert result["command"] == "pytest" and result["model"] == "pointrend"
 
 
 def test_skip_reasons():
@@ -106,20 +112,24 @@ def test_skip_reasons():
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "cuda", "fp32", 7.0)[0] == 7.0
 
 
+VOC_RECIPE = {"section": "pspnet_1p", "dataset": "voc", "num_classes": 21, "crop_hw": [32, 32],
+              "params": {"scale": (128, 32), "ratio_range": (0.5, 2.0), "crop_hw": (32, 32), "cat_max_ratio": 0.75}}
+CITYSCAPES_RECIPE = {"section": "pointrend_1p", "dataset": "cityscapes", "num_classes": 19, "crop_hw": [32, 64],
+                     "params": {"short_edges": (48, 64), "max_size": 4096, "crop_hw": (32, 64),
+                                "single_category_max_area": 0.75}}
+
+
 def test_data_bench_rows_and_stages(tmp_path):
-    cfg = load("data_bench", f"output_dir={tmp_path}", "bench.images=2", "bench.warmup=1", "bench.steps=3",
-               "bench.batch_size=2")
-    recipes = [load("pspnet_1p", "data.crop_hw=[32, 32]", "data.scale=[128, 32]"),
-               load("pointrend_1p", "data.crop_hw=[32, 64]", "data.short_edges=[48, 64]")]
-    result = databench.data_bench(cfg, recipes, image_hw={"voc": (48, 64), "cityscapes": (64, 128)},
-                                  log=lambda *a: None)
+    options = {**BENCH, "images": 2, "warmup": 1, "steps": 3, "batch_size": 2}
+    result = bench.data_bench([VOC_RECIPE, CITYSCAPES_RECIPE], options, torch.device("cpu"), str(tmp_path),
+                              image_hw={"voc": (48, 64), "cityscapes": (64, 128)}, log=lambda *a: None)
     assert json.loads((tmp_path / "data_bench.json").read_text()) == result
     assert [(r["dataset"], r["jitter_on"], r["cache"]) for r in result["rows"]] == [
         (dataset, place, cache) for dataset in ("voc", "cityscapes") for place in ("loader", "device")
         for cache in (False, True)]
     for row in result["rows"]:
         stages = row["stages_ms"]
-        assert set(stages) == {"decode", "crop_choice", "resize", "colour", "other_transform", "collate"}
+        assert set(stages) == {"decode", "crop_choice", "resize", "colour", "collate"}
         assert all(stages[key] > 0 for key in ("decode", "crop_choice", "resize", "colour", "collate"))
         assert math.isclose(sum(stages.values()), row["ms_per_image"], rel_tol=1e-9)
         assert math.isclose(row["images_per_s"], 1e3 / row["ms_per_image"])
@@ -127,21 +137,43 @@ def test_data_bench_rows_and_stages(tmp_path):
         assert row["target_images_per_s"] == {"voc": 128, "cityscapes": 48}[row["dataset"]]
         assert (row["cache_build_s_per_image"] is not None) == row["cache"]
         assert (row["device_colour_ms_per_image"] is None) == (row["jitter_on"] == "loader")
-    assert result["jitter_device"] == result["device"]  # device = "cpu" in [data_bench]
+        assert row["section"] == {"voc": "pspnet_1p", "cityscapes": "pointrend_1p"}[row["dataset"]]
+    assert result["jitter_device"] == result["device"]  # the CPU here
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".data_bench")]  # generated files removed
+
+
+@pytest.mark.parametrize("recipe", [VOC_RECIPE, CITYSCAPES_RECIPE])
+@pytest.mark.parametrize("jitter_in_loader", [True, False])
+def test_timed_stages_are_the_sampler(recipe, jitter_in_loader):
+    """The data benchmark times the sampler's own calls: the same samples, bit for bit, and rng state."""
+    image, label = bench.synthetic_scene(np.random.default_rng(3), (48, 64), recipe["num_classes"], 20.0)
+    for position in range(4):
+        rng, reference_rng = np.random.default_rng([0, position]), np.random.default_rng([0, position])
+        totals = dict.fromkeys(bench.STAGES, 0.0)
+        got = bench.timed_sample(recipe["dataset"], recipe["params"], rng, image, label, jitter_in_loader, totals)
+        expected = transforms.TRAIN_SAMPLERS[recipe["dataset"]](reference_rng, image, label, **recipe["params"])
+        if jitter_in_loader:
+            expected = (colour.jittered(expected[0], expected[2]), expected[1], None)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+        assert (got[2] is None) == jitter_in_loader
+        if not jitter_in_loader:
+            np.testing.assert_array_equal(got[2], expected[2])
+        assert rng.random() == reference_rng.random()
+        assert all(totals[stage] > 0 for stage in ("crop_choice", "resize", "colour"))
 
 
 def tiny_pspnet():
     torch.manual_seed(0)
-    return models.build({"name": "pspnet", "num_classes": 5, "base_channels": 8, "stem_channels": 8,
-                         "blocks": (1, 1, 1, 1), "channels": 16, "aux_channels": 8})
+    return build_pspnet(num_classes=5, base_channels=8, stem_channels=8, blocks=(1, 1, 1, 1), channels=16,
+                        aux_channels=8)
 
 
 def tiny_pointrend():
     torch.manual_seed(0)
-    return models.build({"name": "pointrend", "num_classes": 5, "fpn_channels": 16, "head_channels": 8,
-                         "head_groups": 4, "point_fc": 16, "stem_channels": 8, "base_channels": 4,
-                         "blocks": (1, 1, 1, 1), "train_num_points": 50, "subdivision_num_points": 300})
+    return build_pointrend(num_classes=5, fpn_channels=16, head_channels=8, head_groups=4, point_fc=16,
+                           stem_channels=8, base_channels=4, blocks=(1, 1, 1, 1), train_num_points=50,
+                           subdivision_num_points=300)
 
 
 def outputs_and_grads(model, image, hw, memory_format=torch.contiguous_format, runner=None):
@@ -219,24 +251,24 @@ def test_compiled_model_matches_eager():
 def test_a_training_step_never_synchronises_with_the_cuda_device(build, section, amp_mode):
     """Issue #5: no host synchronisation in the training loop outside log steps (bf16 / fp32; the fp16 loss
     scaler reads one overflow flag per step by design). Covers on_device (jitter + label widening) too."""
-    from seg import amp, colour, data, train
+    from seg import colour, data, tasks, train
 
     model = build().cuda().train()
-    optimizer = train.build_optimizer(model, {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
-                                              "weight_decay_norm": 0.0})
-    loss_fn = models.loss_function(load(section))
+    optimizer = train.build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0)
+    loss_fn = tasks.loss_function(load(section))
     rng = np.random.default_rng(0)
     samples = [(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), rng.integers(0, 5, (64, 96), dtype=np.uint8),
                 colour.draw_jitter(rng, 19)) for _ in range(2)]
     host = data.collate(samples, divisor=32)
     host = {key: value.pin_memory() for key, value in host.items()}
-    autocast = lambda: amp.autocast_context("cuda", amp_mode)  # noqa: E731
+    autocast = lambda: train.autocast_context("cuda", amp_mode)  # noqa: E731
+    scaler = train.make_scaler("cuda", amp_mode, "dynamic")
     for step in range(2):  # the first step allocates, autotunes and copies the jitter tables
         if step == 1:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
             batch = train.on_device(data.to_device(host, torch.device("cuda")))
-            train.train_one_step(model, batch, loss_fn, optimizer, None, autocast)
+            train.train_one_step(model, batch, loss_fn, optimizer, scaler, autocast)
         finally:
             torch.cuda.set_sync_debug_mode("default")

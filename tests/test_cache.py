@@ -2,6 +2,7 @@
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -166,3 +167,16 @@ def test_unwritable_cache_folder_is_a_user_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(UserError, match="not_a_folder.*data.cache = false"):
         files.cached_items_reader(items, str(blocker / "c.u8cache"), num_classes=5)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_atomic_writes_get_the_mode_of_an_ordinary_open(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        files.write_text_atomic("text", tmp_path / "atomic.txt")
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode) == mode  # what open() gives
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == mode

@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from seg.checkpoint import (convert_c2_names, latest_checkpoint, load_into, load_model_weights,
-                            load_pretrained_backbone, load_training_state, load_weights_file, restricted_unpickle,
-                            save_atomic)
+from seg.checkpoint import (convert_c2_names, latest_checkpoint, latest_loadable_checkpoint, load_into,
+                            load_model_weights, load_pretrained_backbone, load_training_state, load_weights_file,
+                            restricted_unpickle, save_atomic)
 from seg.files import UserError
 
 KEYS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "checkpoint_keys"
@@ -219,6 +219,47 @@ def test_load_training_state(tmp_path):
     (tmp_path / "torn.pth").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(UserError, match="torn.pth"):
         load_training_state(tmp_path / "torn.pth")
+
+
+def three_checkpoints(folder):
+    """iter_0000010/20/30.pth, each holding its iteration and a weight equal to it."""
+    paths = [folder / f"iter_{i:07d}.pth" for i in (10, 20, 30)]
+    for i, path in zip((10, 20, 30), paths):
+        save_atomic({"model": {"w": torch.full((64,), float(i))}, "iteration": i, "config": {}}, path)
+    return paths
+
+
+def tear(path):
+    """Cut a file to half its length, as a copy or a crash outside save_atomic would leave it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_latest_loadable_checkpoint_skips_a_torn_newest(tmp_path):
+    paths = three_checkpoints(tmp_path)
+    tear(paths[2])
+    lines = []
+    path, state = latest_loadable_checkpoint(tmp_path, log=lines.append)
+    assert path == paths[1] and state["iteration"] == 20 and torch.equal(state["model"]["w"], torch.full((64,), 20.0))
+    assert len(lines) == 1 and "iter_0000030.pth" in lines[0] and "not a readable torch file" in lines[0]
+    assert "warning" in lines[0].lower()
+
+
+def test_latest_loadable_checkpoint_all_torn_or_none(tmp_path):
+    assert latest_loadable_checkpoint(tmp_path / "absent", log=pytest.fail) == (None, None)
+    paths = three_checkpoints(tmp_path)
+    for path in paths:
+        tear(path)
+    lines = []
+    assert latest_loadable_checkpoint(tmp_path, log=lines.append) == (None, None)
+    assert len(lines) == 3 and all(path.name in line for path, line in zip(reversed(paths), lines))
+
+
+def test_latest_loadable_checkpoint_good_newest_without_warnings(tmp_path):
+    paths = three_checkpoints(tmp_path)
+    tear(paths[0])  # an older torn file is never opened
+    path, state = latest_loadable_checkpoint(tmp_path, log=pytest.fail)
+    assert path == paths[2] and state["iteration"] == 30
 
 
 # ---------------------------------------------------------------------------------- safe unpickling

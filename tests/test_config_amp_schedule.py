@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from seg import amp, config, models, train
+from seg import config, tasks, train
 from seg.files import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,7 +14,7 @@ CONFIGS = os.path.join(ROOT, "configs.toml")
 
 
 def load(section, *overrides):
-    return config.load_config(CONFIGS, section, overrides, models.builder_defaults)
+    return config.load_config(CONFIGS, section, overrides, tasks.builder_defaults)
 
 
 def test_pspnet_sections_match_the_spec():
@@ -105,34 +105,53 @@ def test_param_groups_put_norm_parameters_apart():
     assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
 
 
-def overflow_step(scaler):
-    parameter = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.SGD([parameter], lr=1.0)
-    scaler.scale_loss(parameter.sum()).backward()
-    parameter.grad[1] = float("inf")
-    return parameter, scaler.step(optimizer)
+class Linear(torch.nn.Module):
+    """The smallest model train_one_step can drive: loss = sum(weights * factors)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.parameter = torch.nn.Parameter(torch.ones(size))
+
+    def forward(self, image, hw):
+        return {"seg": self.parameter * image}
+
+
+def step(scaler, factors, lr=1.0):
+    model = Linear(len(factors))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = lambda outputs, label: {"loss": outputs["seg"].sum()}  # noqa: E731
+    batch = {"image": torch.tensor(factors), "hw": None, "label": None}
+    _, applied = train.train_one_step(model, batch, loss_fn, optimizer, scaler, lambda: train.autocast_context("cpu", "off"))
+    return model.parameter.detach(), applied
 
 
 @pytest.mark.parametrize("loss_scale", ["dynamic", 128])
 def test_scaler_skips_step_with_inf_gradients(loss_scale):
-    scaler = amp.LossScaler(loss_scale)
-    before = scaler.scale
-    parameter, applied = overflow_step(scaler)
+    scaler = train.make_scaler("cpu", "fp16", loss_scale)
+    before = scaler.get_scale()
+    parameter, applied = step(scaler, [1.0, float("inf"), 1.0])
     assert not applied
-    assert torch.equal(parameter.detach(), torch.ones(3))  # never applied
-    assert scaler.scale == (before / 2 if loss_scale == "dynamic" else 128.0)
+    assert torch.equal(parameter, torch.ones(3))  # never applied
+    assert scaler.get_scale() == (before / 2 if loss_scale == "dynamic" else 128.0)
 
 
-def test_scaler_applies_unscaled_gradients_and_grows():
-    scaler = amp.LossScaler("dynamic", growth_interval=2)
-    parameter = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([parameter], lr=0.5)
-    for _ in range(2):
-        optimizer.zero_grad()
-        scaler.scale_loss((parameter * torch.tensor([1.0, 3.0])).sum()).backward()
-        assert scaler.step(optimizer)
-    assert torch.allclose(parameter.detach(), torch.tensor([1 - 2 * 0.5, 1 - 2 * 1.5]))
-    assert scaler.scale == 2.0**17
+@pytest.mark.parametrize("loss_scale", ["dynamic", 512])
+def test_scaler_applies_unscaled_gradients(loss_scale):
+    scaler = train.make_scaler("cpu", "fp16", loss_scale)
+    parameter, applied = step(scaler, [1.0, 3.0], lr=0.5)
+    assert applied and torch.equal(parameter, torch.tensor([1 - 0.5, 1 - 1.5]))
+    assert scaler.get_scale() == (2.0**16 if loss_scale == "dynamic" else 512.0)
+
+
+def test_scaler_state_round_trips_and_grows_after_2000_clean_steps():
+    scaler = train.make_scaler("cpu", "fp16", "dynamic")
+    train.load_scaler_state(scaler, {"scale": 1024.0, "dynamic": True, "clean_steps": 1999})
+    assert train.scaler_state(scaler) == {"scale": 1024.0, "dynamic": True, "clean_steps": 1999}
+    _, applied = step(scaler, [1.0, 2.0])
+    assert applied and train.scaler_state(scaler) == {"scale": 2048.0, "dynamic": True, "clean_steps": 0}
+    static = train.make_scaler("cpu", "fp16", 128)
+    assert train.scaler_state(static)["dynamic"] is False
+    assert train.scaler_state(train.make_scaler("cpu", "bf16", "dynamic")) is None
 
 
 def test_bf16_training_step_on_cpu():
@@ -141,7 +160,7 @@ def test_bf16_training_step_on_cpu():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
     before = [p.detach().clone() for p in model.parameters()]
-    with amp.autocast_context("cpu", "bf16"):
+    with train.autocast_context("cpu", "bf16"):
         out = model(x)
     assert out.dtype == torch.bfloat16
     loss = torch.nn.functional.cross_entropy(out.float(), y)
@@ -149,4 +168,4 @@ def test_bf16_training_step_on_cpu():
     optimizer.step()
     assert math.isfinite(loss.item())
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    assert amp.make_scaler("bf16", "dynamic") is None
+    assert not train.make_scaler("cpu", "bf16", "dynamic").is_enabled()

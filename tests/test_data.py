@@ -1,5 +1,7 @@
-"""Sampler sharding and resumption, collation and padding, label validation."""
+"""Sampler sharding and resumption, collation and padding, image decoding, label validation."""
 import itertools
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 from PIL import Image
 
 import run
-from seg import colour, config, data, demo, files, models, train
+from seg import colour, config, data, files, prepare, tasks, train
 from seg.files import UserError
 
 
@@ -83,6 +85,92 @@ def test_images_of_every_mode_decode_to_writable_bgr(tmp_path, mode):
     assert got.shape == (5, 7, 3) and got.flags.writeable and np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("mode, suffix", [("1", "png"), ("LA", "png"), ("PA", "tif"), ("YCbCr", "tif"),
+                                          ("LAB", "tif")])
+def test_images_of_the_other_file_modes_decode_like_pillow(tmp_path, mode, suffix):
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    path = tmp_path / f"image.{suffix}"
+    Image.fromarray(rgb).convert(mode).save(path)
+    with Image.open(path) as image:
+        assert image.mode == mode  # the file really holds this mode
+        expected = np.asarray(image.convert("RGB"))[:, :, ::-1]
+    assert np.array_equal(files.read_image_bgr(str(path)), expected)
+
+
+def write_png_16_bit(path, values):
+    """A 16-bit PNG of uint16 H×W (grey) or H×W×3 (RGB) values, encoded here: Pillow cannot write 16-bit RGB."""
+    height, width = values.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if values.ndim == 3 else 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_16_bit_images_keep_their_top_8_bits(tmp_path):
+    """16-bit grey decodes as value >> 8, as Pillow decodes 16-bit RGB PNGs, instead of saturating at 255."""
+    values = np.linspace(0, 65535, 6 * 40).astype(np.uint16).reshape(6, 40)
+    values[0, :5] = [255, 256, 32767, 32768, 65279]
+    expected = np.repeat((values // 256).astype(np.uint8)[:, :, None], 3, axis=2)
+    Image.fromarray(values).save(tmp_path / "little.png")
+    Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes()).save(tmp_path / "big.tif")
+    Image.fromarray(values).save(tmp_path / "grey.pgm")
+    write_png_16_bit(tmp_path / "grey16.png", values)
+    write_png_16_bit(tmp_path / "rgb16.png", np.repeat(values[:, :, None], 3, axis=2))
+    # the modes Pillow opens them in ("I": 16-bit PGM, and 16-bit grey PNG in older Pillow versions)
+    cases = {"little.png": ("I;16", "I"), "big.tif": ("I;16B",), "grey.pgm": ("I",), "grey16.png": ("I;16", "I"),
+             "rgb16.png": ("RGB",)}
+    for name, modes in cases.items():
+        with Image.open(tmp_path / name) as image:
+            assert image.mode in modes, name
+        got = files.read_image_bgr(str(tmp_path / name))
+        assert got.dtype == np.uint8 and got.flags.writeable and np.array_equal(got, expected), name
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float32])
+def test_32_bit_images_are_a_user_error(tmp_path, dtype):
+    path = tmp_path / "deep.tif"
+    Image.fromarray(np.full((4, 5), 70000, dtype)).save(path)  # Pillow mode "I" or "F"
+    with pytest.raises(UserError, match="deep.tif.*8-bit"):
+        files.read_image_bgr(str(path))
+
+
+EIGHT_BIT_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"]
+
+
+@pytest.mark.parametrize("mode", EIGHT_BIT_MODES + ["I;16", "I;16L", "I;16B", "I;16N", "I", "F"])
+def test_every_pillow_mode_gives_bgr_or_a_user_error(mode):
+    rng = np.random.default_rng(1)
+    if mode in EIGHT_BIT_MODES:
+        image = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).convert(mode)
+        # Pillow converts La (premultiplied alpha) to RGB only by way of LA
+        expected = np.asarray((image.convert("LA") if mode == "La" else image).convert("RGB"))[:, :, ::-1]
+    elif mode.startswith("I;16"):
+        values = rng.integers(0, 65536, (5, 7), dtype=np.uint16)
+        image = Image.frombytes(mode, (7, 5), values.astype(">u2" if mode == "I;16B" else "=u2").tobytes())
+        expected = np.repeat((values // 256).astype(np.uint8)[:, :, None], 3, axis=2)
+    else:  # 32-bit values with no known range, not read from a 16-bit file
+        with pytest.raises(UserError, match="picture.*8-bit"):
+            files.to_bgr(Image.new(mode, (7, 5), 70000), "picture")
+        return
+    got = files.to_bgr(image, "picture")
+    assert got.shape == (5, 7, 3) and got.dtype == np.uint8 and got.flags.writeable
+    assert np.array_equal(got, expected)
+
+
+def test_upright_turns_by_the_exif_orientation(tmp_path):
+    rgb = np.random.default_rng(2).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to display
+    Image.fromarray(rgb).save(tmp_path / "turned.png", exif=exif)
+    path = str(tmp_path / "turned.png")
+    assert np.array_equal(files.read_image_bgr(path), rgb[:, :, ::-1])
+    assert np.array_equal(files.read_image_bgr(path, upright=True), np.rot90(rgb, k=-1)[:, :, ::-1])
+
+
 def test_prefetch_yields_every_batch_in_order():
     batches = [{"x": torch.tensor([i])} for i in range(4)]
     assert [int(b["x"]) for b in data.prefetch(batches, torch.device("cpu"))] == [0, 1, 2, 3]
@@ -109,14 +197,14 @@ def test_jitter_on_the_device_gives_the_batches_of_jitter_in_the_loader(tmp_path
     """The training batch is the same, bit for bit, whether the loader applies the colour jitter or the
     device does after the copy (train.on_device), and the labels reach the losses as int64."""
     if dataset == "voc":
-        demo.make_demo_voc(str(tmp_path / "voc"), n_train=4, n_val=1, size=(40, 56), seed=3)
+        prepare.make_demo_voc(str(tmp_path / "voc"), n_train=4, n_val=1, size=(40, 56), seed=3)
         extra = ["data.crop_hw=[24,32]", "data.scale=[96,32]"]
     else:
-        demo.make_demo_cityscapes(str(tmp_path / "cityscapes"), n_train=4, n_val=1, size=(32, 64), seed=3)
+        prepare.make_demo_cityscapes(str(tmp_path / "cityscapes"), n_train=4, n_val=1, size=(32, 64), seed=3)
         extra = ["data.crop_hw=[24,48]", "data.short_edges=[32,48]"]
     cfg = config.load_config(run.CONFIG_PATH, "demo" if dataset == "voc" else "demo_pointrend",
-                             [f"data_root={tmp_path}", f"data.root={dataset}", *extra], models.builder_defaults)
-    in_loader, on_device = train.train_dataset(cfg, True), train.train_dataset(cfg, False)
+                             [f"data_root={tmp_path}", f"data.root={dataset}", *extra], tasks.builder_defaults)
+    in_loader, on_device = tasks.train_dataset(cfg, True), tasks.train_dataset(cfg, False)
     keys, jittered = [(position % 4, position) for position in range(12)], 0
     for first in range(0, 12, 3):
         raw = data.collate([on_device[key] for key in keys[first:first + 3]], 8)
@@ -131,8 +219,8 @@ def test_jitter_on_the_device_gives_the_batches_of_jitter_in_the_loader(tmp_path
 
 
 def test_jitter_placement_rule_and_bad_value():
-    place = lambda value, device: train.jitter_in_loader({"data": {"jitter_on": value}}, device)  # noqa: E731
+    place = lambda value, device: tasks.jitter_in_loader({"data": {"jitter_on": value}}, device)  # noqa: E731
     assert [place("auto", device) for device in ("cuda", "cpu", "npu")] == [False, True, True]
     assert place("loader", "cuda") and not place("device", "cpu")
     with pytest.raises(UserError, match="data.jitter_on"):
-        place("gpu", "cuda")
+        config.validate(config.load_config(run.CONFIG_PATH, "demo", ['data.jitter_on="gpu"'], tasks.builder_defaults))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seg import config, demo, evaluate, metrics, models, transforms
+from seg import config, evaluate, prepare, tasks, train, transforms
 from seg.files import UserError
 from seg.pointrend import build_pointrend
 from seg.pspnet import build_pspnet
@@ -32,6 +32,7 @@ def small_pointrend():
 
 
 MODELS = {"pspnet": small_pspnet, "pointrend": small_pointrend}
+OFF = lambda: train.autocast_context("cpu", "off")  # noqa: E731
 
 
 def random_image(height, width, seed=0):
@@ -175,10 +176,11 @@ def test_flip_averaging_of_a_mirror_symmetric_image_is_mirror_symmetric(mode):
 
 
 def test_bad_test_options_name_the_key():
-    for changes, key in [({"mode": "sliding"}, "test.mode"), ({"stride_hw": [600, 10]}, "test.stride_hw"),
+    for changes, key in [({"mode": '"sliding"'}, "test.mode"), ({"stride_hw": [600, 10]}, "test.stride_hw"),
                          ({"crop_hw": [0, 512]}, "test.crop_hw"), ({"scales": []}, "test.scales")]:
         with pytest.raises(UserError, match=key):
-            evaluate.check_test_options(options(**changes))
+            config.validate(config.load_config(CONFIGS, "pspnet_eval", [f"test.{k}={v}" for k, v in changes.items()],
+                                               tasks.builder_defaults))
 
 
 # ----------------------------------------------------------------------------------- no host synchronisation
@@ -206,15 +208,15 @@ def test_evaluation_never_synchronises_with_the_cuda_device(name, test):
     label = torch.randint(0, 3, (1, 40, 56), generator=torch.Generator().manual_seed(0))
     label[:, :5] = 255
     batch = {"image": image.pin_memory(), "hw": hw.pin_memory(), "label": label.pin_memory()}
-    evaluate.confusion_over(model, [batch], device, 3, "off", test)  # warm-up: lazy CUDA/cuDNN set-up may sync
+    evaluate.confusion_over(model, [batch], device, 3, OFF, test)  # warm-up: lazy CUDA/cuDNN set-up may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        matrix = evaluate.confusion_over(model, [batch, batch], device, 3, "off", test)
+        matrix = evaluate.confusion_over(model, [batch, batch], device, 3, OFF, test)
         with torch.no_grad():
             scores = evaluate.test_time_scores(model, batch["image"].to(device, non_blocking=True), batch["hw"],
                                                (40, 56), test)
-            direct = metrics.confusion_matrix(scores.argmax(dim=1), batch["label"].to(device, non_blocking=True), 3)
+            direct = evaluate.confusion_matrix(scores.argmax(dim=1), batch["label"].to(device, non_blocking=True), 3)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     valid = int((label != 255).sum())
@@ -227,17 +229,17 @@ def test_evaluation_never_synchronises_with_the_cuda_device(name, test):
 def test_evaluation_with_flip_and_scales_counts_every_pixel(tmp_path):
     """evaluate_and_report (dataset views, loader, confusion, eval.json, saved panels) against per-image
     test_time_scores and a brute-force count."""
-    demo.make_demo_voc(str(tmp_path / "voc"), n_train=2, n_val=3, size=(48, 64), seed=1)
+    prepare.make_demo_voc(str(tmp_path / "voc"), n_train=2, n_val=3, size=(48, 64), seed=1)
     cfg = config.load_config(CONFIGS, "pspnet_eval", [
         f"data_root={tmp_path}", "data.root=voc", f"output_dir={tmp_path / 'out'}", "device=cpu", "data.workers=0",
         "data.test_scale=[96,36]", "test.flip=true", "test.scales=[0.75,1.0]", "save_predictions=2",
         "model.num_classes=5", *[f"model.{key}={list(v) if isinstance(v, tuple) else v}" for key, v in
-                                 TINY_PSPNET.items()]], models.builder_defaults)
+                                 TINY_PSPNET.items()]], tasks.builder_defaults)
     os.makedirs(cfg["output_dir"])
     model = small_pspnet(num_classes=5)
-    result = evaluate.evaluate_and_report(cfg, model, torch.device("cpu"), 0, 1)
+    result = tasks.evaluate_and_report(cfg, model, torch.device("cpu"), 0, 1)
     matrix = np.zeros((5, 5), np.int64)
-    dataset, _ = evaluate.eval_dataset(cfg)
+    dataset, _ = tasks.eval_dataset(cfg)
     for views, label in dataset:
         image, hw = evaluate.stack_views(views)
         with torch.no_grad():
@@ -245,11 +247,11 @@ def test_evaluation_with_flip_and_scales_counts_every_pixel(tmp_path):
         for truth, guess in zip(label.ravel(), pred.ravel()):
             if truth != 255:
                 matrix[truth, guess] += 1
-    expected = metrics.metrics_from_confusion(torch.from_numpy(matrix))
+    expected = evaluate.metrics_from_confusion(torch.from_numpy(matrix))
     assert result["aAcc"] == pytest.approx(expected["aAcc"]) and result["IoU"] == pytest.approx(expected["IoU"],
                                                                                               nan_ok=True)
     record = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert record["test"]["scales"] == [0.75, 1.0] and len(record["IoU"]) == 5
-    evaluate.save_predictions(cfg, model, torch.device("cpu"))
+    tasks.save_predictions(cfg, model, torch.device("cpu"))
     panels = sorted(os.listdir(tmp_path / "out" / "predictions"))
     assert len(panels) == 2

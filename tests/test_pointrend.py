@@ -20,6 +20,7 @@ from seg.pointrend import (
     uncertain_point_coords_with_randomness,
     uncertainty,
 )
+from seg.train import pointrend_losses
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 # the spec's key list lives outside the repository (../shared next to the checkout, or shared/ inside it)
@@ -333,20 +334,12 @@ def test_point_loss_reaches_the_coarse_head():
     assert model.backbone.fpn_output5.weight.grad.abs().sum() > 0  # p5 only reaches the loss via coarse
 
 
-# ---- seg/losses.py pointrend_losses (written by the lead; it calls sample_labels_nearest) ----
-
-
-def pointrend_losses_or_skip():
-    losses = pytest.importorskip("seg.losses")
-    if not hasattr(losses, "pointrend_losses"):
-        pytest.skip("seg/losses.py has no pointrend_losses yet")
-    return losses.pointrend_losses
+# ---- seg/train.py pointrend_losses (it calls sample_labels_nearest) ----
 
 
 @SETTINGS
 @given(st.integers(0, 2**31 - 1), st.floats(0, 1))
 def test_pointrend_losses_match_cross_entropy(seed, ignored_fraction):
-    pointrend_losses = pointrend_losses_or_skip()
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn(2, 5, 4, 8, generator=generator)
     point_logits = torch.randn(2, 5, 30, generator=generator)
@@ -369,7 +362,6 @@ def test_pointrend_losses_match_cross_entropy(seed, ignored_fraction):
 
 
 def test_pointrend_losses_are_zero_when_everything_is_ignored():
-    pointrend_losses = pointrend_losses_or_skip()
     outputs = {
         "coarse": torch.randn(1, 3, 4, 4, requires_grad=True),
         "point_logits": torch.randn(1, 3, 10, requires_grad=True),

@@ -1,4 +1,4 @@
-"""Tests for seg/predict.py: inputs, indexed label maps, overlays, the predict task on a folder with a
+"""Tests for prediction (seg/evaluate.py pictures, seg/tasks.py predict_task): inputs, indexed label maps, overlays, the predict task on a folder with a
 corrupt file, the slide switch for large images, and the command line."""
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg import checkpoint, config, data, evaluate, models, predict
+from seg import checkpoint, config, data, evaluate, tasks, train
 from seg.files import UserError
 from seg.pspnet import build_pspnet
 
@@ -50,7 +50,7 @@ def photo(height, width, seed):
 def predict_config(weights, input_path, output, *extra):
     return config.load_config(CONFIGS, "pspnet_predict", [
         f"weights={weights}", f"input={input_path}", f"output={output}", "device=cpu", "data.test_scale=[96,36]",
-        *TINY_OVERRIDES, *extra], models.builder_defaults)
+        *TINY_OVERRIDES, *extra], tasks.builder_defaults)
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -59,13 +59,13 @@ def test_inputs_file_folder_and_glob(tmp_path):
     for name in ["b.PNG", "a.jpg", "c.webp", "notes.txt", "d.jpeg", "e.bmp"]:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.jpg").mkdir()
-    assert predict.list_images(str(tmp_path)) == [str(tmp_path / n) for n in ["a.jpg", "b.PNG", "c.webp", "d.jpeg",
+    assert evaluate.list_images(str(tmp_path)) == [str(tmp_path / n) for n in ["a.jpg", "b.PNG", "c.webp", "d.jpeg",
                                                                             "e.bmp"]]
-    assert predict.list_images(str(tmp_path / "notes.txt")) == [str(tmp_path / "notes.txt")]
-    assert predict.list_images(str(tmp_path / "[ab].*")) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.PNG")]
+    assert evaluate.list_images(str(tmp_path / "notes.txt")) == [str(tmp_path / "notes.txt")]
+    assert evaluate.list_images(str(tmp_path / "[ab].*")) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.PNG")]
     with pytest.raises(UserError, match="input="):
-        predict.list_images(str(tmp_path / "missing*.jpg"))
-    assert predict.output_stems(["x/a.jpg", "y/a.png", "b.jpg", "z/a.bmp"]) == ["a", "a_2", "b", "a_3"]
+        evaluate.list_images(str(tmp_path / "missing*.jpg"))
+    assert evaluate.output_stems(["x/a.jpg", "y/a.png", "b.jpg", "z/a.bmp"]) == ["a", "a_2", "b", "a_3"]
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -73,7 +73,7 @@ def test_inputs_file_folder_and_glob(tmp_path):
 def test_label_map_is_an_indexed_png_with_the_palette(tmp_path, weights):
     picture = photo(48, 64, seed=0)
     Image.fromarray(picture).save(tmp_path / "street.png")
-    predict.predict(predict_config(weights, tmp_path / "street.png", tmp_path / "out"))
+    tasks.predict_task(predict_config(weights, tmp_path / "street.png", tmp_path / "out"))
     with torch.no_grad():  # the same inference, called directly on the BGR image
         image, hw = evaluate.stack_views(evaluate.resize_to_scales(picture[:, :, ::-1], (96, 36), [1.0]))
         expected = evaluate.test_time_scores(loaded_model(weights), image, hw, (48, 64), {
@@ -89,9 +89,9 @@ def test_overlay_blends_colours_at_half_away_from_the_legend(tmp_path):
     picture = photo(96, 160, seed=1)
     label = np.zeros((96, 160), np.uint8)
     label[:, 60:110], label[50:, 110:] = 1, 2
-    palette, names = predict.palette_and_names("voc", 3)
-    predict.write_outputs(str(tmp_path), "scene", picture, label, palette, names)
-    _, box = predict.overlay(picture, label, palette, names)
+    palette, names = evaluate.palette_and_names(data.VOC_PALETTE, data.VOC_CLASSES, 3)
+    evaluate.write_prediction(str(tmp_path), "scene", picture, label, palette, names)
+    _, box = evaluate.overlay(picture, label, palette, names)
     with Image.open(tmp_path / "scene_overlay.jpg") as saved:
         assert saved.format == "JPEG" and saved.size == (160, 96)
         written = np.asarray(saved.convert("RGB")).astype(np.int32)
@@ -106,7 +106,7 @@ def test_overlay_blends_colours_at_half_away_from_the_legend(tmp_path):
 
 
 def test_classes_beyond_the_palette_get_colours_and_names():
-    palette, names = predict.palette_and_names("cityscapes", 21)
+    palette, names = evaluate.palette_and_names(data.CITYSCAPES_PALETTE, data.CITYSCAPES_CLASSES, 21)
     assert palette[:19] == [tuple(c) for c in data.CITYSCAPES_PALETTE] and names[19:] == ["class 19", "class 20"]
     assert len(set(palette)) == 21
 
@@ -120,7 +120,7 @@ def test_folder_with_a_corrupt_file(tmp_path, weights, capsys):
     Image.fromarray(photo(40, 72, 3)).save(folder / "two.png")
     Image.fromarray(photo(64, 48, 4)).save(folder / "three.jpeg", quality=95)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    assert predict.predict(predict_config(weights, folder, tmp_path / "out")) == 3
+    assert tasks.predict_task(predict_config(weights, folder, tmp_path / "out")) == 3
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err and "warning" in captured.err
     assert sorted(os.listdir(tmp_path / "out")) == ["one.png", "one_overlay.jpg", "three.png", "three_overlay.jpg",
@@ -137,7 +137,7 @@ def test_folder_with_a_corrupt_file(tmp_path, weights, capsys):
 def test_nothing_readable_is_a_user_error(tmp_path, weights):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     with pytest.raises(UserError, match="could be read"):
-        predict.predict(predict_config(weights, tmp_path / "bad.png", tmp_path / "out"))
+        tasks.predict_task(predict_config(weights, tmp_path / "bad.png", tmp_path / "out"))
 
 
 def test_large_images_switch_to_slide_mode_once(tmp_path, weights, capsys):
@@ -146,14 +146,15 @@ def test_large_images_switch_to_slide_mode_once(tmp_path, weights, capsys):
     # test resize to 36×48; max_size 40 < 48 sends both images to slide mode with 32×32 windows
     cfg = predict_config(weights, tmp_path / "*.png", tmp_path / "out", "test.max_size=40", "test.crop_hw=[32,32]",
                          "test.stride_hw=[16,16]")
-    predict.predict(cfg)
+    tasks.predict_task(cfg)
     assert capsys.readouterr().out.count("slide mode") == 1
     model = loaded_model(weights)
     picture = np.asarray(Image.open(tmp_path / "b.png"))
-    slide_label, slid = predict.predict_label(model, picture, {**cfg["test"], "mode": "slide", "max_size": 10**6},
-                                              (96, 36), torch.device("cpu"))
-    whole_label, _ = predict.predict_label(model, picture, {**cfg["test"], "max_size": 10**6}, (96, 36),
-                                           torch.device("cpu"))
+    off = lambda: train.autocast_context("cpu", "off")  # noqa: E731
+    slide_label, slid = evaluate.predict_label(model, picture[:, :, ::-1], {**cfg["test"], "mode": "slide",
+                                                                           "max_size": 10**6}, (96, 36), off)
+    whole_label, _ = evaluate.predict_label(model, picture[:, :, ::-1], {**cfg["test"], "max_size": 10**6}, (96, 36),
+                                            off)
     assert slid is False and not np.array_equal(slide_label, whole_label)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "b.png")), slide_label)
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from seg.files import UserError
-from seg import data, demo, files, prepare
+from seg import data, files, prepare
 
 # Spec pointrend.md §6.6, written out again here so the module's table is checked against an independent copy.
 SPEC_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
@@ -225,7 +225,7 @@ def file_bytes(root, pattern):
 
 def test_make_demo_voc(tmp_path):
     kwargs = dict(n_train=6, n_val=3, size=(48, 64), seed=5)
-    root = demo.make_demo_voc(tmp_path / "a", **kwargs)
+    root = prepare.make_demo_voc(tmp_path / "a", **kwargs)
     names = [f"2007_{i:06d}" for i in range(1, 10)]
     splits = {s: data.read_split(root / "ImageSets" / "Segmentation" / f"{s}.txt")
               for s in ("train", "val", "aug", "trainaug")}
@@ -256,21 +256,21 @@ def test_make_demo_voc(tmp_path):
         assert set(np.unique(aug_label)) <= {0, 1, 2, 3, 4} and (aug_label > 0).any()
         seen |= set(np.unique(aug_label).tolist())
     assert len(seen - {0, 255}) >= 3
-    other = demo.make_demo_voc(tmp_path / "b", **kwargs)
+    other = prepare.make_demo_voc(tmp_path / "b", **kwargs)
     for pattern in ("Segmentation*/*.png", "ImageSets/Segmentation/*.txt", "JPEGImages/*.jpg"):
         assert file_bytes(root, pattern) == file_bytes(other, pattern)
     assert file_bytes(root, "SegmentationClass/*.png") != file_bytes(
-        demo.make_demo_voc(tmp_path / "c", **{**kwargs, "seed": 6}), "SegmentationClass/*.png")
+        prepare.make_demo_voc(tmp_path / "c", **{**kwargs, "seed": 6}), "SegmentationClass/*.png")
 
 
 def test_make_demo_voc_marker(tmp_path):
-    root = demo.make_demo_voc(tmp_path, n_train=3, n_val=1, size=(32, 32))
+    root = prepare.make_demo_voc(tmp_path, n_train=3, n_val=1, size=(32, 32))
     label = root / "SegmentationClass" / "2007_000001.png"
     mtime = label.stat().st_mtime_ns
-    demo.make_demo_voc(tmp_path, n_train=3, n_val=1, size=(32, 32))
+    prepare.make_demo_voc(tmp_path, n_train=3, n_val=1, size=(32, 32))
     assert label.stat().st_mtime_ns == mtime  # generated once
     (root / "notes.txt").write_text("mine")
-    demo.make_demo_voc(tmp_path, n_train=2, n_val=1, size=(32, 32))  # other parameters: made again
+    prepare.make_demo_voc(tmp_path, n_train=2, n_val=1, size=(32, 32))  # other parameters: made again
     assert sorted(p.name for p in (root / "JPEGImages").iterdir()) == [f"2007_00000{i}.jpg" for i in (1, 2, 3)]
     assert data.read_split(root / "ImageSets" / "Segmentation" / "val.txt") == ["2007_000003"]
     assert (root / "notes.txt").read_text() == "mine"  # only the generator's own folders are replaced
@@ -280,7 +280,7 @@ def test_make_demo_voc_marker(tmp_path):
 
 def test_make_demo_cityscapes(tmp_path):
     kwargs = dict(n_train=4, n_val=2, size=(64, 128), seed=7)
-    root = demo.make_demo_cityscapes(tmp_path / "a", **kwargs)
+    root = prepare.make_demo_cityscapes(tmp_path / "a", **kwargs)
     images = sorted(str(p.relative_to(root)) for p in root.glob("leftImg8bit/*/*/*"))
     assert images == [f"leftImg8bit/train/{c}/{c}_000000_00000{i}_leftImg8bit.png"
                       for c in ("aachen", "bremen") for i in (0, 1)] + \
@@ -299,9 +299,76 @@ def test_make_demo_cityscapes(tmp_path):
     assert {7, 8, 23, 26, 0, 1, 4} <= ids_seen <= {0, 1, 4, 7, 8, 11, 21, 23, 24, 26}
     counts = prepare.prepare_cityscapes(root, workers=1, log=lambda _: None)  # the demo is already prepared
     assert counts == {"train": 4, "val": 2, "converted": 0, "skipped": 6}
-    other = demo.make_demo_cityscapes(tmp_path / "b", **kwargs)
+    other = prepare.make_demo_cityscapes(tmp_path / "b", **kwargs)
     assert file_bytes(root, "gtFine/*/*/*.png") == file_bytes(other, "gtFine/*/*/*.png")
     assert file_bytes(root, "leftImg8bit/*/*/*.png") == file_bytes(other, "leftImg8bit/*/*/*.png")
-    assert demo.make_demo_cityscapes(root, **kwargs) == root
-    demo.make_demo_cityscapes(root, **{**kwargs, "n_train": 2})  # other parameters: made again, nothing stale
+    assert prepare.make_demo_cityscapes(root, **kwargs) == root
+    prepare.make_demo_cityscapes(root, **{**kwargs, "n_train": 2})  # other parameters: made again, nothing stale
     assert prepare.prepare_cityscapes(root, workers=1, log=lambda _: None)["train"] == 2
+
+
+def all_file_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def write_user_voc(root):
+    """A user's own VOC-layout files: one photo and a train split, without the demo's marker."""
+    (root / "JPEGImages").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, (20, 30, 3), np.uint8)).save(
+        root / "JPEGImages" / "2007_000001.jpg")
+    write_split(root / "ImageSets" / "Segmentation" / "train.txt", ["2007_000001"])
+
+
+def write_user_cityscapes(root):
+    make_tiny_cityscapes(root, np.random.default_rng(9), [("train", "aachen", 0)])
+
+
+@pytest.mark.parametrize("generate", ["make_demo_voc", "make_demo_cityscapes"])
+@pytest.mark.parametrize("write_user_files", [write_user_voc, write_user_cityscapes])
+def test_demo_leaves_a_folder_of_user_files_alone(tmp_path, generate, write_user_files):
+    root = tmp_path / "data" / "demo"
+    write_user_files(root)
+    before = all_file_bytes(root)
+    with pytest.raises(UserError, match="data_root") as error:
+        getattr(prepare, generate)(root, n_train=2, n_val=1, size=(32, 64))
+    assert str(root) in str(error.value) and "empty" in str(error.value)
+    assert all_file_bytes(root) == before and len(before) >= 2
+
+
+def test_demo_into_a_missing_or_an_empty_folder(tmp_path):
+    for generate, pattern in ((prepare.make_demo_voc, "*/*.*"), (prepare.make_demo_cityscapes, "*/*/*/*.png")):
+        empty = tmp_path / f"empty_{generate.__name__}"
+        empty.mkdir()
+        generate(empty, n_train=2, n_val=1, size=(32, 64))
+        missing = generate(tmp_path / "missing" / generate.__name__, n_train=2, n_val=1, size=(32, 64))
+        made = file_bytes(missing, pattern)
+        assert made == file_bytes(empty, pattern) and len(made) >= 6
+
+
+@pytest.mark.parametrize("first, second", [("make_demo_voc", "make_demo_cityscapes"),
+                                           ("make_demo_cityscapes", "make_demo_voc")])
+def test_demo_of_one_kind_never_goes_into_a_demo_of_the_other(tmp_path, first, second):
+    getattr(prepare, first)(tmp_path, n_train=2, n_val=1, size=(32, 64))
+    before = all_file_bytes(tmp_path)
+    with pytest.raises(UserError, match="data_root") as error:
+        getattr(prepare, second)(tmp_path, n_train=2, n_val=1, size=(32, 64))
+    assert str(tmp_path) in str(error.value)
+    assert all_file_bytes(tmp_path) == before
+
+
+def test_demo_rerun_after_an_interruption_regenerates_its_own_folder(tmp_path, monkeypatch):
+    kwargs = dict(n_train=4, n_val=2, size=(32, 64), seed=3)
+    save_image, saved = prepare.save_image, []
+
+    def save_three_then_fail(*args):
+        if len(saved) == 3:
+            raise RuntimeError("interrupted")
+        saved.append(save_image(*args))
+
+    monkeypatch.setattr(prepare, "save_image", save_three_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        prepare.make_demo_voc(tmp_path / "a", **kwargs)
+    monkeypatch.undo()
+    assert len(list((tmp_path / "a" / "JPEGImages").iterdir())) == 3
+    prepare.make_demo_voc(tmp_path / "a", **kwargs)  # no UserError: the half-made folder is the demo's own
+    assert all_file_bytes(tmp_path / "a") == all_file_bytes(prepare.make_demo_voc(tmp_path / "b", **kwargs))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg import checkpoint, config, data, demo, files, models, train
+from seg import checkpoint, config, data, files, prepare, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs.toml")
@@ -20,7 +20,7 @@ TINY_MODEL = ["model.num_classes=5", "model.base_channels=8", "model.stem_channe
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory):
     data_root = tmp_path_factory.mktemp("data")
-    demo.make_demo_voc(str(data_root / "voc"), n_train=8, n_val=4, size=(48, 64), seed=1)
+    prepare.make_demo_voc(str(data_root / "voc"), n_train=8, n_val=4, size=(48, 64), seed=1)
     return str(data_root)
 
 
@@ -50,15 +50,15 @@ def assert_same_weights(a, b, atol=0.0):
 
 def test_resume_equals_uninterrupted_run(voc_root, tmp_path):
     whole = str(tmp_path / "whole")
-    train.train(config.load_config(CONFIGS, "demo", overrides(voc_root, whole, "iterations=4", "checkpoint_interval=2"),
-                                   models.builder_defaults))
+    tasks.train_task(config.load_config(CONFIGS, "demo", overrides(voc_root, whole, "iterations=4", "checkpoint_interval=2"),
+                                   tasks.builder_defaults))
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     # an interrupted run: only the checkpoint at iteration 2 exists
     state = checkpoint.load_training_state(os.path.join(whole, "iter_0000002.pth"))
     checkpoint.save_atomic(state, os.path.join(resumed, "iter_0000002.pth"))
-    train.train(config.load_config(CONFIGS, "demo", overrides(voc_root, resumed, "iterations=4", "checkpoint_interval=2",
-                                                              "resume=true"), models.builder_defaults))
+    tasks.train_task(config.load_config(CONFIGS, "demo", overrides(voc_root, resumed, "iterations=4", "checkpoint_interval=2",
+                                                              "resume=true"), tasks.builder_defaults))
     assert_same_weights(final_weights(whole), final_weights(resumed))
     assert not torch.equal(state["model"]["decode_head.conv_seg.weight"],
                            final_weights(whole)["decode_head.conv_seg.weight"])  # training did move
@@ -68,8 +68,8 @@ def test_jitter_on_the_device_trains_the_same_weights(voc_root, tmp_path):
     runs = {}
     for place in ("loader", "device"):
         runs[place] = str(tmp_path / place)
-        train.train(config.load_config(CONFIGS, "demo", overrides(voc_root, runs[place], "iterations=2",
-                                                                  f'data.jitter_on="{place}"'), models.builder_defaults))
+        tasks.train_task(config.load_config(CONFIGS, "demo", overrides(voc_root, runs[place], "iterations=2",
+                                                                  f'data.jitter_on="{place}"'), tasks.builder_defaults))
     assert_same_weights(final_weights(runs["loader"]), final_weights(runs["device"]))
 
 
@@ -125,7 +125,7 @@ TINY_POINTREND = ["model.norm=bn", "model.stem_channels=8", "model.base_channels
 @pytest.fixture(scope="module")
 def cityscapes_root(tmp_path_factory):
     data_root = tmp_path_factory.mktemp("data")
-    demo.make_demo_cityscapes(str(data_root / "cityscapes"), n_train=4, n_val=2, size=(64, 128), seed=2)
+    prepare.make_demo_cityscapes(str(data_root / "cityscapes"), n_train=4, n_val=2, size=(64, 128), seed=2)
     return str(data_root)
 
 
@@ -138,9 +138,9 @@ def test_pointrend_trains_and_evaluates_on_the_cityscapes_layout(cityscapes_root
     import json
 
     out = str(tmp_path / "pr")
-    train.train(config.load_config(CONFIGS, "demo_pointrend", pointrend_overrides(cityscapes_root, out, "iterations=3",
+    tasks.train_task(config.load_config(CONFIGS, "demo_pointrend", pointrend_overrides(cityscapes_root, out, "iterations=3",
                                                                                   "measure_pipeline=true"),
-                                   models.builder_defaults))
+                                   tasks.builder_defaults))
     assert "images/s per worker" in capsys.readouterr().out
     state = final_weights(out)
     assert "sem_seg_head.point_head.predictor.weight" in state and state["sem_seg_head.point_head.predictor.weight"].isfinite().all()

@@ -1,5 +1,5 @@
-"""Tests for seg/transforms.py: every value is checked against a brute-force formula, Pillow, colorsys,
-a per-pixel transcription of the reference code, or an invariant."""
+"""Tests for seg/transforms.py and seg/colour.py: every value is checked against a brute-force formula, Pillow,
+colorsys, a per-pixel transcription of the reference code, or an invariant."""
 
 import colorsys
 import copy
@@ -96,7 +96,7 @@ def per_pixel(function, image):
 
 def reference_jitter(rng, image, hue_high):
     """mmseg PhotoMetricDistortion / detectron2 ColorAugSSD as written upstream (per-pixel cv2 stand-ins),
-    drawing from rng in the order seg.transforms documents."""
+    drawing from rng in the order seg.colour.draw_jitter documents."""
     def convert(x, alpha=1, beta=0):
         return np.clip(x.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(np.uint8)
 
@@ -120,6 +120,31 @@ def reference_jitter(rng, image, hue_high):
     if not contrast_first:
         img = contrast(img)
     return img
+
+
+def resize_label(label, hw, rule):
+    """Whole-label nearest resize, rule "cv2" (mmseg) or "pil" (detectron2), through the window path."""
+    src = T.nearest_src_cv2 if rule == "cv2" else T.nearest_src_pil
+    return T.resize_label_window(label, hw, (0, 0) + tuple(hw), src)
+
+
+def bgr_to_hsv(image):
+    """H×W×3 uint8 BGR -> HSV (cv2.COLOR_BGR2HSV) from colour's tables, read as _hsv_round_trip reads them."""
+    b, g, r = C.planes_of(image)
+    v = np.maximum(np.maximum(b, g), r)
+    s = C._S_OF_MAX_MIN.take(C._key(v, np.minimum(np.minimum(b, g), r)))
+    return np.stack([C._hue(b, g, r), s, v], axis=-1)
+
+
+def hsv_to_bgr(hsv):
+    """H×W×3 uint8 HSV (H >= 180 wraps) -> BGR (cv2.COLOR_HSV2BGR) with colour's _to_bgr and tables."""
+    h, s, v = C.planes_of(hsv)
+    return np.ascontiguousarray(C.planar_view(C._to_bgr(h, C._key(h, s), v, C._LOW_OF_S_V.take(C._key(s, v)))))
+
+
+def jitter(rng, image, hue_high):
+    """Draw and apply a colour jitter (what a sampler draws and the loader applies)."""
+    return C.jittered(image, C.draw_jitter(rng, hue_high))
 
 
 def random_image(rng, h, w):
@@ -204,7 +229,7 @@ def test_label_window_equals_full_resize_then_crop(h, w, new_h, new_w, data):
     pil = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.NEAREST))
     cv2 = brute_nearest_cv2(label, (new_h, new_w))
     for rule, full, src in (("pil", pil, T.nearest_src_pil), ("cv2", cv2, T.nearest_src_cv2)):
-        np.testing.assert_array_equal(T.resize_label(label, (new_h, new_w), rule), full)
+        np.testing.assert_array_equal(resize_label(label, (new_h, new_w), rule), full)
         crop = T.resize_label_window(label, (new_h, new_w), window, src, flip)
         expected = full[y0:y0 + window[2], x0:x0 + window[3]][:, ::-1 if flip else 1]
         np.testing.assert_array_equal(crop, expected)
@@ -214,7 +239,7 @@ def test_nearest_pil_matches_pillow_at_cityscapes_scales():
     label = np.random.default_rng(0).integers(0, 19, (4, 2048), dtype=np.uint8)
     for width in (1024, 1536, 2048, 2560, 3072, 3584, 4096, 683, 1365):
         pil = np.asarray(Image.fromarray(label).resize((width, 4), Image.NEAREST))
-        np.testing.assert_array_equal(T.resize_label(label, (4, width), "pil"), pil)
+        np.testing.assert_array_equal(resize_label(label, (4, width), "pil"), pil)
 
 
 def test_bilinear_upscale_within_one_of_pillow():
@@ -282,7 +307,7 @@ def test_sampler_single_class_label_falls_back_to_last_window(dataset):
     rule = "cv2" if dataset == "voc" else "pil"
     step = -1 if flip else 1
     np.testing.assert_array_equal(out_image, T.resize_image(image, hw)[y0:y0 + height, x0:x0 + width][:, ::step])
-    np.testing.assert_array_equal(out_label, T.resize_label(label, hw, rule)[y0:y0 + height, x0:x0 + width][:, ::step])
+    np.testing.assert_array_equal(out_label, resize_label(label, hw, rule)[y0:y0 + height, x0:x0 + width][:, ::step])
 
 
 @pytest.mark.parametrize("dataset, rule_key, stripe", [("voc", "cat_max_ratio", 12),
@@ -367,8 +392,9 @@ def test_cityscapes_draw_frequencies(monkeypatch):
 def test_sampler_jitter_parameters_are_the_last_draws(dataset, hue_high, monkeypatch):
     """The sampler returns the unjittered crop and parameters drawn last from its rng, with the hue range of
     its reference (mmseg [-18, 17], detectron2 [-18, 18])."""
-    states, real = [], T.draw_jitter
-    monkeypatch.setattr(T, "draw_jitter", lambda rng, high: states.append((copy.deepcopy(rng), high)) or real(rng, high))
+    states, real = [], C.draw_jitter
+    monkeypatch.setattr(C, "draw_jitter",
+                        lambda rng, high: states.append((copy.deepcopy(rng), high)) or real(rng, high))
     image, label = random_image(np.random.default_rng(6), 30, 60), np.zeros((30, 60), np.uint8)
     sampler, small = (T.voc_train_sample, VOC_SMALL) if dataset == "voc" else (T.cityscapes_train_sample, CITY_SMALL)
     for seed in range(6):
@@ -383,7 +409,7 @@ def test_sampler_jitter_parameters_are_the_last_draws(dataset, hue_high, monkeyp
 def test_jitter_is_a_per_pixel_colour_map():
     image = random_image(np.random.default_rng(6), 30, 60) // 64 * 64  # few colours, repeated
     for seed in range(6):
-        colour_image = C.color_aug_ssd(np.random.default_rng(seed), image)
+        colour_image = jitter(np.random.default_rng(seed), image, 19)
         plain, coloured = image.reshape(-1, 3), colour_image.reshape(-1, 3)
         _, first, inverse = np.unique(plain, axis=0, return_index=True, return_inverse=True)
         np.testing.assert_array_equal(coloured, coloured[first][inverse.ravel()])
@@ -391,17 +417,54 @@ def test_jitter_is_a_per_pixel_colour_map():
 
 def test_train_samplers_registry():
     assert T.TRAIN_SAMPLERS == {"voc": T.voc_train_sample, "cityscapes": T.cityscapes_train_sample}
+    assert T.CROP_PLANS == {"voc": (T.voc_crop_plan, 18), "cityscapes": (T.cityscapes_crop_plan, 19)}
+
+
+@SETTINGS
+@given(st.sampled_from(["voc", "cityscapes"]), st.integers(8, 60), st.integers(8, 60), st.integers(0, 10 ** 6))
+def test_sampler_is_plan_then_window_resize_then_jitter_draw(dataset, h, w, seed):
+    """The stages seg/bench.py times, called one by one from the same seed, give the sampler's output bit for
+    bit and leave the rng where the sampler does; the plan's label crop is the crop of the full resize."""
+    rng = np.random.default_rng(seed)
+    image = random_image(rng, h, w)
+    label = rng.choice(np.array([0, 3, 9, 255], np.uint8), size=(h, w))
+    if dataset == "voc":
+        options, rule = dict(VOC_SMALL, ratio_range=(0.5, 2.0), cat_max_ratio=0.75), "cv2"
+    else:
+        options, rule = dict(CITY_SMALL, single_category_max_area=0.75), "pil"
+    plan, hue_high = T.CROP_PLANS[dataset]
+    staged_rng, sampler_rng = np.random.default_rng(seed + 1), np.random.default_rng(seed + 1)
+    expected_hw, _ = replay_hw(staged_rng, dataset, (h, w))
+    hw, (y0, x0, height, width), flip, crop_label = plan(staged_rng, label, **options)
+    assert hw == expected_hw and (height, width) == tuple(np.minimum(options["crop_hw"], hw))
+    assert 0 <= y0 <= hw[0] - height and 0 <= x0 <= hw[1] - width
+    full = resize_label(label, hw, rule)[y0:y0 + height, x0:x0 + width]
+    np.testing.assert_array_equal(crop_label, full[:, ::-1] if flip else full)
+    staged = (C.planar_view(T.resize_image_window(image, hw, (y0, x0, height, width), flip)), crop_label,
+              C.draw_jitter(staged_rng, hue_high))
+    sampled = T.TRAIN_SAMPLERS[dataset](sampler_rng, image, label, **options)
+    assert len(sampled) == len(staged)
+    for got, expected in zip(sampled, staged):
+        np.testing.assert_array_equal(got, expected)
+    assert sampler_rng.bit_generator.state == staged_rng.bit_generator.state
 
 
 # ------------------------------------------------------------------------------------------- colour
 
-def test_flip_twice_is_identity():
+@pytest.mark.parametrize("nearest_src", [T.nearest_src_cv2, T.nearest_src_pil])
+def test_flip_twice_is_identity(nearest_src):
+    """The samplers mirror inside the window resizes (flip=True); at scale 1 that is a plain mirror."""
     rng = np.random.default_rng(8)
     image, label = random_image(rng, 5, 7), rng.integers(0, 256, (5, 7), dtype=np.uint8)
-    flipped = T.hflip(image, label)
+
+    def hflip(image, label):
+        window = (0, 0) + label.shape
+        return (np.ascontiguousarray(C.planar_view(T.resize_image_window(image, label.shape, window, flip=True))),
+                T.resize_label_window(label, label.shape, window, nearest_src, flip=True))
+    flipped = hflip(image, label)
     np.testing.assert_array_equal(flipped[0][:, 0], image[:, -1])
     np.testing.assert_array_equal(flipped[1][:, 0], label[:, -1])
-    for original, twice in zip((image, label), T.hflip(*flipped)):
+    for original, twice in zip((image, label), hflip(*flipped)):
         np.testing.assert_array_equal(twice, original)
 
 
@@ -411,7 +474,7 @@ def test_bgr_to_hsv_matches_opencv_transcription_and_colorsys():
                             np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1),  # greys
                             [[0, 0, 255], [0, 255, 0], [255, 0, 0], [255, 255, 0], [1, 0, 0]]]).astype(np.uint8)
     image = image.reshape(1, -1, 3)
-    hsv = T.bgr_to_hsv(image)
+    hsv = bgr_to_hsv(image)
     np.testing.assert_array_equal(hsv, per_pixel(opencv_bgr2hsv_pixel, image))
     for (b, g, r), (h, s, v) in zip(image[0].astype(int), hsv[0].astype(int)):
         ref_h, ref_s, ref_v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
@@ -423,23 +486,31 @@ def test_bgr_to_hsv_matches_opencv_transcription_and_colorsys():
 def test_hsv_to_bgr_matches_opencv_transcription():
     rng = np.random.default_rng(10)
     hsv = rng.integers(0, 256, (1, 3000, 3), dtype=np.uint8)  # H >= 180 included: OpenCV wraps it
-    np.testing.assert_array_equal(T.hsv_to_bgr(hsv), per_pixel(opencv_hsv2bgr_pixel, hsv))
+    np.testing.assert_array_equal(hsv_to_bgr(hsv), per_pixel(opencv_hsv2bgr_pixel, hsv))
 
 
 def test_hsv_round_trip_is_close_to_identity():
+    """The fused round trip a jitter step computes (_hsv_round_trip, S and H unchanged) equals the two
+    conversions above, and is close to the identity."""
+    def round_trip(image):
+        return C.planar_view(C._hsv_round_trip(C.planes_of(image)))
     image = random_image(np.random.default_rng(11), 100, 100)
-    error = np.abs(T.hsv_to_bgr(T.bgr_to_hsv(image)).astype(int) - image)
+    np.testing.assert_array_equal(round_trip(image), hsv_to_bgr(bgr_to_hsv(image)))
+    error = np.abs(round_trip(image).astype(int) - image)
     assert error.max() <= 5 and error.mean() < 1  # H has 2-degree steps: up to 255/60 per channel
     grey = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, 2)
-    np.testing.assert_array_equal(T.hsv_to_bgr(T.bgr_to_hsv(grey)), grey)
+    np.testing.assert_array_equal(hsv_to_bgr(bgr_to_hsv(grey)), grey)
+    np.testing.assert_array_equal(round_trip(grey), grey)
 
 
-@pytest.mark.parametrize("function, hue_high", [(T.photometric_distortion, 18), (T.color_aug_ssd, 19)])
-def test_jitter_matches_reference_transcription(function, hue_high):
-    assert list(inspect.signature(function).parameters) == ["rng", "image"]  # it never sees the label
+@pytest.mark.parametrize("hue_high", [18, 19])  # mmseg PhotoMetricDistortion, detectron2 ColorAugSSD
+def test_jitter_matches_reference_transcription(hue_high):
+    # it never sees the label: parameters come from the rng alone and apply to the image alone
+    assert list(inspect.signature(C.draw_jitter).parameters) == ["rng", "hue_high"]
+    assert list(inspect.signature(C.jittered).parameters) == ["image", "params"]
     image = random_image(np.random.default_rng(12), 6, 9)
     for seed in range(24):
-        out = function(np.random.default_rng(seed), image)
+        out = jitter(np.random.default_rng(seed), image, hue_high)
         assert out.shape == image.shape and out.dtype == np.uint8
         np.testing.assert_array_equal(out, reference_jitter(np.random.default_rng(seed), image, hue_high))
 

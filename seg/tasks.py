@@ -1,0 +1,438 @@
+"""The task layer, the only code that reads a resolved config: each task turns it into objects once (device,
+model with its weights, datasets, loaders, optimizer, scaler, autocast) and hands plain values to the modules
+below. run.py calls TASKS[config["task"]](config, load_section).
+"""
+import functools
+import inspect
+import json
+import os
+import sys
+import time
+
+import torch
+
+from seg import bench, checkpoint, data, dist, evaluate, files, pointrend, prepare, pspnet, resnet, train, transforms
+from seg.files import UserError
+
+MODELS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
+FORWARDED_KWARGS = {"pointrend": resnet.build_resnet_fpn}  # build_pointrend passes **backbone_kwargs on
+
+
+def quiet(*args, **kwargs):
+    return None
+
+
+# ------------------------------------------------------------------------------------ config -> objects
+
+def builder_defaults(name):
+    """The builder's keyword arguments and defaults: the keys a config's [model] table may set."""
+    defaults = {}
+    for function in (FORWARDED_KWARGS.get(name), MODELS.get(name)):
+        if function is not None:
+            defaults.update({key: p.default for key, p in inspect.signature(function).parameters.items()
+                             if p.default is not inspect.Parameter.empty})
+    if name in FORWARDED_KWARGS:  # set by build_pointrend itself
+        defaults.pop("out_channels", None)
+    return defaults
+
+
+def build_model(model_table):
+    """Build from a [model] table: `name` picks the builder, every other key is its argument."""
+    kwargs = {key: tuple(value) if isinstance(value, list) else value
+              for key, value in model_table.items() if key != "name"}
+    return MODELS[model_table["name"]](**kwargs)
+
+
+def loss_function(config):
+    """outputs, label -> dict of losses, for the configured model."""
+    if config["model"]["name"] == "pspnet":
+        return functools.partial(train.pspnet_losses, **config["loss"])
+    return train.pointrend_losses
+
+
+def start(config):
+    """Device, process group and seed of this process: (torch.device, rank, world size, rank-0 print)."""
+    torch_device, rank, world_size = dist.setup(config["device"])
+    message = dist.check_amp_supported(torch_device.type, config["amp"])
+    if message:
+        raise UserError(f"amp = \"{config['amp']}\": {message}")
+    torch.manual_seed(config["seed"] + rank)
+    return torch_device, rank, world_size, print if rank == 0 else quiet
+
+
+def model_with_weights(config, torch_device, log):
+    """The model on the device with `pretrained` (backbone only), then `weights` (whole model) loaded."""
+    model = build_model(config["model"]).to(torch_device)
+    if config["pretrained"]:
+        if not os.path.isfile(config["pretrained"]):
+            raise UserError(f"pretrained = {config['pretrained']}: file not found. Download the ImageNet backbone "
+                            f"(mmcv resnet50_v1c-2cccc1ad.pth for PSPNet, detectron2's MSRA R-101.pkl for PointRend) "
+                            f"to that path, or train from scratch with pretrained=\"\"")
+        checkpoint.load_pretrained_backbone(model.backbone, config["pretrained"], log=log, verbose=config["verbose"])
+    if config["weights"]:
+        checkpoint.load_model_weights(model, config["weights"], allow_missing=config["allow_missing_weights"],
+                                      log=log, verbose=config["verbose"])
+    return model
+
+
+def autocast_of(config, torch_device):
+    return functools.partial(train.autocast_context, torch_device.type, config["amp"])
+
+
+def split_items(config, splits_key):
+    """(items, dataset info, cached reader or None) for config["data"][splits_key]. With data.cache every image
+    and label is decoded once into <data_root>/.cache/, memory-mapped by all workers and processes."""
+    cfg = config["data"]
+    info = data.dataset_info(cfg["dataset"])
+    items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg[splits_key])
+    if not cfg["cache"]:
+        return items, info, None
+    path = files.cache_path_for(os.path.join(config["data_root"], ".cache"), items, f"{cfg['dataset']}-{splits_key}")
+    return items, info, files.cached_items_reader(items, path, config["model"]["num_classes"], info["hint"],
+                                                  workers=max(cfg["workers"], 1))
+
+
+def sampler_params(cfg):
+    """The [data] table's keyword arguments for its dataset's training sampler (transforms.TRAIN_SAMPLERS)."""
+    if cfg["dataset"] == "voc":
+        return {"scale": tuple(cfg["scale"]), "ratio_range": tuple(cfg["ratio_range"]),
+                "crop_hw": tuple(cfg["crop_hw"]), "cat_max_ratio": cfg["cat_max_ratio"]}
+    return {"short_edges": tuple(cfg["short_edges"]), "max_size": cfg["max_size"], "crop_hw": tuple(cfg["crop_hw"]),
+            "single_category_max_area": cfg["cat_max_ratio"]}
+
+
+def jitter_in_loader(config, device_type):
+    """data.jitter_on: the colour jitter runs in the loader workers (numpy) or on the device after the copy
+    (torch, batched). "auto": on CUDA the device, where it frees the workers of their costliest stage; on CPU the
+    loader (numpy is 5-10× faster there than torch's CPU ops) and on NPU (torch_npu's support of the int32
+    table lookups is unverified; the Ascend ports jitter in the workers too)."""
+    place = config["data"]["jitter_on"]
+    return place == "loader" or (place == "auto" and device_type != "cuda")
+
+
+def train_dataset(config, in_loader=True):
+    """The training split with its dataset's augmentation; the colour jitter applied in the loader or, with
+    in_loader=False, left to train.on_device."""
+    cfg = config["data"]
+    items, info, reader = split_items(config, "train_splits")
+    sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[cfg["dataset"]], **sampler_params(cfg))
+    return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"], reader,
+                             in_loader)
+
+
+def eval_dataset(config):
+    """The val split as an EvalDataset whose samples are (views, original-size label), and its dataset info."""
+    items, info, reader = split_items(config, "val_splits")
+    resize = functools.partial(evaluate.resize_to_scales, long_short=tuple(config["data"]["test_scale"]),
+                               ratios=tuple(config["test"]["scales"]))
+    return data.EvalDataset(items, resize, config["model"]["num_classes"], info["hint"], reader), info
+
+
+def training_pad_hw(config):
+    """mmseg pads every VOC training sample to the crop size (Pad(size=(512, 512))): padded pixels count in
+    its loss denominator and reach the BN statistics. detectron2 pads the batch only to a multiple of 32."""
+    return tuple(config["data"]["crop_hw"]) if config["data"]["dataset"] == "voc" else (0, 0)
+
+
+def speedups(model, config, torch_device, say):
+    """channels_last, then DDP, then torch.compile; neither speed-up on NPU (spec/npu.md §8)."""
+    if config["channels_last"] and torch_device.type == "npu":
+        say("channels_last = true ignored: torch_npu supports only contiguous tensors")
+    elif config["channels_last"]:
+        model.to(memory_format=torch.channels_last)  # in place, before DDP registers its hooks
+    model = dist.wrap_ddp(model, torch_device)
+    if config["compile"] and torch_device.type == "npu":
+        say("compile = true ignored: run eagerly on NPU")
+    elif config["compile"]:
+        model = torch.compile(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+def train_task(config, load_section=None):
+    torch_device, rank, world_size, say = start(config)
+    os.makedirs(config["output_dir"], exist_ok=True)
+    model = dist.convert_sync_batchnorm(model_with_weights(config, torch_device, say), torch_device.type,
+                                        config["sync_bn"])
+    optimizer = train.build_optimizer(model, **config["optimizer"])
+    scaler = train.make_scaler(torch_device.type, config["amp"], config["loss_scale"])
+    first = resume(config, model, optimizer, scaler, rank, say)
+    batch_size = config["data"]["batch_size"]
+    if batch_size % world_size:
+        raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes")
+    dataset = train_dataset(config, jitter_in_loader(config, torch_device.type))
+    loader = data.train_loader(dataset, batch_size // world_size, rank, world_size, config["seed"],
+                               config["data"]["workers"], torch_device.type != "cpu", start=first * batch_size // world_size,
+                               divisor=model.size_divisibility, min_hw=training_pad_hw(config))
+    runner = speedups(model, config, torch_device, say)
+    meter = train.Meter(batch_size, torch_device)
+    training_loop(config, runner, model, optimizer, scaler, data.prefetch(loader, torch_device), first, meter,
+                  (torch_device, rank, world_size))
+    say(meter.summary(world_size) or "", flush=True)
+    if config["measure_pipeline"] and rank == 0:
+        rate = bench.pipeline_images_per_s(dataset, model.size_divisibility)
+        where = "colour jitter in the loader" if dataset.jitter_in_loader else "colour jitter on the device"
+        workers = config["data"]["workers"]
+        print(f"input pipeline: {rate:.1f} images/s per worker (decode + augment + collate, {where}; measured in the "
+              f"main process); {workers} workers per device give up to {rate * max(workers, 1):.0f} images/s")
+    dist.cleanup()
+
+
+def training_loop(config, runner, model, optimizer, scaler, batches, first, meter, place):
+    """Iterations first+1 .. iterations: step, then on their intervals log, checkpoint and evaluate."""
+    torch_device, rank, world_size = place
+    total, loss_fn, autocast = config["iterations"], loss_function(config), autocast_of(config, torch_device)
+    for iteration in range(first + 1, total + 1):
+        runner.train()
+        train.set_norm_eval(runner, config["norm_eval"])
+        for group in optimizer.param_groups:
+            group["lr"] = train.lr_at(iteration - 1, config["optimizer"]["lr"], config["schedule"], total)
+        fetched = time.perf_counter()
+        batch = train.on_device(next(batches))
+        losses, applied = train.train_one_step(runner, batch, loss_fn, optimizer, scaler, autocast)
+        meter.add(losses, time.perf_counter() - fetched)
+        if not applied and rank == 0:
+            print(f"iter {iteration}: fp16 gradients overflowed, step skipped; loss scale now {scaler.get_scale():g}")
+        end = iteration == total
+        if iteration % config["log_interval"] == 0 or end:
+            log_record(meter.read(iteration, total, optimizer.param_groups[0]["lr"]), config["output_dir"], rank)
+        with meter.paused():  # checkpoints and evaluations are not training time
+            if every(config["checkpoint_interval"], iteration, end):
+                save_checkpoint(config, model, optimizer, scaler, iteration, rank)
+                train.reseed(config["seed"], rank, iteration)
+            if every(config["eval_interval"], iteration, end and config["final_eval"]):
+                evaluate_and_report(config, model, torch_device, rank, world_size, iteration)
+
+
+def every(interval, iteration, at_end):
+    return at_end or (interval > 0 and iteration % interval == 0)
+
+
+def log_record(record, output_dir, rank):
+    """Rank 0 prints the record and appends it to metrics.jsonl; non-finite losses stop the run."""
+    if not train.finite(record):
+        last = checkpoint.latest_checkpoint(output_dir)
+        where = f"resume from {last} (resume=true) " if last else "restart "
+        raise UserError(f"the loss is not finite (NaN or inf) by iteration {record['iteration']} ({record}); {where}"
+                        f"with a lower optimizer.lr, amp=\"bf16\" or a static loss_scale, or start from pretrained weights")
+    if rank != 0:
+        return
+    losses = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
+    print(f"iter {record['iteration']}/{record['total']}  {losses}  lr {record['lr']:.3e}  "
+          f"{record['images_per_s']:.1f} img/s  data {record['data_time_s']:.3f}s  "
+          f"eta {record['eta_min']:.1f} min  mem {record['peak_mem_mib']:.0f} MiB", flush=True)
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def resume(config, model, optimizer, scaler, rank, say):
+    """Iteration to start from: 0, or the newest loadable checkpoint's when resume = true."""
+    if not config["resume"]:
+        return 0
+    path, state = checkpoint.latest_loadable_checkpoint(config["output_dir"], log=say)
+    if path is None:
+        say(f"resume = true but {config['output_dir']} holds no loadable checkpoint; starting from scratch")
+        return 0
+    if state["iteration"] >= config["iterations"]:
+        raise UserError(f"{path} is at iteration {state['iteration']}, not before iterations = {config['iterations']}: "
+                        f"nothing is left to train. Set iterations above {state['iteration']} to train on, or use "
+                        f"another output_dir")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    train.load_scaler_state(scaler, state.get("scaler"))
+    train.reseed(config["seed"], rank, state["iteration"])
+    if rank == 0:
+        drop_records_after(os.path.join(config["output_dir"], "metrics.jsonl"), state["iteration"])
+    say(f"resumed from {path} at iteration {state['iteration']}")
+    return state["iteration"]
+
+
+def drop_records_after(path, iteration):
+    """Rewrite metrics.jsonl without the records past `iteration` (and torn lines): a resumed run logs them anew."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        lines = [line for line in handle.read().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if (json.loads(line).get("iteration") or 0) <= iteration:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    if len(kept) != len(lines):
+        files.write_text_atomic("".join(line + "\n" for line in kept), path)
+
+
+def save_checkpoint(config, model, optimizer, scaler, iteration, rank):
+    """Model, optimizer, scaler, iteration and the resolved config; rank 0 writes, atomically."""
+    if rank == 0:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": train.scaler_state(scaler), "iteration": iteration, "config": config}
+        path = os.path.join(config["output_dir"], f"iter_{iteration:07d}.pth")
+        checkpoint.save_atomic(state, path)
+        print(f"saved {path}", flush=True)
+    dist.barrier()
+
+
+# -------------------------------------------------------------------------------- evaluate and predict
+
+def evaluate_and_report(config, model, torch_device, rank, world_size, iteration=None):
+    """Evaluate on the val split; rank 0 prints the table and writes eval.json. Returns the metrics. The global
+    CPU generator is left as it was (the loader draws its seed there): evaluating never changes training."""
+    dataset, info = eval_dataset(config)
+    loader = data.eval_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu",
+                              evaluate.collate_views)
+    with torch.random.fork_rng(devices=[]):
+        matrix = evaluate.confusion_over(model, loader, torch_device, config["model"]["num_classes"],
+                                         autocast_of(config, torch_device), config["test"])
+    result = evaluate.metrics_from_confusion(matrix)
+    if rank == 0:
+        classes = info["classes"][: config["model"]["num_classes"]]
+        where = f" at iteration {iteration}" if iteration else ""
+        print(f"evaluation on {len(dataset)} images{where}:\n{evaluate.format_table(result, classes)}", flush=True)
+        record = {"iteration": iteration, "test": config["test"], "classes": classes, **result}
+        files.write_text_atomic(json.dumps(record, indent=1), os.path.join(config["output_dir"], "eval.json"))
+        with open(os.path.join(config["output_dir"], "metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps({key: record[key] for key in ("iteration", "aAcc", "mIoU", "mAcc")}) + "\n")
+    return result
+
+
+def evaluate_task(config, load_section=None):
+    """Load `weights`, score the val split, optionally save colour-coded predictions."""
+    if not config["weights"]:
+        raise UserError(f"[{config['section']}] needs weights=PATH (a seg, mmsegmentation or detectron2 checkpoint)")
+    torch_device, rank, world_size, say = start(config)
+    os.makedirs(config["output_dir"], exist_ok=True)
+    model = model_with_weights(config, torch_device, say)
+    result = evaluate_and_report(config, model, torch_device, rank, world_size)
+    if rank == 0 and config["save_predictions"] > 0:
+        save_predictions(config, model, torch_device)
+    dist.cleanup()
+    return result
+
+
+@torch.no_grad()
+def save_predictions(config, model, torch_device):
+    """<output_dir>/predictions/<stem>.png: photo | truth | prediction for the first `save_predictions` val
+    images, predicted as evaluation does (test scales, flip, mode)."""
+    dataset, info = eval_dataset(config)
+    folder, count = os.path.join(config["output_dir"], "predictions"), min(config["save_predictions"], len(dataset))
+    model.eval()
+    for index in range(count):
+        host = evaluate.collate_views([dataset[index]])
+        label = host["label"][0].numpy()
+        with autocast_of(config, torch_device)():
+            scores = evaluate.test_time_scores(model, host["image"].to(torch_device), host["hw"], label.shape,
+                                               config["test"])
+        prediction = scores.argmax(dim=1)[0].cpu().numpy().astype("uint8")
+        image_path = dataset.items[index][0]
+        stem = os.path.splitext(os.path.basename(image_path))[0]
+        evaluate.write_panel(os.path.join(folder, f"{stem}.png"), files.read_image_bgr(image_path)[:, :, ::-1], label,
+                             prediction, info["palette"])
+    print(f"wrote {count} colour-coded predictions to {folder}")
+
+
+def predict_jobs(config):
+    """[(input path, output stem)] of every input image; UserError when an output would replace an input."""
+    for key, hint in {"weights": "a seg, mmsegmentation or detectron2 checkpoint", "output": "the folder for label "
+                      "maps and overlays", "input": "an image, a folder or a glob"}.items():
+        if not config[key]:
+            raise UserError(f"[{config['section']}] needs {key}=PATH ({hint})")
+    if os.path.exists(config["output"]) and not os.path.isdir(config["output"]):
+        raise UserError(f"output={config['output']} is an existing file; give a folder for the predictions")
+    paths = evaluate.list_images(config["input"])
+    jobs = list(zip(paths, evaluate.output_stems(paths)))
+    inputs = {os.path.realpath(path) for path in paths}
+    for _, stem in jobs:
+        for name in (f"{stem}.png", f"{stem}_overlay.jpg"):
+            if os.path.realpath(os.path.join(config["output"], name)) in inputs:
+                raise UserError(f"output={config['output']}: writing {name} would replace the input image of that "
+                                f"name; choose an output folder apart from the inputs")
+    return jobs
+
+
+def predict_task(config, load_section=None):
+    """`weights` applied to every image of `input`; label maps and overlays under `output`."""
+    jobs = predict_jobs(config)
+    torch_device, rank, world_size, say = start(config)
+    model = model_with_weights(config, torch_device, say).eval()
+    info = data.dataset_info(config["data"]["dataset"])
+    palette, names = evaluate.palette_and_names(info["palette"], info["classes"], config["model"]["num_classes"])
+    jobs, written, told = jobs[rank::world_size], 0, False
+    for number, (path, stem) in enumerate(jobs, 1):
+        begin = time.perf_counter()
+        try:
+            image = files.read_image_bgr(path, upright=True)
+        except UserError as error:
+            print(f"warning: skipping {path}: {error}", file=sys.stderr, flush=True)
+            continue
+        label, slide = evaluate.predict_label(model, image, config["test"], config["data"]["test_scale"],
+                                              autocast_of(config, torch_device))
+        if slide and not told:
+            told = say(f"note: images whose test-resized long side exceeds test.max_size = {config['test']['max_size']} "
+                       f"run in slide mode (test.crop_hw = {config['test']['crop_hw']}, test.stride_hw = "
+                       f"{config['test']['stride_hw']})") or True
+        evaluate.write_prediction(config["output"], stem, image[:, :, ::-1], label, palette, names)
+        written += 1
+        print(f"{number}/{len(jobs)} {os.path.basename(path)} {image.shape[0]}x{image.shape[1]} "
+              f"{(time.perf_counter() - begin) * 1000:.0f} ms", flush=True)
+    dist.cleanup()
+    if jobs and not written:
+        raise UserError(f"input={config['input']}: none of its {len(jobs)} files could be read as an image")
+    print(f"wrote {written} label maps and overlays to {config['output']}")
+    return written
+
+
+# ------------------------------------------------------------------------------ demo, prepare, benchmarks
+
+def demo_task(config, load_section=None):
+    """Generate the demo data (local rank 0 of each node; the others wait at a barrier), train, evaluate, and
+    write colour-coded predictions from the final weights."""
+    start(config)
+    root = os.path.join(config["data_root"], config["data"]["root"])
+    generate = prepare.make_demo_voc if config["data"]["dataset"] == "voc" else prepare.make_demo_cityscapes
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        generate(root)
+    dist.barrier()
+    train_task(config)
+    if int(os.environ.get("RANK", "0")) == 0 and config["save_predictions"]:
+        model = build_model(config["model"])
+        model.load_state_dict(checkpoint.load_training_state(checkpoint.latest_checkpoint(config["output_dir"]))["model"])
+        save_predictions(config, model, torch.device("cpu"))
+
+
+def bench_task(config, load_section=None):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"[{config['section']}] is a one-process benchmark; run it without torchrun")
+    torch_device, _, _ = dist.setup(config["device"])
+    return bench.model_bench(lambda: build_model(config["model"]),
+                             lambda model: train.build_optimizer(model, **config["optimizer"]), loss_function(config),
+                             config["bench"], torch_device, config["output_dir"], config["section"], seed=config["seed"],
+                             loss_scale=config["loss_scale"], num_classes=config["model"]["num_classes"])
+
+
+def data_bench_task(config, load_section):
+    recipes = []
+    for name in config["bench"]["sections"]:
+        recipe = load_section(name)
+        recipes.append({"section": name, "dataset": recipe["data"]["dataset"], "crop_hw": recipe["data"]["crop_hw"],
+                        "num_classes": recipe["model"]["num_classes"], "params": sampler_params(recipe["data"])})
+    torch_device = torch.device(dist.resolve_device_type(config["device"]))
+    return bench.data_bench(recipes, config["bench"], torch_device, config["output_dir"])
+
+
+def prepare_voc_aug_task(config, load_section=None):
+    sbd = os.path.join(config["data_root"], "VOCdevkit", "VOCaug", "dataset")
+    return prepare.prepare_voc_aug(os.path.join(config["data_root"], config["data"]["root"]), sbd)
+
+
+def prepare_cityscapes_task(config, load_section=None):
+    root = os.path.join(config["data_root"], config["data"]["root"])
+    return prepare.prepare_cityscapes(root, workers=config["data"]["workers"])
+
+
+TASKS = {"train": train_task, "evaluate": evaluate_task, "predict": predict_task, "demo": demo_task,
+         "bench": bench_task, "data_bench": data_bench_task, "prepare_voc_aug": prepare_voc_aug_task,
+         "prepare_cityscapes": prepare_cityscapes_task}
