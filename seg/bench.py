@@ -1,14 +1,7 @@
-"""Benchmarks, not tests: `python run.py pspnet_bench` / `pointrend_bench` (model_bench) and `data_bench`.
-
-model_bench times the training step (train.train_one_step) on a synthetic batch already on the device and
-inference (eval mode, no_grad) for every amp × channels_last × compile combination: the median of
-options["steps"] steps after options["warmup"] untimed ones, peak device memory, and from FLOPs counted once
-by torch.utils.flop_counter (convolutions and matmuls only) achieved TFLOP/s and MFU (achieved / dense peak).
-data_bench runs each training recipe's pipeline as one loader worker does (decode -> the sampler's stages ->
-the colour jitter when it runs in the loader -> collate) on generated files of the real sizes and formats,
-with the decoded-image cache off / on and the jitter in the loader / on the device, where it also times
-colour.apply_jitter on the collated batches apart. Results: <output_dir>/{bench,data_bench}.{json,md}.
-"""
+"""Benchmarks, not tests. model_bench (`run.py pspnet_bench` / `pointrend_bench`): train step and inference time,
+peak memory, TFLOP/s and MFU (FLOPs of convolutions and matmuls by torch.utils.flop_counter) for every amp ×
+channels_last × compile combination. data_bench: each recipe's pipeline in one loader worker on generated files of
+the real sizes and formats. Results: <output_dir>/{bench,data_bench}.{json,md}."""
 import contextlib
 import datetime
 import functools
@@ -27,30 +20,34 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from seg import colour, data, dist, files, train, transforms
-from seg.files import UserError
 
-# Dense (no sparsity) peak TFLOP/s by (device-name substring, precision); the first match wins, so
-# more specific names come first. Sources: NVIDIA H100 datasheet (SXM: FP32 67, TF32 494.7, BF16/FP16
-# 989.4; PCIe: 51, 378, 756; the datasheet's "with sparsity" figures are twice these), NVIDIA H200
-# datasheet (same compute as H100 SXM), NVIDIA A100 datasheet (FP32 19.5, TF32 156, BF16/FP16 312),
-# Huawei's Ascend 910 launch figure (FP16 256). Other devices: set bench.peak_tflops.
-PEAK_TFLOPS = [
-    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
-    ("H100", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
-    ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
-    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
-    ("Ascend910A", {"fp16": 256.0}),
-]
-# data_bench: the real datasets' image sizes (H, W) and formats, and the per-worker targets of issue #5.
+# Dense peak TFLOP/s by (device-name substring, precision); the first match wins. Sources: the NVIDIA H100 (SXM,
+# PCIe; "with sparsity" figures are twice these), H200 (H100 SXM compute) and A100 datasheets, Huawei's Ascend 910
+# launch figure. Other devices: set bench.peak_tflops.
+HOPPER_SXM = {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}
+PEAK_TFLOPS = [("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}), ("H100", HOPPER_SXM),
+               ("H200", HOPPER_SXM), ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
+               ("Ascend910A", {"fp16": 256.0})]
+# data_bench: the real image sizes (H, W) and formats; the noise std that makes generated files about as large as
+# real ones (Cityscapes PNGs ~2.2 MB: 11 GB zip / 5000, VOC JPEGs ~110 KB: 1.9 GB tar / 17125); issue #5's targets.
 REAL_IMAGES = {"voc": ((375, 500), "JPEG"), "cityscapes": ((1024, 2048), "PNG")}
-# Noise std of the generated images, chosen so that files are about as large as the real ones:
-# Cityscapes leftImg8bit PNGs ~2.2 MB (11 GB zip / 5000 images), VOC JPEGs ~110 KB (1.9 GB tar / 17125).
 NOISE = {"voc": 20.0, "cityscapes": 0.9}
 TARGET_IMAGES_PER_S = {"voc": 128.0, "cityscapes": 48.0}
-REFERENCES = {"voc": "mmseg 0.10 VOC pipeline: 128 images/s per core",
-              "cityscapes": "detectron2 PointRend mapper: 9.6 images/s per core (105 ms: 50 ms PNG decode, "
-                            "31 ms resize)"}
+REFERENCES = {"voc": "mmseg 0.10 VOC pipeline: 128 images/s per core", "cityscapes":
+              "detectron2 PointRend mapper: 9.6 images/s per core (105 ms: 50 ms PNG decode, 31 ms resize)"}
 STAGES = ("decode", "crop_choice", "resize", "colour", "collate")  # per-image milliseconds in the worker
+MODEL_COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"), ("compile", "compile", "{}"),
+                 ("status", "status", "{}"), ("train ms", "train_step_ms", "{:.1f}"),
+                 ("train img/s", "train_images_per_s", "{:.2f}"), ("train MiB", "train_peak_memory_mib", "{:.0f}"),
+                 ("infer ms", "infer_ms", "{:.1f}"), ("infer img/s", "infer_images_per_s", "{:.2f}"),
+                 ("train TFLOP/s", "train_tflops", "{:.4g}"), ("train MFU", "train_mfu", "{:.1%}"),
+                 ("infer TFLOP/s", "infer_tflops", "{:.4g}"), ("infer MFU", "infer_mfu", "{:.1%}"),
+                 ("first step s", "first_step_s", "{:.1f}"), ("note", "note", "{}")]
+DATA_COLUMNS = [("dataset", "dataset", "{}"), ("jitter on", "jitter_on", "{}"), ("cache", "cache", "{}"),
+                ("image", "image_desc", "{}"), ("images/s", "images_per_s", "{:.1f}"),
+                ("target", "target_images_per_s", "{:.0f}"), ("ms/image", "ms_per_image", "{:.1f}"),
+                *((stage.replace("_", " "), stage, "{:.1f}") for stage in STAGES),
+                ("device colour", "device_colour_ms_per_image", "{:.2f}")]
 
 
 def environment(torch_device, command):
@@ -68,17 +65,17 @@ def environment(torch_device, command):
 
 def markdown_table(rows, columns):
     """rows: list of dicts; columns: (header, key, format) -> GitHub markdown table text."""
-    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
+    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         missing = "" if row.get("status") in ("skipped", "error") else "n/a"  # n/a: not measurable here
-        cells = [(missing if row.get(key) is None else fmt.format(row[key])) for _, key, fmt in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(missing if row.get(key) is None else fmt.format(row[key])
+                                       for _, key, fmt in columns) + " |")
     return "\n".join(lines)
 
 
-def write_outputs(result, table, output_dir, stem, title):
-    """<output_dir>/<stem>.json and <stem>.md, each atomically."""
+def write_outputs(result, table, output_dir, stem, title, summary, log):
+    """Log `summary` and the table; write <output_dir>/<stem>.json and <stem>.md, each atomically."""
+    log(f"\n{summary}\n{table}")
     header = "\n".join(f"- {key}: {result[key]}" for key in ("device", "torch", "threads", "date", "command"))
     files.write_text_atomic(json.dumps(result, indent=2) + "\n", os.path.join(output_dir, f"{stem}.json"))
     files.write_text_atomic(f"# {title}\n\n{header}\n\n{table}\n", os.path.join(output_dir, f"{stem}.md"))
@@ -108,18 +105,7 @@ def peak_tflops(name, device_type, precision, override):
     return None, f"no peak known for {name!r} {precision}; set bench.peak_tflops"
 
 
-def synthetic_batch(batch_size, hw, num_classes, torch_device, seed=0):
-    """A batch dict in memory: random uint8 images, random labels (10% ignore), full-size hw."""
-    generator = torch.Generator().manual_seed(seed)
-    label = torch.randint(0, num_classes, (batch_size, *hw), generator=generator)
-    label[torch.rand(label.shape, generator=generator) < 0.1] = files.IGNORE_INDEX
-    batch = {"image": torch.randint(0, 256, (batch_size, 3, *hw), dtype=torch.uint8, generator=generator),
-             "label": label, "hw": torch.tensor([list(hw)] * batch_size)}
-    return {key: value.to(torch_device) for key, value in batch.items()}
-
-
 def skip_reason(device_type, amp_mode, channels_last, use_compile):
-    """Why the device cannot run a combination, or None."""
     if channels_last and device_type == "npu":
         return "channels_last: torch_npu supports only contiguous_format (spec/npu.md §8)"
     return dist.check_amp_supported(device_type, amp_mode)
@@ -135,10 +121,15 @@ def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, 
     optimizer = make_optimizer(model)
     scaler = train.make_scaler(torch_device.type, amp_mode, loss_scale)
     autocast = functools.partial(train.autocast_context, torch_device.type, amp_mode)
-    batch = synthetic_batch(options["batch_size"], options["crop_hw"], num_classes, torch_device)
-    eval_batch = synthetic_batch(1, options["eval_hw"], num_classes, torch_device, seed=1)
-    for part in (batch, eval_batch) if channels_last else ():
-        part["image"] = part["image"].contiguous(memory_format=torch.channels_last)
+    batches = []  # a training batch and one inference image: random uint8 images, labels (10% ignore), full hw
+    for batch_seed, size, hw in ((0, options["batch_size"], options["crop_hw"]), (1, 1, options["eval_hw"])):
+        generator = torch.Generator().manual_seed(batch_seed)
+        label = torch.randint(0, num_classes, (size, *hw), generator=generator)
+        label[torch.rand(label.shape, generator=generator) < 0.1] = files.IGNORE_INDEX
+        image = torch.randint(0, 256, (size, 3, *hw), dtype=torch.uint8, generator=generator)
+        batches.append({"image": image.to(torch_device, memory_format=memory_format), "label": label.to(torch_device),
+                        "hw": torch.tensor([list(hw)] * size).to(torch_device)})
+    batch, eval_batch = batches
 
     def train_step():
         model.train()
@@ -152,27 +143,22 @@ def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, 
 
 
 def bench_combination(make_workload, options, torch_device, flops, peaks, amp_mode, channels_last, use_compile):
-    """One row of the matrix: timings, memory (None on CPU), achieved TFLOP/s and MFU (None where the peak is
-    unknown), or the reason it was skipped / failed."""
+    """One row of the matrix: times, memory, TFLOP/s and MFU (None: unknown here), or why it was skipped / failed."""
     row = {"amp": amp_mode, "channels_last": channels_last, "compile": use_compile, "status": "ok", "note": ""}
-    reason = skip_reason(torch_device.type, amp_mode, channels_last, use_compile)
-    if reason:
+    if reason := skip_reason(torch_device.type, amp_mode, channels_last, use_compile):
         return {**row, "status": "skipped", "note": reason}
     module = torch.get_device_module(torch_device)
-    memory = lambda: dist.peak_memory_mib(torch_device) or None  # noqa: E731 - None on CPU
-    reset_peak = module.reset_peak_memory_stats if torch_device.type != "cpu" else (lambda device: None)
     try:
         calls = make_workload(amp_mode, channels_last, use_compile)[1:]
-        reset_peak(torch_device)
-        first, train_times = time_calls(calls[0], torch_device, options["warmup"], options["steps"])
-        row.update(first_step_s=first, train_step_ms=1e3 * statistics.median(train_times),
-                   train_peak_memory_mib=memory())
-        reset_peak(torch_device)
-        _, infer_times = time_calls(calls[1], torch_device, options["warmup"], options["steps"])
-        row.update(infer_ms=1e3 * statistics.median(infer_times), infer_peak_memory_mib=memory())
+        for kind, call, key in zip(("train", "infer"), calls, ("train_step_ms", "infer_ms")):
+            if torch_device.type != "cpu":
+                module.reset_peak_memory_stats(torch_device)
+            first, times = time_calls(call, torch_device, options["warmup"], options["steps"])
+            row.setdefault("first_step_s", first)  # the first training step's
+            row[key] = 1e3 * statistics.median(times)
+            row[f"{kind}_peak_memory_mib"] = dist.peak_memory_mib(torch_device) or None  # None on CPU
     except Exception as error:  # noqa: BLE001 - a failing combination (compile, OOM) is a result to record
-        text = " ".join(f"{type(error).__name__}: {error}".split())
-        return {**row, "status": "error", "note": text[:600]}
+        return {**row, "status": "error", "note": " ".join(f"{type(error).__name__}: {error}".split())[:600]}
     finally:
         calls = None
         if torch_device.type != "cpu":
@@ -185,22 +171,12 @@ def bench_combination(make_workload, options, torch_device, flops, peaks, amp_mo
     return row
 
 
-MODEL_COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"), ("compile", "compile", "{}"),
-                 ("status", "status", "{}"), ("train ms", "train_step_ms", "{:.1f}"),
-                 ("train img/s", "train_images_per_s", "{:.2f}"), ("train MiB", "train_peak_memory_mib", "{:.0f}"),
-                 ("infer ms", "infer_ms", "{:.1f}"), ("infer img/s", "infer_images_per_s", "{:.2f}"),
-                 ("train TFLOP/s", "train_tflops", "{:.4g}"), ("train MFU", "train_mfu", "{:.1%}"),
-                 ("infer TFLOP/s", "infer_tflops", "{:.4g}"), ("infer MFU", "infer_mfu", "{:.1%}"),
-                 ("first step s", "first_step_s", "{:.1f}"), ("note", "note", "{}")]
-
-
 def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, output_dir, title, seed=0,
                 loss_scale="dynamic", num_classes=21, command=None, log=functools.partial(print, flush=True)):
-    """Run the amp × channels_last × compile matrix of options (the [bench] table); build_model() -> a fresh
-    CPU nn.Module, make_optimizer(model), loss_fn(outputs, label) -> loss dict. Returns the result dict
-    (also written to disk)."""
+    """Run the amp × channels_last × compile matrix of options (the [bench] table); build_model() -> a fresh CPU
+    nn.Module, make_optimizer(model), loss_fn(outputs, label) -> loss dict. Returns the result (also on disk)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"[{title}] is a one-process benchmark; run it without torchrun")
+        raise files.UserError(f"[{title}] is a one-process benchmark; run it without torchrun")
     make_workload = functools.partial(workload, build_model, make_optimizer, loss_fn, options, torch_device, seed,
                                       loss_scale, num_classes)
     model, *calls = make_workload()  # FLOPs do not depend on precision or memory format
@@ -211,8 +187,8 @@ def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, out
                 call()
             flops[kind] = counter.get_total_flops()
     except ValueError as error:  # e.g. BatchNorm over one value per channel at batch 1
-        raise UserError(f"[{title}] one step at bench.batch_size = {options['batch_size']}, bench.crop_hw "
-                        f"= {options['crop_hw']} fails: {error}. Use a larger batch or crop.") from error
+        raise files.UserError(f"[{title}] one step at bench.batch_size = {options['batch_size']}, bench.crop_hw "
+                              f"= {options['crop_hw']} fails: {error}. Use a larger batch or crop.") from error
     result = {"section": title, "model": type(model).__name__.lower(), **environment(torch_device, command),
               "batch_size": options["batch_size"], "crop_hw": list(options["crop_hw"]),
               "eval_hw": list(options["eval_hw"]), "warmup": options["warmup"], "steps": options["steps"],
@@ -223,20 +199,18 @@ def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, out
                                options["peak_tflops"]) for mode in options["amp"]}
     result["peak_tflops"] = {mode: {"tflops": value, "source": source} for mode, (value, source) in peaks.items()}
     for combination in itertools.product(options["amp"], options["channels_last"], options["compile"]):
-        row = bench_combination(make_workload, options, torch_device, flops, peaks, *combination)
-        result["rows"].append(row)
-        log(markdown_table([row], MODEL_COLUMNS).splitlines()[-1])
-    table = markdown_table(result["rows"], MODEL_COLUMNS)
-    log(f"\n{title}: {result['device']}, torch {result['torch']}, batch {options['batch_size']} x "
-        f"{options['crop_hw']}, eval {options['eval_hw']}, {flops['train'] / 1e9:.4g} GFLOP/step, "
-        f"{flops['infer'] / 1e9:.4g} GFLOP/inference\n{table}")
-    write_outputs(result, table, output_dir, "bench", f"{title} ({result['model']})")
+        result["rows"].append(bench_combination(make_workload, options, torch_device, flops, peaks, *combination))
+        log(markdown_table(result["rows"][-1:], MODEL_COLUMNS).splitlines()[-1])
+    summary = (f"{title}: {result['device']}, torch {result['torch']}, batch {options['batch_size']} x "
+               f"{options['crop_hw']}, eval {options['eval_hw']}, {flops['train'] / 1e9:.4g} GFLOP/step, "
+               f"{flops['infer'] / 1e9:.4g} GFLOP/inference")
+    write_outputs(result, markdown_table(result["rows"], MODEL_COLUMNS), output_dir, "bench",
+                  f"{title} ({result['model']})", summary, log)
     return result
 
 
 def synthetic_scene(rng, hw, num_classes, noise):
-    """(RGB uint8 H×W×3, label uint8 H×W): flat-coloured rectangles with smooth shading and Gaussian
-    noise of std `noise`, which sets the compressed size (see NOISE)."""
+    """(RGB uint8 H×W×3, label uint8 H×W): shaded rectangles plus Gaussian noise of std `noise` (sets file sizes)."""
     height, width = hw
     label = np.full(hw, rng.integers(num_classes), np.uint8)
     for _ in range(24):
@@ -250,40 +224,23 @@ def synthetic_scene(rng, hw, num_classes, noise):
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def write_bench_dataset(folder, dataset, count, hw, num_classes, seed=0):
-    """`count` generated (image, label) files of the dataset's image format under folder/dataset -> items."""
-    items = []
-    for index in range(count):
-        image, label = synthetic_scene(np.random.default_rng([seed, index]), hw, num_classes, NOISE[dataset])
-        image_format = REAL_IMAGES[dataset][1]
-        items.append((os.path.join(folder, dataset, f"{index:06d}_image.{image_format.lower()}"),
-                      os.path.join(folder, dataset, f"{index:06d}_label.png")))
-        files.save_image(items[-1][0], image, image_format)  # JPEG at quality 90, PNG at Pillow's default
-        files.write_label_png(items[-1][1], label)
-    return items
-
-
 def timed_sample(dataset, params, rng, image, label, jitter_in_loader, totals):
-    """The sampler's calls, in its order and with its rng draws (transforms.CROP_PLANS, then the window's
-    resize, then colour.draw_jitter and, in the loader, colour.jittered); adds each stage's seconds to totals."""
+    """The sampler's calls and rng draws (CROP_PLANS, resize, draw_jitter [+ jittered]); adds stage times to totals."""
     plan, hue_high = transforms.CROP_PLANS[dataset]
     start = time.perf_counter()
     hw, window, flip, label = plan(rng, label, **params)
-    planned = time.perf_counter()
+    totals["crop_choice"] += (planned := time.perf_counter()) - start
     image = colour.planar_view(transforms.resize_image_window(image, hw, window, flip))
-    resized = time.perf_counter()
+    totals["resize"] += (resized := time.perf_counter()) - planned
     jitter = colour.draw_jitter(rng, hue_high)
     if jitter_in_loader:
         image, jitter = colour.jittered(image, jitter), None
-    totals["crop_choice"] += planned - start
-    totals["resize"] += resized - planned
     totals["colour"] += time.perf_counter() - resized
     return image, label, jitter
 
 
 def pipeline_row(dataset, read, sample, count, options, jitter_in_loader, torch_device):
-    """Per-image milliseconds of each of STAGES over options["steps"] samples after options["warmup"],
-    and with the jitter on the device, of colour.apply_jitter on each collated batch."""
+    """Per-image ms of STAGES (and of colour.apply_jitter on each batch on the device) after options["warmup"]."""
     warmup, steps, batch_size = options["warmup"], options["steps"], options["batch_size"]
     colour.apply_jitter(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=torch_device),
                         torch.zeros(1, colour.JITTER_SIZE, dtype=torch.int16, device=torch_device))  # tables
@@ -313,25 +270,28 @@ def pipeline_row(dataset, read, sample, count, options, jitter_in_loader, torch_
 
 
 def recipe_rows(recipe, options, folder, image_hw, torch_device, log):
-    """A row per colour jitter placement (options["jitter_on"]) and cache off / on for one training recipe,
-    on files generated under `folder`."""
+    """A row per jitter placement (options["jitter_on"]) and cache off / on, on files generated under folder."""
     dataset, classes = recipe["dataset"], recipe["num_classes"]
     hw, image_format = image_hw.get(dataset, REAL_IMAGES[dataset][0]), REAL_IMAGES[dataset][1]
-    items = write_bench_dataset(folder, dataset, options["images"], hw, classes)
+    items = [(os.path.join(folder, dataset, f"{index:06d}_image.{image_format.lower()}"),
+              os.path.join(folder, dataset, f"{index:06d}_label.png")) for index in range(options["images"])]
+    for index, (image_path, label_path) in enumerate(items):
+        image, label = synthetic_scene(np.random.default_rng([0, index]), hw, classes, NOISE[dataset])
+        files.save_image(image_path, image, image_format)  # JPEG at quality 90, PNG at Pillow's default
+        files.write_label_png(label_path, label)
     read_label = functools.partial(files.read_label, num_classes=classes)
-    uncached = lambda i: (files.read_image_bgr(items[i][0]), read_label(items[i][1]))  # noqa: E731
     start = time.perf_counter()
     reader = files.ensure_cache(items, files.cache_path_for(os.path.join(folder, ".cache"), items, dataset),
                                 files.read_image_bgr, read_label, log=lambda *a: None)
     build_s = time.perf_counter() - start
     file_bytes = {"image_bytes_mean": float(np.mean([os.path.getsize(image) for image, _ in items])),
                   "label_bytes_mean": float(np.mean([os.path.getsize(label) for _, label in items]))}
-    sample = functools.partial(timed_sample, dataset, recipe["params"])
-    rows = []
+    sample, rows = functools.partial(timed_sample, dataset, recipe["params"]), []
     for place in options["jitter_on"]:
         if place not in ("loader", "device"):
-            raise UserError(f"bench.jitter_on = {options['jitter_on']}: use \"loader\" and/or \"device\"")
-        for use_cache, read in ((False, uncached), (True, lambda i: (reader.image(i), reader.label(i)))):
+            raise files.UserError(f"bench.jitter_on = {options['jitter_on']}: use \"loader\" and/or \"device\"")
+        for use_cache, read in ((False, lambda i: (files.read_image_bgr(items[i][0]), read_label(items[i][1]))),
+                                (True, lambda i: (reader.image(i), reader.label(i)))):
             row = pipeline_row(dataset, read, sample, len(items), options, place == "loader", torch_device)
             rows.append({**row, "section": recipe["section"], "cache": use_cache, "image_hw": list(hw),
                          "image_format": image_format, "crop_hw": list(recipe["crop_hw"]), **file_bytes,
@@ -342,19 +302,10 @@ def recipe_rows(recipe, options, folder, image_hw, torch_device, log):
     return rows
 
 
-DATA_COLUMNS = [("dataset", "dataset", "{}"), ("jitter on", "jitter_on", "{}"), ("cache", "cache", "{}"),
-                ("image", "image_desc", "{}"), ("images/s", "images_per_s", "{:.1f}"),
-                ("target", "target_images_per_s", "{:.0f}"), ("ms/image", "ms_per_image", "{:.1f}"),
-                ("decode", "decode", "{:.1f}"), ("crop choice", "crop_choice", "{:.1f}"),
-                ("resize", "resize", "{:.1f}"), ("colour", "colour", "{:.1f}"),
-                ("collate", "collate", "{:.1f}"), ("device colour", "device_colour_ms_per_image", "{:.2f}")]
-
-
 def data_bench(recipes, options, torch_device, output_dir, command=None, image_hw=None,
                log=functools.partial(print, flush=True)):
-    """Per-worker throughput of each recipe's training pipeline (recipe: {"section", "dataset",
-    "num_classes", "crop_hw", "params": the sampler's keyword arguments}); options: the [bench] table;
-    image_hw overrides REAL_IMAGES sizes (tests only). Returns the result dict (also written to disk)."""
+    """Per-worker throughput of each recipe ({"section", "dataset", "num_classes", "crop_hw", "params": the sampler's
+    kwargs}); options: the [bench] table; image_hw overrides REAL_IMAGES sizes (tests). Returns the result."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:
@@ -367,14 +318,13 @@ def data_bench(recipes, options, torch_device, output_dir, command=None, image_h
                 result["rows"] += recipe_rows(recipe, options, folder, image_hw or {}, torch_device, log)
     finally:
         torch.set_num_threads(threads)
-    shown = [{**row, **row["stages_ms"], "image_desc": "{}x{} {} {:.0f} KB".format(
-        row["image_hw"][1], row["image_hw"][0], row["image_format"], row["image_bytes_mean"] / 1e3)}
-        for row in result["rows"]]
+    shown = [{**row, **row["stages_ms"], "image_desc": "{1}x{0} {2} {3:.0f} KB".format(
+        *row["image_hw"], row["image_format"], row["image_bytes_mean"] / 1e3)} for row in result["rows"]]
     table = markdown_table(shown, DATA_COLUMNS) + (
         "\n\nStage columns are milliseconds per image in the worker. \"device colour\": milliseconds per image "
         f"of colour.apply_jitter on {result['jitter_device']} (one thread on a CPU), outside the worker.")
-    log(f"\ndata_bench: one worker, {result['device']}, torch {result['torch']}\n{table}")
-    write_outputs(result, table, output_dir, "data_bench", "data pipeline, one worker")
+    write_outputs(result, table, output_dir, "data_bench", "data pipeline, one worker",
+                  f"data_bench: one worker, {result['device']}, torch {result['torch']}", log)
     return result
 
 

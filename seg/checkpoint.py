@@ -1,17 +1,8 @@
-"""Checkpoints: atomic saves, resuming, and loading published weight files without running their code.
-
-Formats `load_weights_file` tells apart by content (not file name):
-- "seg": seg's training checkpoint {"model", "iteration", "config", ...}, written by `save_atomic`.
-- "mmseg": {"meta", "state_dict"} with backbone./decode_head./auxiliary_head. names (= PSPNet's).
-- "mmcv_backbone": mmcv's ImageNet ResNetV1c (`resnet50_v1c-2cccc1ad.pth`), names like `stem.0.weight`.
-- "detectron2": .pkl {"model": numpy arrays, "__author__"} or .pth {"model": tensors} (= PointRend's names).
-- "caffe2": MSRA's ImageNet `R-101.pkl`, blob names (`res2_0_branch2a_bn_gamma`) renamed by `convert_c2_names`.
-- "state_dict": any other plain dict of tensors.
-Pickles go through an unpickler that builds only numpy arrays and containers, torch files through
-`torch.load(weights_only=True)`: opening a downloaded file never runs code from it.
-"""
+"""Checkpoints: atomic saves, resuming, and loading published weight files (see `load_weights_file`) without running
+their code: pickles build only numpy arrays and containers, torch files go through torch.load(weights_only=True)."""
 import codecs
 import collections
+import functools
 import pickle
 import re
 import zipfile
@@ -28,7 +19,6 @@ TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickled object of torch.sav
 OPTIONAL_MODEL_TENSORS = ("num_batches_tracked", "pixel_mean", "pixel_std")
 # Backbone weights inside whole-model files: mmseg (backbone.*) and detectron2 (backbone.bottom_up.*).
 BACKBONE_PREFIXES = {"backbone.bottom_up.": "", "backbone.": ""}
-BACKBONE_ONLY_FORMATS = ("caffe2", "mmcv_backbone")
 
 
 def to_cpu(obj):
@@ -44,8 +34,7 @@ def to_cpu(obj):
 
 
 def save_atomic(obj, path):
-    """torch.save `obj` (tensors moved to the CPU) via a temporary file and os.replace: `path` is the old file
-    or the complete new one, never half-written."""
+    """torch.save `obj` (tensors moved to the CPU) atomically: `path` is the old file or the complete new one."""
     cpu_obj = to_cpu(obj)
     write_atomic(path, lambda file: torch.save(cpu_obj, file))
 
@@ -120,30 +109,23 @@ def empty_bytes(*args):
     return b""
 
 
-def numpy_globals():
-    """(module, name) -> object for every global a numpy 1.x (`numpy.core`) or 2.x (`numpy._core`) array pickle
-    needs, taken from numpy's own reducers: no module is imported by a name read from the file."""
-    reconstruct = np.zeros(1).__reduce__()[0]
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol-5 pickles of contiguous arrays
-    scalar = np.float32(0).__reduce__()[0]
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): latin1_encode,
-               ("__builtin__", "bytes"): empty_bytes, ("builtins", "bytes"): empty_bytes,
-               # A state_dict is an OrderedDict; building one runs no code chosen by the file.
-               ("collections", "OrderedDict"): collections.OrderedDict}
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = scalar
-        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
-    return allowed
-
-
 class WeightsUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only the globals in `numpy_globals()` (Python 2 strings as latin-1)."""
+    """pickle.Unpickler that resolves only the globals a numpy 1.x (`numpy.core`) or 2.x (`numpy._core`) array
+    pickle needs, taken from numpy's own reducers: no module is imported by a name read from the file. Python 2
+    strings are read as latin-1."""
 
     def __init__(self, file, path):
         super().__init__(file, encoding="latin1")
         self.path = path
-        self.allowed = numpy_globals()
+        self.allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                        ("_codecs", "encode"): latin1_encode, ("__builtin__", "bytes"): empty_bytes,
+                        ("builtins", "bytes"): empty_bytes,
+                        # A state_dict is an OrderedDict; building one runs no code chosen by the file.
+                        ("collections", "OrderedDict"): collections.OrderedDict}
+        for core in ("numpy.core", "numpy._core"):
+            self.allowed[(f"{core}.multiarray", "_reconstruct")] = np.zeros(1).__reduce__()[0]
+            self.allowed[(f"{core}.multiarray", "scalar")] = np.float32(0).__reduce__()[0]
+            self.allowed[(f"{core}.numeric", "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]  # protocol-5 pickles
 
     def find_class(self, module, name):
         if (module, name) not in self.allowed:
@@ -154,7 +136,8 @@ class WeightsUnpickler(pickle.Unpickler):
 
 
 def restricted_unpickle(path):
-    """The first object pickled in `path`, built by `WeightsUnpickler` and checked by `check_plain`."""
+    """The first object pickled in `path`, built by `WeightsUnpickler`; UserError unless it holds only plain
+    containers, scalars and numeric numpy arrays."""
     try:
         with open(path, "rb") as file:
             data = WeightsUnpickler(file, path).load()
@@ -164,12 +147,6 @@ def restricted_unpickle(path):
         raise UserError(f"{path}: file not found") from None
     except Exception as error:  # truncated or not a pickle at all
         raise UserError(f"{path}: not a readable pickle ({first_line(error)})") from None
-    check_plain(data, path)
-    return data
-
-
-def check_plain(data, path):
-    """UserError unless `data` holds only plain containers, scalars and numeric numpy arrays."""
     plain = (str, bytes, int, float, bool, type(None))
     stack, seen = [data], set()
     while stack:  # iterative: a crafted pickle may nest deeper than Python's recursion limit
@@ -178,42 +155,28 @@ def check_plain(data, path):
             continue
         seen.add(id(item))
         if type(item) in (dict, collections.OrderedDict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            stack += [*item.keys(), *item.values()]
         elif type(item) in (list, tuple):
             stack.extend(item)
         elif isinstance(item, np.ndarray) and item.dtype.hasobject:
             raise UserError(f"{path} holds a numpy array of Python objects: it is not a plain weights file.")
         elif not (type(item) in plain or isinstance(item, (np.ndarray, np.generic))):
             raise UserError(f"{path} holds a {type(item).__name__}: it is not a plain weights file.")
+    return data
 
 
-C2_NORM_RENAMES = (("bn.s", "norm.weight"), ("bn.bias", "norm.bias"), ("bn.rm", "norm.running_mean"),
-                   ("bn.running.mean", "norm.running_mean"), ("bn.riv", "norm.running_var"),
-                   ("bn.running.var", "norm.running_var"), ("bn.gamma", "norm.weight"), ("bn.beta", "norm.bias"))
-C2_BLOCK_RENAMES = ((".branch1.", ".shortcut."), (".branch2a.", ".conv1."), (".branch2b.", ".conv2."),
-                    (".branch2c.", ".conv3."))
-
-
-def convert_c2_name(name):
-    """One caffe2 blob name in detectron2's naming (pointrend spec §8, steps 1-6 in order):
-    `res4_22_branch2b_bn_running_var` -> `res4.22.conv2.norm.running_var`, `conv1_w` -> `stem.conv1.weight`."""
-    name = {"pred_b": "linear_b", "pred_w": "linear_w"}.get(name, name)
-    name = name.replace("_", ".")
-    name = re.sub(r"\.b$", ".bias", name)
-    name = re.sub(r"\.w$", ".weight", name)
-    for old, new in C2_NORM_RENAMES:
-        name = re.sub(re.escape(old) + "$", new, name)
-    name = re.sub(r"^res\.conv1\.norm\.", "conv1.norm.", name)
-    name = re.sub(r"^conv1\.", "stem.conv1.", name)
-    for old, new in C2_BLOCK_RENAMES:
-        name = name.replace(old, new)
-    return name
+# caffe2 blob name -> detectron2 name, re.sub in this order (pointrend spec §8, steps 1-6):
+# `res4_22_branch2b_bn_running_var` -> `res4.22.conv2.norm.running_var`, `conv1_w` -> `stem.conv1.weight`.
+C2_RENAMES = ((r"\Apred_([bw])\Z", r"linear_\1"), ("_", "."), (r"\.b$", ".bias"), (r"\.w$", ".weight"),
+              (r"bn\.(s|gamma)$", "norm.weight"), (r"bn\.(bias|beta)$", "norm.bias"),
+              (r"bn\.(rm|running\.mean)$", "norm.running_mean"), (r"bn\.(riv|running\.var)$", "norm.running_var"),
+              (r"^res\.conv1\.norm\.", "conv1.norm."), (r"^conv1\.", "stem.conv1."), (r"\.branch1\.", ".shortcut."),
+              (r"\.branch2a\.", ".conv1."), (r"\.branch2b\.", ".conv2."), (r"\.branch2c\.", ".conv3."))
 
 
 def convert_c2_names(names):
-    """{caffe2 name: detectron2 name}; UserError if two blobs would get the same name."""
-    renamed = {name: convert_c2_name(name) for name in names}
+    """{caffe2 name: detectron2 name} by C2_RENAMES; UserError if two blobs would get the same name."""
+    renamed = {name: functools.reduce(lambda text, rule: re.sub(*rule, text), C2_RENAMES, name) for name in names}
     if len(set(renamed.values())) != len(renamed):
         clashes = collections.Counter(renamed.values()).most_common(1)[0][0]
         sources = [old for old, new in renamed.items() if new == clashes]
@@ -229,23 +192,9 @@ def arrays_to_tensors(arrays):
             and not name.endswith("_momentum")}
 
 
-def pickle_weights(data, path):
-    """(state, file_format) from an unpickled detectron2 or caffe2 .pkl."""
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a {type(data).__name__}, not a dict of weights.")
-    if "model" in data and "__author__" in data and isinstance(data["model"], dict):
-        return arrays_to_tensors(data["model"]), "detectron2"
-    arrays = arrays_to_tensors(data["blobs"] if isinstance(data.get("blobs"), dict) else data)
-    renamed = convert_c2_names(arrays)
-    return {renamed[name]: value for name, value in arrays.items()}, "caffe2"
-
-
-def torch_weights(data, path):
-    """(state, format) from a torch.load'ed file."""
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a {type(data).__name__}, not a dict of weights.")
-    wrapper = "state_dict" if isinstance(data.get("state_dict"), dict) else \
-        "model" if isinstance(data.get("model"), dict) else None
+def torch_weights(data):
+    """(state, format) from a torch.load'ed dict."""
+    wrapper = next((key for key in ("state_dict", "model") if isinstance(data.get(key), dict)), None)
     state = {str(name).removeprefix("module."): value  # saved from a DataParallel/DDP wrapper
              for name, value in (data[wrapper] if wrapper else data).items() if isinstance(value, torch.Tensor)}
     if wrapper == "model":
@@ -259,16 +208,27 @@ def torch_weights(data, path):
 
 
 def load_weights_file(path):
-    """(state {name: CPU tensor}, format name; see the module docstring); caffe2 names come back converted."""
+    """(state {name: CPU tensor}, format), told by content, not file name: "seg" (save_atomic's {"model", "iteration",
+    "config", ...}), "mmseg" ({"meta", "state_dict"}, backbone./decode_head./auxiliary_head. = PSPNet's names),
+    "mmcv_backbone" (ImageNet ResNetV1c `resnet50_v1c-2cccc1ad.pth`, `stem.0.weight`), "detectron2" (.pkl {"model":
+    numpy arrays, "__author__"} or .pth {"model": tensors}; PointRend's names), "caffe2" (MSRA's ImageNet `R-101.pkl`,
+    blob names like `res2_0_branch2a_bn_gamma` converted by `convert_c2_names`), "state_dict" (any other)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
     is_zip = zipfile.is_zipfile(path)
     data = None if is_zip else restricted_unpickle(path)
-    if is_zip or (type(data) is int and data == TORCH_LEGACY_MAGIC):
-        state, file_format = torch_weights(torch_load(path), path)
-    else:
-        state, file_format = pickle_weights(data, path)
+    from_torch = is_zip or (type(data) is int and data == TORCH_LEGACY_MAGIC)
+    data = torch_load(path) if from_torch else data
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, not a dict of weights.")
+    if from_torch:
+        state, file_format = torch_weights(data)
+    elif "model" in data and "__author__" in data and isinstance(data["model"], dict):
+        state, file_format = arrays_to_tensors(data["model"]), "detectron2"
+    else:  # caffe2
+        arrays = arrays_to_tensors(data["blobs"] if isinstance(data.get("blobs"), dict) else data)
+        state, file_format = {new: arrays[old] for old, new in convert_c2_names(arrays).items()}, "caffe2"
     if not state:
         raise UserError(f"{path} holds no tensors (read as {file_format}); is it a weights file?")
     return state, file_format
@@ -276,10 +236,8 @@ def load_weights_file(path):
 
 def map_prefix(name, prefix_map):
     """`name` with its longest prefix found in `prefix_map` replaced by the mapped string."""
-    for old in sorted(prefix_map, key=len, reverse=True):
-        if name.startswith(old):
-            return prefix_map[old] + name[len(old):]
-    return name
+    old = max((old for old in prefix_map if name.startswith(old)), key=len, default=None)
+    return name if old is None else prefix_map[old] + name[len(old):]
 
 
 def match_names(model_names, file_names, suffix_match):
@@ -290,8 +248,7 @@ def match_names(model_names, file_names, suffix_match):
         return {name: name for name in model_names if name in file_names}
     matches = {}
     for name in model_names:
-        parts = name.split(".")
-        suffixes = (".".join(parts[start:]) for start in range(len(parts)))  # longest first
+        suffixes = (name.split(".", start)[-1] for start in range(name.count(".") + 1))  # longest first
         found = next((suffix for suffix in suffixes if suffix in file_names), None)
         if found is not None:
             matches[name] = found
@@ -305,13 +262,11 @@ def match_names(model_names, file_names, suffix_match):
 
 def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_missing=False, source="weights",
               verbose=False, log=print):
-    """Copy `state` ({file name: tensor}) into `module`'s parameters and buffers, never broadcasting.
-
-    File names go through `prefix_map` ({file prefix: model prefix}, longest first), then `match_names`; a tensor
-    of another shape is skipped. Returns {"loaded": [model name], "shape_mismatch": [(name, file shape, model
-    shape)], "missing": [model names], "unused": [file names]} and logs one line (`verbose`: every name).
-    `strict_missing`: a model tensor left unloaded (OPTIONAL_MODEL_TENSORS aside) is a UserError, nothing copied.
-    """
+    """Copy `state` ({file name: tensor}) into `module`'s parameters and buffers, never broadcasting: file names
+    go through `prefix_map` ({file prefix: model prefix}, longest first), then `match_names`; a tensor of another
+    shape is skipped. Returns {"loaded": [model name], "shape_mismatch": [(name, file shape, model shape)],
+    "missing": [model names], "unused": [file names]} and logs one line (`verbose`: every name). `strict_missing`:
+    a model tensor left unloaded (OPTIONAL_MODEL_TENSORS aside) is a UserError, nothing copied."""
     mapped = {map_prefix(name, prefix_map or {}): value for name, value in state.items()}
     if len(mapped) != len(state):
         raise UserError(f"{source}: two names in the file become the same name after removing prefixes.")
@@ -332,7 +287,15 @@ def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_miss
     with torch.no_grad():  # state_dict() tensors share storage with the module's parameters and buffers
         for name in report["loaded"]:
             model_state[name].copy_(mapped[matches[name]])
-    log_report(report, len(model_state), source, verbose, log)
+    log(f"{source}: loaded {len(report['loaded'])}/{len(model_state)} model tensors, "
+        f"{len(report['shape_mismatch'])} skipped for shape mismatch, {len(report['missing'])} missing from the file, "
+        f"{len(report['unused'])} in the file unused")
+    if verbose:
+        for name, file, model in report["shape_mismatch"]:
+            log(f"  shape mismatch: {name} file {tuple(file)} model {tuple(model)}")
+        for kind in ("missing", "unused"):
+            for name in report[kind]:
+                log(f"  {kind}: {name}")
     return report
 
 
@@ -345,18 +308,6 @@ def check_complete(report, source):
                         f"differently), e.g. {'; '.join(unloaded[:4])}. To fine-tune from these weights (other classes "
                         f"or dataset), use a fine-tune section or set allow_missing_weights = true; otherwise pass the "
                         f"weights that match this model.")
-
-
-def log_report(report, total, source, verbose, log):
-    log(f"{source}: loaded {len(report['loaded'])}/{total} model tensors, {len(report['shape_mismatch'])} "
-        f"skipped for shape mismatch, {len(report['missing'])} missing from the file, "
-        f"{len(report['unused'])} in the file unused")
-    if verbose:
-        for name, file, model in report["shape_mismatch"]:
-            log(f"  shape mismatch: {name} file {tuple(file)} model {tuple(model)}")
-        for kind in ("missing", "unused"):
-            for name in report[kind]:
-                log(f"  {kind}: {name}")
 
 
 def load_pretrained_backbone(backbone, path, log=print, verbose=False):
@@ -376,7 +327,7 @@ def load_model_weights(model, path, allow_missing=False, log=print, verbose=Fals
     """Whole-model weights: seg's checkpoint, mmseg's (PSPNet) or detectron2's (PointRend). Unfilled model tensors
     are a UserError unless `allow_missing` (fine-tuning, e.g. another class count). Returns `load_into`'s report."""
     state, file_format = load_weights_file(path)
-    if file_format in BACKBONE_ONLY_FORMATS:
+    if file_format in ("caffe2", "mmcv_backbone"):
         raise UserError(f"{path} holds ImageNet backbone weights ({file_format}), not a whole model; give it as the "
                         f"model's pretrained backbone instead.")
     if file_format == "detectron2":  # seg's models take their pixel mean/std from the builder

@@ -1,11 +1,10 @@
 """Colour jitter: mmseg PhotoMetricDistortion and detectron2 ColorAugSSD, in numpy and in torch.
 
-Images are uint8 B, G, R as 3×H×W planes or H×W×3 views of them (planar_view); randomness comes from the `rng:
-numpy.random.Generator` argument. draw_jitter draws a sample's parameters in the loader worker; they are applied
-there (apply_jitter_planes, numpy) or, to take the costliest stage off a GPU machine's workers, to the whole batch
-after the host->device copy (apply_jitter, torch): bit for bit the same. The HSV conversions are OpenCV's uint8
-BGR2HSV (exact) and float32 HSV2BGR, transcribed from its source and checked against per-pixel transcriptions and
-colorsys, not against a cv2 binary.
+Images are uint8 B, G, R as 3×H×W planes or H×W×3 views of them (planar_view). draw_jitter draws a sample's
+parameters (from a numpy Generator) in the loader worker; apply_jitter_planes (numpy) applies them there, or
+apply_jitter (torch) to the whole batch after the host->device copy, taking the costliest stage off a GPU machine's
+workers: bit for bit the same. HSV conversions are OpenCV's uint8 BGR2HSV (exact) and float32 HSV2BGR, transcribed
+from its source, checked against per-pixel transcriptions and colorsys, not a cv2 binary.
 """
 
 import functools
@@ -24,7 +23,6 @@ def planes_of(image):
     return np.ascontiguousarray(np.moveaxis(image, -1, 0))
 
 
-# ------------------------------------------------------------------------------------- tables
 # BGR -> HSV uses 12-bit reciprocals rounded half to even (cvRound): S depends only on (max, min), H only on
 # (g - b, b - r), so two tables are exact. HSV -> BGR: with H * (6/180) = sector + f the channels are v (max),
 # v(1 - s) (min, tabulated by (s, v)) and v(1 - s*m) (middle; m = f or 1 - f by sector, computed per pixel in
@@ -57,11 +55,6 @@ def _colour_tables():
     return saturation, hue_table, middle, low.astype(np.uint8).reshape(-1)
 
 
-_S_OF_MAX_MIN, _H_OF_DIFFS, _MIDDLE_OF_H_S, _LOW_OF_S_V = _colour_tables()
-_INV_255 = np.float32(1.0) / np.float32(255.0)
-_BYTE_PAIRS = np.arange(1 << 16, dtype=np.uint16).view(np.uint8)  # the two bytes of every uint16
-
-
 def _key(high, low):
     """high * 256 + low as uint16, the index of the 256×256 tables."""
     key = np.left_shift(high, 8, dtype=np.uint16)
@@ -75,7 +68,10 @@ def _s_and_low(saturation):
     return saturation | (_LOW_OF_S_V.take(_key(saturation, v)).astype(np.uint16) << 8)
 
 
+_S_OF_MAX_MIN, _H_OF_DIFFS, _MIDDLE_OF_H_S, _LOW_OF_S_V = _colour_tables()
 _S_AND_LOW = _s_and_low(_S_OF_MAX_MIN)
+_INV_255 = np.float32(1.0) / np.float32(255.0)
+_BYTE_PAIRS = np.arange(1 << 16, dtype=np.uint16).view(np.uint8)  # the two bytes of every uint16
 
 
 def _hue(b, g, r, shift=0):
@@ -91,16 +87,7 @@ def _hue(b, g, r, shift=0):
 def _shifted_hue_table(shift):
     """_H_OF_DIFFS + shift mod 180 for 0 <= shift < 180. Cached: rebuilding the 261K-entry table costs
     about as much as a tenth of a 512×512 round trip, and only 37 shifts are ever drawn (~9.6 MB)."""
-    return _wrap_hue(_H_OF_DIFFS, shift) if shift else _H_OF_DIFFS
-
-
-def _wrap_hue(h, shift=0):
-    """(h + shift) mod 180 for uint8 h and 0 <= shift < 180."""
-    wide = h.astype(np.uint16)
-    wide += shift
-    np.subtract(wide, 180, out=wide, where=wide >= 180)
-    np.subtract(wide, 180, out=wide, where=wide >= 180)  # OpenCV input may have H up to 255
-    return wide.astype(np.uint8)
+    return ((_H_OF_DIFFS.astype(np.uint16) + shift) % 180).astype(np.uint8) if shift else _H_OF_DIFFS
 
 
 def _select(mask, if_true, if_false, out):
@@ -120,7 +107,7 @@ def _to_bgr(h, middle_key, v, low):
     middle *= unit_v
     middle *= np.float32(255)
     middle = np.rint(middle, out=middle).astype(np.uint8)
-    wrapped = _wrap_hue(h) if h.max() >= 180 else h  # sector k covers H in [30k, 30k + 30)
+    wrapped = h % 180 if h.max() >= 180 else h  # OpenCV input may have H up to 255; sector k: H in [30k, 30k + 30)
     out = np.empty((3,) + h.shape, np.uint8)
     # B: min in sectors 0-1, v in 3-4; G: min in 4-5, v in 1-2; R: min in 2-3, v in 5 and 0
     _select(wrapped < 60, low, middle, out=out[0])
@@ -139,15 +126,12 @@ def _hsv_round_trip(planes, saturation_map=None, hue_shift=0):
     table = _S_AND_LOW if saturation_map is None else _s_and_low(saturation_map[_S_OF_MAX_MIN])
     s_and_low = table.take(_key(v, np.minimum(np.minimum(b, g), r)), mode="clip")  # S and the min at once
     h = _hue(b, g, r, hue_shift)
-    middle_key = np.left_shift(h, 8, dtype=np.uint16)
-    middle_key |= s_and_low & 255
-    return _to_bgr(h, middle_key, v, (s_and_low >> 8).astype(np.uint8))
+    return _to_bgr(h, _key(h, s_and_low & 255), v, (s_and_low >> 8).astype(np.uint8))
 
 
 def _affine_map(alpha, beta):
     """uint8 -> uint8 table of mmseg/detectron2 `convert`: clip(float32(x) * alpha + beta, 0, 255), truncated."""
-    values = np.arange(256, dtype=np.float32) * np.float32(alpha) + np.float32(beta)
-    return np.clip(values, 0, 255).astype(np.uint8)
+    return np.clip(np.arange(256, dtype=np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(np.uint8)
 
 
 def _map_planes(planes, table):
@@ -172,19 +156,17 @@ def draw_jitter(rng, hue_high):
     [0.5, 1.5)) if first, saturation (alpha in [0.5, 1.5)), hue (shift in [-18, hue_high): 18 for mmseg's numpy
     randint, 19 for detectron2's inclusive Python randint), contrast if not first. Consecutive per-value maps
     (brightness, contrast) compose exactly into one table."""
-    def maybe(draw):
-        return draw() if rng.integers(2) else None
+    def maybe(draw, default=None):
+        return draw() if rng.integers(2) else default
     params = np.zeros(JITTER_SIZE, np.int16)
-    pre = maybe(lambda: _affine_map(1, rng.uniform(-32, 32)))
-    pre = _IDENTITY if pre is None else pre
+    pre = maybe(lambda: _affine_map(1, rng.uniform(-32, 32)), _IDENTITY)
     contrast_first = rng.integers(2)
     if contrast_first:
-        contrast = maybe(lambda: _affine_map(rng.uniform(0.5, 1.5), 0))
-        pre = pre if contrast is None else contrast[pre]
+        pre = maybe(lambda: _affine_map(rng.uniform(0.5, 1.5), 0), _IDENTITY)[pre]
     saturation = maybe(lambda: _affine_map(rng.uniform(0.5, 1.5), 0))
     shift = maybe(lambda: int(rng.integers(-18, hue_high)))
-    post = None if contrast_first else maybe(lambda: _affine_map(rng.uniform(0.5, 1.5), 0))
-    params[PRE], params[POST] = pre, _IDENTITY if post is None else post
+    post = _IDENTITY if contrast_first else maybe(lambda: _affine_map(rng.uniform(0.5, 1.5), 0), _IDENTITY)
+    params[PRE], params[POST] = pre, post
     params[SATURATION] = _IDENTITY if saturation is None else saturation
     params[SATURATION_ON], params[HUE_ON] = saturation is not None, shift is not None
     params[HUE_SHIFT] = shift or 0
@@ -211,12 +193,9 @@ def jittered(image, params):
     return planar_view(apply_jitter_planes(planes_of(image), params))
 
 
-# ------------------------------------------------------------------------------ on the device (torch)
-# The same tables and operation order in int32/float32 torch ops, batched, no host synchronisation. On a CPU
-# 5-10× slower than numpy (one thread: 17 vs 3.3 ms per 512×512 round trip; 38-53 vs ~4 ms per VOC crop, which
-# always computes both round trips), so the host keeps numpy.
-
-
+# On the device: the same tables and operation order in int32/float32 torch ops, batched, no host synchronisation.
+# On a CPU 5-10× slower than numpy (one thread: 17 vs 3.3 ms per 512×512 round trip; 38-53 vs ~4 ms per VOC crop,
+# which always computes both round trips), so the host keeps numpy.
 @functools.lru_cache(maxsize=None)
 def _device_tables(device):
     """(saturation, hue, middle, low) tables as int32 / float32 tensors on `device`, built once per device."""

@@ -97,10 +97,6 @@ def parse_override(text):
     return key.strip().split("."), value
 
 
-def type_name(value):
-    return type(value).__name__
-
-
 def check_type(key, value, default):
     """An override must have the type of the value it replaces (an int may replace a float)."""
     if isinstance(default, bool) or isinstance(value, bool):
@@ -115,7 +111,7 @@ def check_type(key, value, default):
     else:
         ok = True
     if not ok:
-        raise UserError(f"override {key}={value!r}: expected a {type_name(default)} like {default!r}")
+        raise UserError(f"override {key}={value!r}: expected a {type(default).__name__} like {default!r}")
     return value
 
 
@@ -161,27 +157,18 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {})
     if not model_defaults_for(config["model"]["name"]):
         raise UserError(f"model.name = {config['model']['name']!r} is not a model seg builds; use \"pspnet\" or "
                         f"\"pointrend\"")
-    model_defaults = model_defaults_for(config["model"]["name"])
-    config["model"] = {"name": config["model"]["name"],
-                       **{key: _plain(value) for key, value in model_defaults.items() if value is not None},
+    defaults = {key: list(value) if isinstance(value, tuple) else value  # TOML-friendly
+                for key, value in model_defaults_for(config["model"]["name"]).items() if value is not None}
+    config["model"] = {"name": config["model"]["name"], **defaults,
                        **{key: value for key, value in config["model"].items() if key != "name"}}
     return config
-
-
-def _plain(value):
-    """Builder defaults as TOML-friendly values (tuples become lists)."""
-    return list(value) if isinstance(value, tuple) else value
 
 
 def describe_sections(path):
     """(name, description) of every runnable section (one with a task)."""
     sections = load_toml(path)
-    rows = []
-    for name in sections:
-        resolved = resolve_section(sections, name, path)
-        if resolved.get("task"):
-            rows.append((name, resolved.get("description", "")))
-    return rows
+    resolved = [resolve_section(sections, name, path) for name in sections]
+    return [(config["section"], config.get("description", "")) for config in resolved if config.get("task")]
 
 
 def to_toml(config, prefix=""):
@@ -208,58 +195,57 @@ def _literal(value):
     return repr(value)
 
 
-# ------------------------------------------------------------------------------------------ validation
-
 CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf16"), "data.dataset": ("voc", "cityscapes"),
            "data.jitter_on": ("auto", "loader", "device"), "test.mode": ("whole", "slide"),
            "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid")}
 AT_LEAST = {"iterations": 1, "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
             "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1, "bench.warmup": 0,
             "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1}
-SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw", "bench.eval_hw")
-POSITIVE_LISTS = ("data.ratio_range", "data.short_edges", "test.scales", "schedule.steps")
+SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw",
+         "bench.eval_hw")
+POSITIVE_LISTS = ("data.ratio_range", "data.short_edges", "test.scales")
+CHECKPOINT = "a seg, mmsegmentation or detectron2 checkpoint"
+REQUIRED = {"evaluate": {"weights": CHECKPOINT}, "predict": {"weights": CHECKPOINT, "input": "an image, a folder or "
+            "a glob", "output": "the folder for label maps and overlays"}}
 WRITES_OUTPUT_DIR = ("train", "evaluate", "demo", "bench", "data_bench")
 
 
 def lookup(config, dotted):
-    node = config
     for key in dotted.split("."):
-        node = node[key]
-    return node
+        config = config[key]
+    return config
 
 
 def validate(config):
-    """Check the whole resolved config before any data is read or model built: every choice, every count, list
-    lengths, the test windows and that the output folder can be written. UserError names the first bad key."""
-    def bad(key, expected):
-        raise UserError(f"[{config['section']}] {key} = {_literal(lookup(config, key))}: expected {expected}")
+    """Check the whole resolved config before any data is read or model built: choices, counts, list lengths,
+    the test windows, required paths and a writable output folder. UserError names the first bad key."""
+    def check(key, ok, expected):
+        if not ok:
+            raise UserError(f"[{config['section']}] {key} = {_literal(lookup(config, key))}: expected {expected}")
     for key, choices in CHOICES.items():
-        if lookup(config, key) not in choices:
-            bad(key, " or ".join(f'"{choice}"' for choice in choices))
+        check(key, lookup(config, key) in choices, " or ".join(f'"{choice}"' for choice in choices))
     for key, least in AT_LEAST.items():
-        if lookup(config, key) < least:
-            bad(key, f"an integer >= {least}")
+        check(key, lookup(config, key) >= least, f"an integer >= {least}")
     for key in SIZES:
         value = lookup(config, key)
-        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            bad(key, "two positive integers [height, width]")
+        check(key, len(value) == 2 and all(type(v) is int and v > 0 for v in value), "two positive integers [h, w]")
     for key in POSITIVE_LISTS:
         value = lookup(config, key)
-        if key != "schedule.steps" and not value or not all(isinstance(v, (int, float)) and v > 0 for v in value):
-            bad(key, "a list of positive numbers")
-    checks = [("loss_scale", config["loss_scale"] == "dynamic" or config["loss_scale"] > 0, '"dynamic" or a number > 0'),
-              ("data.ratio_range", len(config["data"]["ratio_range"]) == 2 and
-               config["data"]["ratio_range"][0] <= config["data"]["ratio_range"][1], "[low, high] with low <= high"),
-              ("data.cat_max_ratio", 0 < config["data"]["cat_max_ratio"] <= 1, "a share in (0, 1]"),
-              ("optimizer.lr", config["optimizer"]["lr"] > 0, "a learning rate > 0"),
-              ("test.stride_hw", all(s <= c for s, c in zip(config["test"]["stride_hw"], config["test"]["crop_hw"])),
-               "strides no larger than test.crop_hw (larger ones leave gaps between the windows)")]
-    for key, ok, expected in checks:
-        if not ok:
-            bad(key, expected)
+        check(key, value and all(isinstance(v, (int, float)) and v > 0 for v in value), "a list of positive numbers")
+    data, test = config["data"], config["test"]
+    check("loss_scale", config["loss_scale"] == "dynamic" or config["loss_scale"] > 0, '"dynamic" or a number > 0')
+    check("data.ratio_range", len(data["ratio_range"]) == 2 and data["ratio_range"][0] <= data["ratio_range"][1],
+          "[low, high] with low <= high")
+    check("data.cat_max_ratio", 0 < data["cat_max_ratio"] <= 1, "a share in (0, 1]")
+    check("optimizer.lr", config["optimizer"]["lr"] > 0, "a learning rate > 0")
+    check("test.stride_hw", all(s <= c for s, c in zip(test["stride_hw"], test["crop_hw"])),
+          "strides no larger than test.crop_hw (larger ones leave gaps between the windows)")
+    for key, hint in REQUIRED.get(config["task"], {}).items():
+        if not config[key]:
+            raise UserError(f"[{config['section']}] needs {key}=PATH ({hint})")
     if config["task"] in WRITES_OUTPUT_DIR:
         check_writable_folder(config["output_dir"], "output_dir")
-    if config["task"] == "predict" and config["output"]:
+    if config["task"] == "predict":
         check_writable_folder(config["output"], "output")
     return config
 
@@ -270,4 +256,5 @@ def check_writable_folder(folder, key):
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
-        raise UserError(f"{key} = {folder}: cannot write there ({error.strerror or error}); choose another {key}") from None
+        raise UserError(f"{key} = {folder}: cannot write there ({error.strerror or error}); choose another {key}") \
+            from None

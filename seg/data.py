@@ -1,9 +1,4 @@
-"""Datasets on disk (VOC12aug, Cityscapes): metadata, listers, datasets, sampler, collation and loaders.
-
-Each training sample is augmented with its own numpy Generator seeded by (seed, its position in the global stream):
-augmentations differ across ranks and workers, do not depend on how many there are, and a resumed run replays
-exactly the samples it would have seen.
-"""
+"""Datasets on disk (VOC12aug, Cityscapes): metadata, listers, datasets, sampler, collation and loaders."""
 import functools
 import glob
 import os
@@ -17,33 +12,29 @@ from seg.files import IGNORE_INDEX, UserError, check_same_size, read_image_bgr, 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-VOC_PALETTE = (
-    (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
-    (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
-    (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128))
+VOC_PALETTE = ((0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
+               (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
+               (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128))
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
-CITYSCAPES_PALETTE = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+CITYSCAPES_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+                      (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+                      (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
 # cityscapesScripts helpers/labels.py: label id -> train id of the 19 evaluated classes; all else is ignored
 _CITYSCAPES_TRAIN_ID_OF = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                            24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-CITYSCAPES_ID_TO_TRAINID = np.full(256, 255, dtype=np.uint8)
-CITYSCAPES_ID_TO_TRAINID[list(_CITYSCAPES_TRAIN_ID_OF)] = list(_CITYSCAPES_TRAIN_ID_OF.values())
+CITYSCAPES_ID_TO_TRAINID = np.array([_CITYSCAPES_TRAIN_ID_OF.get(i, 255) for i in range(256)], np.uint8)
 LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
                "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`"}
 
 
 def dataset_info(name):
     """{"list": lister(root, splits), "hint", "classes", "palette"} of a dataset kind ("voc" or "cityscapes")."""
-    infos = {"voc": (voc_items, VOC_CLASSES, VOC_PALETTE),
-             "cityscapes": (cityscapes_items, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)}
-    if name not in infos:
-        raise UserError(f"data.dataset must be one of {sorted(infos)}, got {name!r}")
-    lister, classes, palette = infos[name]
+    if name not in LABEL_HINTS:
+        raise UserError(f"data.dataset must be one of {sorted(LABEL_HINTS)}, got {name!r}")
+    lister, classes, palette = {"voc": (voc_items, VOC_CLASSES, VOC_PALETTE),
+                                "cityscapes": (cityscapes_items, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)}[name]
     return {"list": lister, "hint": LABEL_HINTS[name], "classes": list(classes), "palette": palette}
 
 
@@ -61,13 +52,9 @@ def voc_items(root, splits):
     if not os.path.isdir(root):
         raise UserError(f"{root}: VOC2012 folder not found. Put VOCdevkit under data/ (see README, "
                         f"'Preparing VOC12aug') or set data_root=PATH.")
-    items = []
-    for split in splits:
-        name, label_dir = split.split(":")
-        for stem in read_split(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt")):
-            items.append((os.path.join(root, "JPEGImages", f"{stem}.jpg"),
-                          os.path.join(root, label_dir, f"{stem}.png")))
-    return items
+    return [(os.path.join(root, "JPEGImages", f"{stem}.jpg"), os.path.join(root, label_dir, f"{stem}.png"))
+            for name, label_dir in (split.split(":") for split in splits)
+            for stem in read_split(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt"))]
 
 
 def cityscapes_items(root, splits):
@@ -89,8 +76,7 @@ def cityscapes_items(root, splits):
 
 
 def load_item(items, index, num_classes, hint="", reader=None):
-    """(image uint8 H×W×3 BGR, label uint8 H×W) of item `index`: decoded, or read from the decoded cache
-    (`reader` = (image_fn, label_fn) from files.cached_items_reader, whose labels were checked when built)."""
+    """(image uint8 H×W×3 BGR, label uint8 H×W) of item `index`: decoded, or from `reader` = (image_fn, label_fn)."""
     if reader is not None:
         return reader[0](index), reader[1](index)
     image_path, label_path = items[index]
@@ -100,9 +86,8 @@ def load_item(items, index, num_classes, hint="", reader=None):
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Keys are (index, stream position) from InfiniteShardedSampler; a sample is (image, label, jitter). With
-    jitter_in_loader the colour jitter is applied here (numpy) and jitter is None; otherwise the batch carries
-    the parameters to the device (colour.apply_jitter)."""
+    """Keys are (index, stream position) from InfiniteShardedSampler; a sample is (image, label, jitter): jittered
+    here (numpy) and jitter None with jitter_in_loader, else the parameters for the device (colour.apply_jitter)."""
 
     def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None, jitter_in_loader=True):
         self.items, self.sample_fn, self.num_classes = items, sample_fn, num_classes
@@ -114,11 +99,8 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, position = key
         image, label = load_item(self.items, index, self.num_classes, self.hint, self.reader)
-        rng = np.random.default_rng([self.seed, position])
-        image, label, jitter = self.sample_fn(rng, image, label)
-        if self.jitter_in_loader:
-            return colour.jittered(image, jitter), label, None
-        return image, label, jitter
+        image, label, jitter = self.sample_fn(np.random.default_rng([self.seed, position]), image, label)
+        return (colour.jittered(image, jitter), label, None) if self.jitter_in_loader else (image, label, jitter)
 
 
 class EvalDataset(torch.utils.data.Dataset):
@@ -137,10 +119,10 @@ class EvalDataset(torch.utils.data.Dataset):
 
 
 class InfiniteShardedSampler(torch.utils.data.Sampler):
-    """Endless shuffled epochs; rank r takes every world_size-th index of each shared permutation and yields
-    (dataset index, global stream position) from its `start`-th sample on (resume). The position seeds the
-    augmentation: one process with batch 2B and two with batch B see the same samples, augmented the same way.
-    Each epoch drops the tail that does not divide evenly across ranks."""
+    """Endless shuffled epochs, less the tail that does not divide evenly across ranks; rank r takes every
+    world_size-th index of each shared permutation, as (dataset index, global stream position), from its `start`-th
+    sample on (resume). The position seeds the sample's numpy Generator: augmentations differ across ranks and workers
+    yet do not depend on how many there are (batch 2B on one process = batch B on two, bit for bit)."""
 
     def __init__(self, size, rank, world_size, seed, start=0):
         if size < world_size:
@@ -151,8 +133,7 @@ class InfiniteShardedSampler(torch.utils.data.Sampler):
         per_rank = self.size // self.world_size
         epoch, offset = divmod(self.start, per_rank)
         while True:
-            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            order = torch.randperm(self.size, generator=generator)[: per_rank * self.world_size]
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
             for local in range(offset, per_rank):
                 position = (epoch * per_rank + local) * self.world_size + self.rank
                 yield int(order[local * self.world_size + self.rank]), position
@@ -164,22 +145,18 @@ def pad_to(size, divisor):
 
 
 def collate(samples, divisor=1, min_hw=(0, 0)):
-    """[(image uint8 H×W×3, label uint8 H×W[, jitter or None])] -> batch padded bottom/right to at least min_hw,
-    rounded up to a multiple of divisor: "image" uint8 N×3×H×W (padding 0; the model zeroes padding after
-    normalising), "label" uint8 N×H×W (padding 255; widened to int64 on the device: 8× fewer bytes to copy),
-    "hw" int64 N×2 valid sizes, and "jitter" int16 N×colour.JITTER_SIZE when samples carry parameters."""
+    """[(image uint8 H×W×3, label uint8 H×W[, jitter or None])] -> batch padded bottom/right to ≥ min_hw and a multiple
+    of divisor: "image" uint8 N×3×H×W (padding 0, re-zeroed after normalising), "label" uint8 N×H×W (padding 255, int64
+    on the device: 8× fewer bytes to copy), "hw" int64 N×2 valid sizes, "jitter" int16 N×colour.JITTER_SIZE."""
     height = pad_to(max(min_hw[0], *(sample[0].shape[0] for sample in samples)), divisor)
     width = pad_to(max(min_hw[1], *(sample[0].shape[1] for sample in samples)), divisor)
     images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
     labels = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.uint8)
-    hw = torch.zeros(len(samples), 2, dtype=torch.int64)
     for i, (image, label, *_) in enumerate(samples):
-        h, w = label.shape
-        # copy each array straight into the batch: one strided copy, no intermediate arrays
+        h, w = label.shape  # copy each array straight into the batch: one strided copy, no intermediate arrays
         images[i, :, :h, :w] = torch.from_numpy(np.moveaxis(image, -1, 0))
         labels[i, :h, :w] = torch.from_numpy(label)
-        hw[i, 0], hw[i, 1] = h, w
-    batch = {"image": images, "label": labels, "hw": hw}
+    batch = {"image": images, "label": labels, "hw": torch.tensor([sample[1].shape for sample in samples])}
     jitters = [sample[2] for sample in samples if len(sample) > 2 and sample[2] is not None]
     if jitters:
         if len(jitters) != len(samples):
@@ -191,21 +168,18 @@ def collate(samples, divisor=1, min_hw=(0, 0)):
 def train_loader(dataset, per_device_batch, rank, world_size, seed, workers, pin_memory, start=0, divisor=1,
                  min_hw=(0, 0)):
     """Batches of `dataset` drawn by InfiniteShardedSampler, collated (a partial: picklable for the workers)."""
-    sampler = InfiniteShardedSampler(len(dataset), rank, world_size, seed, start)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=per_device_batch, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-        collate_fn=functools.partial(collate, divisor=divisor, min_hw=min_hw), drop_last=True,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        # its own generator: creating the iterator must not draw from the global RNG (exact resume)
-        generator=torch.Generator().manual_seed(seed))
+        dataset, per_device_batch, sampler=InfiniteShardedSampler(len(dataset), rank, world_size, seed, start),
+        collate_fn=functools.partial(collate, divisor=divisor, min_hw=min_hw), num_workers=workers, drop_last=True,
+        pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))  # iterating must not draw from the global RNG (exact resume)
 
 
 def eval_loader(dataset, rank, world_size, workers, pin_memory, collate_fn):
     """Rank r evaluates images r, r + world_size, ...: every image exactly once across ranks, one a batch."""
-    indices = list(range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=1, shuffle=False, num_workers=workers,
-        collate_fn=collate_fn, pin_memory=pin_memory)
+        torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world_size))), batch_size=1, shuffle=False,
+        num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory)
 
 
 def to_device(batch, device):

@@ -90,13 +90,11 @@ def all_reduce_sum(tensor):
 
 
 def barrier():
-    if is_distributed():
-        torch_dist.barrier()
+    return torch_dist.barrier() if is_distributed() else None
 
 
 def cleanup():
-    if is_distributed():
-        torch_dist.destroy_process_group()
+    return torch_dist.destroy_process_group() if is_distributed() else None
 
 
 def convert_sync_batchnorm(model, device_type, sync_bn):

@@ -1,22 +1,15 @@
-"""Inference, metrics and prediction pictures: one inference path serves evaluation (the evaluate task and
-evaluation during training) and prediction on the user's own images.
+"""Inference, metrics and prediction pictures: one inference path serves evaluation and prediction.
 
-Inference of one image, as both references do it:
-- Views: on the data side (loader workers), the image is resized with the keep-ratio rule of
-  `transforms.rescale_hw` to data.test_scale times each ratio in test.scales (mmseg's MultiScaleFlipAug:
-  int(long * ratio), int(short * ratio)). One ratio, 1.0, is plain single-scale testing.
-- Whole mode: the model runs on the view; its logits are resized (bilinear, align_corners=False) to the
-  padded input size and cropped to the valid view (detectron2's sem_seg_postprocess; mmseg pads nothing).
-- Slide mode (mmseg slide_inference): windows of test.crop_hw every test.stride_hw, the last one on each
-  axis shifted back to end at the border; each window's logits (as in whole mode), summed where windows
-  overlap and divided by the number of windows covering each pixel.
-- The view's logits are resized to the original size. With one view and no flip they are the scores
-  (their argmax is the prediction, as in detectron2). With several scales or test.flip (predict the
-  mirrored view, mirror its logits back), the scores are the mean of the softmax probabilities at the
-  original size over scales × flips (mmseg's aug_test).
+Inference of one image, as both references do it. Views: the image resized by the keep-ratio rule
+(`transforms.rescale_hw`) to data.test_scale times each ratio of test.scales (mmseg MultiScaleFlipAug), on the data
+side. Whole mode: the model's logits resized (bilinear, align_corners=False) to the padded input and cropped to the
+view (detectron2 sem_seg_postprocess). Slide mode (mmseg slide_inference): windows of test.crop_hw every
+test.stride_hw, the last one per axis shifted back to end at the border, logits summed where windows overlap and
+divided by the count. Each view's logits are resized to the original size: one view without flip gives the scores
+(detectron2); several scales or test.flip average the softmax probabilities over views × flips (mmseg aug_test).
 
-Metrics come from a dataset-level confusion matrix (rows ground truth, columns predictions) accumulated on the
-device without reading anything back per image, then all-reduced across ranks; no prediction maps are kept.
+Metrics come from a dataset-level confusion matrix (rows truth, columns prediction) accumulated on the device
+without per-image host reads, then all-reduced; no prediction maps are kept.
 """
 import collections
 import glob
@@ -38,9 +31,8 @@ OVERLAY_QUALITY = 95  # with 4:4:4 chroma, so thin class borders keep their colo
 # ------------------------------------------------------------------------------- views (data side)
 
 def resize_to_scales(image, long_short, ratios):
-    """One view per ratio: H×W×3 uint8 `image` resized so that its long side is at most
-    int(max(long_short)·ratio) and its short side at most int(min(long_short)·ratio), keeping its aspect
-    ratio (mmcv.imrescale). Returns a list of uint8 h×w×3 arrays (the image itself when no resize is needed)."""
+    """One uint8 h×w×3 view per ratio: `image` with long side <= int(max(long_short)·ratio) and short side
+    <= int(min(long_short)·ratio), aspect kept (mmcv.imrescale); the image itself where no resize is needed."""
     views = []
     for ratio in ratios:
         scaled = (int(long_short[0] * ratio), int(long_short[1] * ratio))
@@ -54,7 +46,8 @@ def stack_views(views):
     height, width = max(view.shape[0] for view in views), max(view.shape[1] for view in views)
     image = torch.zeros(len(views), 3, height, width, dtype=torch.uint8)
     for index, view in enumerate(views):
-        image[index, :, : view.shape[0], : view.shape[1]] = torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.ascontiguousarray(view))  # views may have reversed strides, from_numpy refuses
+        image[index, :, : view.shape[0], : view.shape[1]] = pixels.permute(2, 0, 1)
     return image, torch.tensor([view.shape[:2] for view in views], dtype=torch.int64)
 
 
@@ -82,17 +75,15 @@ def whole_logits(model, image):
 
 
 def window_starts(size, crop, stride):
-    """Start offsets of the sliding windows along an axis of `size` pixels: every `stride`, as many as
-    needed to reach the end (max(size - crop + stride - 1, 0) // stride + 1), each window shifted back so
-    that it ends inside the image; windows are min(crop, size) long."""
+    """Window starts along an axis of `size` pixels: every `stride`, max(size - crop + stride - 1, 0) // stride + 1
+    of them, each shifted back to end inside the image; windows are min(crop, size) long."""
     count = max(size - crop + stride - 1, 0) // stride + 1
     return [max(min(index * stride + crop, size) - crop, 0) for index in range(count)]
 
 
 def slide_logits(model, image, crop_hw, stride_hw, windows_per_batch=4):
-    """float 1×C×H×W logits for an entirely valid uint8 1×3×H×W image: the whole-mode logits of every
-    window, summed where windows overlap and divided by the number of windows covering each pixel.
-    Windows all have one size, so they run `windows_per_batch` at a time."""
+    """float 1×C×H×W logits of an entirely valid uint8 1×3×H×W image: every window's whole-mode logits, summed
+    where windows overlap and divided by their count; windows run `windows_per_batch` at a time."""
     height, width = image.shape[-2:]
     crop_h, crop_w = min(crop_hw[0], height), min(crop_hw[1], width)
     corners = [(top, left) for top in window_starts(height, crop_hw[0], stride_hw[0])
@@ -110,28 +101,24 @@ def slide_logits(model, image, crop_hw, stride_hw, windows_per_batch=4):
     return total / count
 
 
-def view_logits(model, image, test):
-    """float 1×C×H×W logits of one entirely valid uint8 1×3×H×W view, in test["mode"]."""
-    if test["mode"] == "slide":
-        return slide_logits(model, image, test["crop_hw"], test["stride_hw"])
-    return whole_logits(model, image)
-
-
 def test_time_scores(model, image, hw, out_hw, test):
     """Scores 1×C×h×w at the original size out_hw = (h, w) from the views of one image.
 
-    image: uint8 V×3×H×W, the image resized to each test scale, padded (stack_views); hw: V×2 valid sizes,
-    read on the host, so pass the loader's CPU tensor: a device tensor would cost a sync per image.
-    test: the [test] table (mode, crop_hw, stride_hw, flip). One view without flip: its logits. Otherwise
-    the softmax probabilities averaged over views × flips, each flipped view's logits mirrored back first.
+    image: uint8 V×3×H×W, the views padded (stack_views); hw: V×2 valid sizes, read on the host (pass the
+    loader's CPU tensor: a device tensor would cost a sync per image); test: the [test] table. One view without flip:
+    its logits; otherwise softmax probabilities averaged over views × flips (flipped logits mirrored back first).
     """
+    def view_logits(view):
+        if test["mode"] == "slide":
+            return slide_logits(model, view, test["crop_hw"], test["stride_hw"])
+        return whole_logits(model, view)
     flips = (False, True) if test["flip"] else (False,)
     sizes = hw.tolist()
     total = None
     for view, (height, width) in zip(image, sizes):
         view = view[None, :, :height, :width]
         for flip in flips:
-            logits = view_logits(model, view.flip(-1), test).flip(-1) if flip else view_logits(model, view, test)
+            logits = view_logits(view.flip(-1)).flip(-1) if flip else view_logits(view)
             logits = F.interpolate(logits, size=tuple(out_hw), mode="bilinear", align_corners=False)
             if len(sizes) * len(flips) == 1:
                 return logits
@@ -179,9 +166,8 @@ def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
 
 
 def metrics_from_confusion(matrix):
-    """aAcc, mIoU, mAcc and per-class IoU / Acc as fractions. Acc_c is NaN when class c never occurs in the
-    ground truth; IoU_c is NaN when it occurs in neither prediction nor ground truth; means skip NaN classes
-    (np.nanmean, as mmsegmentation)."""
+    """aAcc, mIoU, mAcc and per-class IoU / Acc as fractions; a class absent from the truth has Acc NaN (and IoU NaN
+    if never predicted either); means skip NaN classes, as mmsegmentation's np.nanmean."""
     matrix = matrix.double().cpu()
     intersection, label_area = matrix.diag(), matrix.sum(dim=1)
     iou = intersection / (label_area + matrix.sum(dim=0) - intersection)  # 0/0 -> NaN, as in mmsegmentation
@@ -190,12 +176,10 @@ def metrics_from_confusion(matrix):
             "mAcc": torch.nanmean(acc).item(), "IoU": iou.tolist(), "Acc": acc.tolist()}
 
 
-def percent(value):
-    return "nan" if value != value else f"{100 * value:.2f}"
-
-
 def format_table(metrics, class_names):
     """The per-class IoU/Acc table and the summary line, in percent with 2 decimals."""
+    def percent(value):
+        return "nan" if value != value else f"{100 * value:.2f}"
     width = max(len(name) for name in class_names)
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
     for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"]):
@@ -205,9 +189,8 @@ def format_table(metrics, class_names):
 
 
 def host_and_device_batches(loader, torch_device):
-    """(batch as the loader made it, its copy on the device) pairs, in loader order; batch k+1 is copied
-    while the caller computes on batch k (data.prefetch). The host batch lets the caller read sizes without
-    reading the device back. An empty loader gives no pairs."""
+    """(batch as the loader made it, its device copy) pairs; batch k+1 is copied while the caller computes on batch
+    k (data.prefetch), and sizes are read from the host batch, not from the device."""
     host, to_copy = itertools.tee(loader)
     return zip(host, data.prefetch(to_copy, torch_device))
 
@@ -235,8 +218,8 @@ def colorize(label, palette):
 
 
 def draw_legend(image, classes, palette, names):
-    """Draw a white box at the top left listing `classes` (swatch and name) onto a Pillow RGB image, with
-    Pillow's default font scaled to the image. Returns the box (left, top, right, bottom), inclusive."""
+    """Draw a white box listing `classes` (swatch and name) at the top left of a Pillow RGB image, in Pillow's
+    default font scaled to the image. Returns the box (left, top, right, bottom), inclusive."""
     size = max(10, round(min(image.size) / 40))
     try:
         font = ImageFont.load_default(size)

@@ -1,15 +1,9 @@
-"""What seg reads and writes besides checkpoints: UserError, atomic writes (a temporary file beside the target,
-then os.replace: a crash never leaves half an output), image and label decoding and encoding, and the cache.
-
-Decoded-image cache (`data.cache = true`): decoding dominates the data pipeline (a 2048×1024 Cityscapes PNG takes
-~50 ms with Pillow, the whole detectron2 mapper ~105 ms), so the first run decodes every image (BGR H×W×3) and label
-(H×W) into one file per item list, which loader workers memory-map: all processes share its pages and a sample costs
-a copy. Layout: 64-byte header (MAGIC, index offset and length as little-endian uint64), arrays on 64-byte
-boundaries, JSON index (item paths, their (size, mtime_ns), each array's offset and shape); rebuilt when any of
-those change. Written under a temporary name and renamed, so it is always complete. A lock file (O_EXCL) elects one
-builder, the others wait; a lock whose process died or that is not refreshed for `stale_s` is taken over. Disk cost:
-~0.75 MB per VOC sample, ~8.4 MB per Cityscapes sample (25 GB for the 2975 training images).
-"""
+"""What seg reads and writes besides checkpoints: UserError, atomic writes, image and label decoding and encoding,
+and the decoded-image cache (`data.cache = true`): decoding dominates the data pipeline (a 2048×1024 Cityscapes PNG
+takes ~50 ms with Pillow, the whole detectron2 mapper ~105 ms), so every image (BGR H×W×3) and label (H×W) of an item
+list is decoded once into one file that loader workers memory-map (shared pages; a sample costs a copy). Layout: a
+64-byte header (MAGIC, index offset and length as little-endian uint64), arrays on 64-byte boundaries, a JSON index
+(item paths, their (size, mtime_ns), each array's offset and shape); rebuilt when any of those change."""
 import concurrent.futures
 import contextlib
 import glob
@@ -19,7 +13,6 @@ import json
 import os
 import socket
 import struct
-import tempfile
 import time
 
 import numpy as np
@@ -27,9 +20,9 @@ from PIL import Image, ImageOps
 
 IGNORE_INDEX = 255
 _IGNORE_COLOUR = (224, 224, 192)  # colour of index 255 in the official VOC PNGs
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # Pillow's errors for unreadable files; DecompressionBombError: a picture over ~179 megapixels
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+MAGIC, VERSION, HEADER_BYTES, ALIGN = b"SEGCACHE1", 1, 64, 64  # decoded-image cache file
 
 
 class UserError(Exception):
@@ -37,23 +30,22 @@ class UserError(Exception):
 
 
 def write_atomic(path, write):
-    """Call `write(binary_file)` on a temporary file beside `path`, then rename it to `path`: `path` is the old
-    file or the complete new one, with the mode open(path, "w") gives (0o666 & ~umask, not mkstemp's 0o600)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    umask = os.umask(0o077)  # the umask can only be read by setting it: private for that instant
-    os.umask(umask)
+    """Call `write(binary_file)` on a temporary file beside `path`, then rename it: `path` is the old file or the
+    complete new one, with open()'s mode. OS errors (a full disk, a read-only folder) become UserErrors naming it."""
+    folder, temporary = os.path.dirname(os.path.abspath(path)), None
     try:
-        with os.fdopen(handle, "wb") as stream:
-            os.chmod(temporary, 0o666 & ~umask)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp"), "xb") as stream:
+            temporary = stream.name
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except BaseException as error:
+        if temporary is not None and os.path.exists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.errno is not None:
+            raise UserError(f"{path}: cannot write ({error.strerror}); free space or choose another folder") from error
         raise
 
 
@@ -66,31 +58,25 @@ def write_text_atomic(text, path):
 
 
 def read_image_bgr(path, upright=False):
-    """uint8 H×W×3 BGR (the order both references feed their models; see to_bgr). upright: turn the picture by
-    its EXIF orientation first (photos for prediction)."""
+    """uint8 H×W×3 BGR, the order both references feed their models; upright: turn by the EXIF orientation first."""
     try:
         with Image.open(path) as image:
-            file_format = image.format  # a turned copy has none
-            return to_bgr(ImageOps.exif_transpose(image) if upright else image, path, file_format)
+            return to_bgr(ImageOps.exif_transpose(image) if upright else image, path, image.format)
     except _UNREADABLE as error:
         raise UserError(f"{path}: cannot read image ({error}); replace or remove it from the split") from error
 
 
 def to_bgr(image, path="", file_format=None):
-    """uint8 H×W×3 BGR, writable (as torch wants), of a Pillow image of any mode. 16-bit grey keeps its top 8 bits
-    (value >> 8, as Pillow decodes 16-bit RGB PNGs): modes I;16*, and "I" read from a PNG or PGM file (`file_format`;
-    older Pillow's mode for 16-bit grey there). Other 32-bit images ("I", "F") have no known 8-bit reading: UserError
-    naming `path`. Other modes convert as Pillow's convert("RGB") (La, premultiplied, by way of LA)."""
+    """uint8 H×W×3 BGR, writable (as torch wants), of a Pillow image of any mode, as convert("RGB") (La via LA).
+    16-bit grey keeps its top 8 bits (value >> 8, as Pillow decodes 16-bit RGB PNGs): modes I;16*, and "I" (older
+    Pillow's) from a PNG or PGM `file_format` (a turned copy has none); other "I" and "F": UserError naming `path`."""
     file_format = file_format or image.format
-    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and file_format in ("PNG", "PPM")):
-        grey = (np.asarray(image) >> 8).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N") or (image.mode == "I" and file_format in ("PNG", "PPM")):
+        return np.repeat((np.asarray(image) >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
     if image.mode in ("I", "F"):
         raise UserError(f"{path}: a 32-bit {'integer' if image.mode == 'I' else 'float'} image (Pillow mode "
                         f"{image.mode}) has no 8-bit reading; convert it to an 8-bit PNG or JPEG")
-    if image.mode == "La":
-        image = image.convert("LA")
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    rgb = image if image.mode == "RGB" else (image.convert("LA") if image.mode == "La" else image).convert("RGB")
     width, height = rgb.size  # Pillow packs BGR bytes itself: no RGB array, no reversing copy
     return np.frombuffer(bytearray(rgb.tobytes("raw", "BGR")), np.uint8).reshape(height, width, 3)
 
@@ -135,8 +121,7 @@ def write_label_png(path, label, palette=None):
 
 def save_image(path, image_rgb, image_format):
     """Write an RGB uint8 H×W×3 image atomically; JPEG at quality 90 like typical photo datasets."""
-    options = {"quality": 90} if image_format == "JPEG" else {}
-    image = Image.fromarray(np.ascontiguousarray(image_rgb))
+    image, options = Image.fromarray(np.ascontiguousarray(image_rgb)), {"quality": 90} if image_format == "JPEG" else {}
     write_atomic(path, lambda file: image.save(file, format=image_format, **options))
 
 
@@ -145,11 +130,6 @@ def image_bytes(image, image_format, **options):
     buffer = io.BytesIO()
     image.save(buffer, format=image_format, **options)
     return buffer.getvalue()
-
-
-# ---------------------------------------------------------------- decoded-image cache
-MAGIC, VERSION = b"SEGCACHE1", 1
-HEADER_BYTES = ALIGN = 64
 
 
 def cache_path_for(folder, items, tag):
@@ -180,10 +160,9 @@ def read_index(path):
 
 def is_current(index, items):
     """True when the index was built from exactly these items, with unchanged sizes and mtimes."""
-    if index is None or index["items"] != [list(item) for item in items]:
-        return False
     try:
-        return index["stats"] == file_stats(items)
+        return (index is not None and index["items"] == [list(item) for item in items]
+                and index["stats"] == file_stats(items))
     except OSError:
         return False
 
@@ -196,22 +175,21 @@ def _write_array(handle, array):
     return [offset, list(array.shape)]
 
 
-def build_cache(items, path, read_image, read_label, log=print, workers=1, heartbeat=None):
-    """Decode every item with read_image(path) -> uint8 H×W×3 and read_label(path) -> uint8 H×W (their errors
-    propagate; the partial file is removed) into a new cache at `path`, in `workers` threads (Pillow releases the
-    GIL); heartbeat() after each item refreshes the lock. Returns the index dict."""
-    stats = file_stats(items)
-    temporary = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    start, entries = time.time(), []
+def build_cache(items, path, read_image, read_label, log=print, workers=1, lock_path=None):
+    """Decode every item with read_image(path) -> uint8 H×W×3 and read_label(path) -> uint8 H×W in `workers` threads
+    (Pillow releases the GIL) into a temporary file renamed to `path` (their errors propagate; it is removed); touch
+    `lock_path` at most once a second, so waiters know the builder is alive. Returns the index dict."""
+    stats, temporary = file_stats(items), f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    start, touched, entries = time.time(), time.time(), []
     try:
         with open(temporary, "wb") as handle, concurrent.futures.ThreadPoolExecutor(workers) as pool:
             handle.write(b"\0" * HEADER_BYTES)
-            decoded = _decode_in_order(pool, items, read_image, read_label, workers)
-            for number, (image, label) in enumerate(decoded, 1):
+            for number, (image, label) in enumerate(_decode_in_order(pool, items, read_image, read_label, workers), 1):
                 entries.append([_write_array(handle, image), _write_array(handle, label)])
-                if heartbeat is not None:
-                    heartbeat()
+                if lock_path is not None and time.time() - touched >= 1.0:
+                    touched = time.time()
+                    with contextlib.suppress(OSError):
+                        os.utime(lock_path)
                 if number % 500 == 0:
                     log(f"cache {path}: {number}/{len(items)} decoded ({time.time() - start:.0f} s)")
             index = {"version": VERSION, "items": [list(item) for item in items], "stats": stats, "entries": entries}
@@ -231,15 +209,13 @@ def build_cache(items, path, read_image, read_label, log=print, workers=1, heart
 
 
 def _decode_in_order(pool, items, read_image, read_label, workers):
-    """Yield (image, label) in item order with at most 2·workers decodes in flight, so memory stays bounded
-    when writing is slower than decoding (Executor.map would queue every item at once)."""
+    """(image, label) in item order, at most 2·workers decodes ahead: bounded memory, unlike Executor.map."""
     pending = []
     for item in items:
         pending.append(pool.submit(lambda pair: (read_image(pair[0]), read_label(pair[1])), item))
         if len(pending) >= 2 * workers:
             yield pending.pop(0).result()
-    for future in pending:
-        yield future.result()
+    yield from (future.result() for future in pending)
 
 
 def _lock_is_stale(lock_path, stale_s):
@@ -252,69 +228,46 @@ def _lock_is_stale(lock_path, stale_s):
         return False  # vanished or being written: look again on the next poll
     if host == socket.gethostname():
         try:
-            os.kill(int(pid), 0)
+            with contextlib.suppress(PermissionError):  # alive, owned by someone else
+                os.kill(int(pid), 0)
         except ProcessLookupError:
             return True
-        except PermissionError:
-            pass  # alive, owned by someone else
     return age > stale_s
-
-
-def _try_lock(lock_path):
-    try:
-        descriptor = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(f"{socket.gethostname()} {os.getpid()}")
-    return True
-
-
-def _remove_stale_temporaries(path, stale_s):
-    """Temporary files of builds that died (they can be gigabytes); only the lock holder calls this."""
-    for temporary in glob.glob(glob.escape(path) + ".tmp-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - os.path.getmtime(temporary) > stale_s:
-                os.remove(temporary)
 
 
 def ensure_cache(items, path, read_image, read_label, log=print, workers=1, stale_s=300.0, poll_s=0.5):
     """A CachedReader for `items`, building the cache if missing or out of date. Safe from every process at once:
-    the one that creates `<path>.lock` builds; the others poll for the cache (or, if it fails, one of them builds)."""
-    logged_wait = False
-    while True:
-        if is_current(read_index(path), items):
-            return CachedReader(path)
-        lock_path = path + ".lock"
+    the one that creates `<path>.lock` (O_EXCL) builds; the others poll for the cache (or, if it fails, one of them
+    builds). A lock whose process died or that is not refreshed for `stale_s` is taken over."""
+    lock_path, logged_wait = path + ".lock", False
+    while not is_current(read_index(path), items):
         os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
-        if _try_lock(lock_path):
-            try:
-                if not is_current(read_index(path), items):  # another builder may have just finished
-                    _remove_stale_temporaries(path, stale_s)
-                    last = [time.time()]
-                    build_cache(items, path, read_image, read_label, log, workers, lambda: _touch(lock_path, last))
-            finally:
+        try:
+            descriptor = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # & ~umask, like open()
+        except FileExistsError:
+            if _lock_is_stale(lock_path, stale_s):
+                log(f"cache {path}: taking over a stale lock")
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(lock_path)
+                continue
+            if not logged_wait:
+                log(f"cache {path}: waiting for another process to finish building it")
+                logged_wait = True
+            time.sleep(poll_s)
             continue
-        if _lock_is_stale(lock_path, stale_s):
-            log(f"cache {path}: taking over a stale lock")
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(f"{socket.gethostname()} {os.getpid()}")
+        try:
+            if not is_current(read_index(path), items):  # another builder may have just finished
+                for temporary in glob.glob(glob.escape(path) + ".tmp-*"):  # of builds that died (maybe gigabytes)
+                    with contextlib.suppress(OSError):
+                        if time.time() - os.path.getmtime(temporary) > stale_s:
+                            os.remove(temporary)
+                build_cache(items, path, read_image, read_label, log, workers, lock_path)
+        finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(lock_path)
-            continue
-        if not logged_wait:
-            log(f"cache {path}: waiting for another process to finish building it")
-            logged_wait = True
-        time.sleep(poll_s)
-
-
-def _touch(lock_path, last):
-    """Refresh the lock's mtime at most once a second, so waiters know the builder is alive."""
-    now = time.time()
-    if now - last[0] >= 1.0:
-        with contextlib.suppress(OSError):
-            os.utime(lock_path)
-        last[0] = now
+    return CachedReader(path)
 
 
 class CachedReader:
@@ -322,12 +275,10 @@ class CachedReader:
     of a memory map (writes stay private), opened lazily: a pickled reader carries only its path and index."""
 
     def __init__(self, path):
-        self.path = path
-        index = read_index(path)
+        self.path, self._buffer, index = path, None, read_index(path)
         if index is None:
             raise FileNotFoundError(f"{path}: not a complete seg cache file")
         self.entries, self.items = index["entries"], [tuple(item) for item in index["items"]]
-        self._buffer = None
 
     def __len__(self):
         return len(self.entries)
@@ -348,8 +299,7 @@ class CachedReader:
 
 
 def cached_items_reader(items, cache_path, num_classes, hint="", log=print, workers=1):
-    """(image_fn(i), label_fn(i)) reading item i from the cache at `cache_path`, built if needed with
-    read_image_bgr and read_label, so label values are checked once, while it is built."""
+    """(image_fn(i), label_fn(i)) of the cache at `cache_path`, built if needed (label values are checked then)."""
     try:
         reader = ensure_cache(items, cache_path, read_image_bgr,
                               lambda label_path: read_label(label_path, num_classes, hint), log, workers)

@@ -1,10 +1,8 @@
-"""PointRend semantic segmentation (detectron2 SemanticFPN + PointRend, R101-FPN, Cityscapes); state-dict names
-and shapes equal detectron2's (spec/checkpoint_keys/detectron2_pointrend_r101_fpn.txt).
-
-Point maths uses gathers instead of F.grid_sample, so the loss path stays on the device (the Ascend port ran
-grid_sample on the host) and autograd flows through the bilinear weights. Coordinates are (x, y) in [0, 1] of the
-padded input; pixel centres sit at ((i + 0.5)/W, (j + 0.5)/H), as for grid_sample with align_corners=False.
-"""
+"""PointRend semantic segmentation (detectron2 SemanticFPN + PointRend, R101-FPN, Cityscapes); state-dict names and
+shapes equal detectron2's (spec/checkpoint_keys/detectron2_pointrend_r101_fpn.txt). Point maths uses gathers instead of
+F.grid_sample, so the loss path stays on the device (the Ascend port ran grid_sample on the host) and autograd flows
+through the bilinear weights. Coordinates are (x, y) in [0, 1] of the padded input; pixel centres sit at
+((i + 0.5)/W, (j + 0.5)/H), as for grid_sample with align_corners=False."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,13 +14,11 @@ FPN_STRIDES = (4, 8, 16, 32)
 
 
 def _pixel_coordinate(unit, size, single_rounding=False):
-    """Unit coordinates in [0, 1] -> fp32 pixel coordinates u·size − 0.5 (pixel centres at integers).
-
-    Evaluated as grid_sample does from its grid value 2u − 1: ((2u − 1) + 1)·size/2 − 0.5 (for u < 1/4, 2u − 1
-    drops low bits of u that can decide nearest ties). grid_sample's kernels fuse the final multiply-add (one
-    rounding); fp32 here rounds twice, off by at most one ulp: harmless for bilinear weights, but it can turn a
-    near-tie into an exact tie, so single_rounding=True computes it in fp64 (exact) and rounds to fp32 once.
-    """
+    """Unit coordinates in [0, 1] -> fp32 pixel coordinates u·size − 0.5 (pixel centres at integers), evaluated as
+    grid_sample does from its grid value 2u − 1: ((2u − 1) + 1)·size/2 − 0.5 (for u < 1/4, 2u − 1 drops low bits of
+    u that can decide nearest ties). grid_sample's kernels fuse the final multiply-add (one rounding); fp32 here
+    rounds twice, off by at most one ulp: harmless for bilinear weights, but it can turn a near-tie into an exact
+    tie, so single_rounding=True computes it in fp64 (exact) and rounds to fp32 once."""
     grid = 2.0 * unit.float() - 1.0
     if single_rounding:
         return ((grid + 1.0).double() * (size / 2) - 0.5).float()
@@ -30,15 +26,12 @@ def _pixel_coordinate(unit, size, single_rounding=False):
 
 
 def point_sample(features, points_xy):
-    """= grid_sample(features, 2u − 1, align_corners=False), zero padding: bilinear samples at points.
-
-    features: N×C×H×W (any float dtype); points_xy: N×P×2, (x, y) in [0, 1]. Returns N×C×P fp32 (autocast runs
-    grid_sample in fp32 too), differentiable in both arguments.
-    """
+    """= grid_sample(features, 2u − 1, align_corners=False), zero padding: bilinear samples at points. features:
+    N×C×H×W (any float dtype); points_xy: N×P×2, (x, y) in [0, 1]. Returns N×C×P fp32 (autocast runs grid_sample
+    in fp32 too), differentiable in both arguments."""
     n, c, h, w = features.shape
     p = points_xy.shape[1]
-    px = _pixel_coordinate(points_xy[..., 0], w)
-    py = _pixel_coordinate(points_xy[..., 1], h)
+    px, py = _pixel_coordinate(points_xy[..., 0], w), _pixel_coordinate(points_xy[..., 1], h)
     x0, y0 = px.floor(), py.floor()
     fx, fy = px - x0, py - y0  # weights of the +1 neighbours; floor() passes no gradient
     xs = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=1)  # N×4×P: the four neighbours
@@ -64,8 +57,7 @@ def sample_labels_nearest(labels, points_xy):
     row = _pixel_coordinate(points_xy[..., 1], h, single_rounding=True).round()
     inside = (col >= 0) & (col <= w - 1) & (row >= 0) & (row <= h - 1)
     index = row.clamp(0, h - 1).long() * w + col.clamp(0, w - 1).long()
-    sampled = labels.reshape(n, h * w).gather(1, index)
-    return torch.where(inside, sampled, torch.zeros_like(sampled))
+    return labels.reshape(n, h * w).gather(1, index).masked_fill(~inside, 0)
 
 
 def uncertainty(logits):
@@ -79,10 +71,8 @@ def uncertainty(logits):
 def uncertain_point_coords_with_randomness(coarse_logits, num_points, oversample_ratio=3, importance_sample_ratio=0.75,
                                            generator=None):
     """Training points (spec §3.3): the int(β·P) most uncertain of int(k·P) uniform candidates (uncertainty of
-    the interpolated logits, as detectron2), then P − int(β·P) fresh uniform points.
-
-    coarse_logits: N×C×h×w -> N×P×2 in [0, 1), important first. generator: a torch.Generator on its device or None.
-    """
+    the interpolated logits, as detectron2), then P − int(β·P) fresh uniform points. coarse_logits: N×C×h×w ->
+    N×P×2 in [0, 1), important first. generator: a torch.Generator on its device or None."""
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
         raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, "
                          f"got {oversample_ratio} and {importance_sample_ratio}")
@@ -108,18 +98,13 @@ def uncertain_point_coords_on_grid(uncertainty_map, num_points):
     return indices, torch.stack([(cols + 0.5) / w, (rows + 0.5) / h], dim=2)
 
 
-def _upsample2x(x):
-    """Bilinear ×2 (align_corners=False) with an explicit size: the NPU interpolate has no scale_factor."""
-    return F.interpolate(x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear", align_corners=False)
-
-
 def subdivision_inference(coarse, fine_features, point_head, steps=2, num_points=8192):
     """Spec §3.5: `steps` times upsample ×2 and overwrite the most uncertain cells with the point head's logits,
     which always sees the ORIGINAL coarse logits. coarse: N×C×h×w; fine_features: N×F×h×w (p2)
     -> fp32 N×C×(h·2^steps)×(w·2^steps)."""
     refined = coarse.float()
     for _ in range(steps):
-        refined = _upsample2x(refined)
+        refined = Upsample2x.forward(refined)
         n, c, h, w = refined.shape
         indices, coords = uncertain_point_coords_on_grid(uncertainty(refined), num_points)
         point_logits = point_head(point_sample(fine_features, coords), point_sample(coarse, coords))
@@ -142,10 +127,12 @@ class ConvGNReLU(nn.Conv2d):
 
 
 class Upsample2x(nn.Module):
-    """Parameter-free module form of _upsample2x, to keep detectron2's Sequential indices (p4.2, p5.4)."""
+    """Bilinear ×2 (align_corners=False) with an explicit size, as the NPU interpolate has no scale_factor. A module
+    to keep detectron2's Sequential indices (p4.2, p5.4)."""
 
-    def forward(self, x):
-        return _upsample2x(x)
+    @staticmethod
+    def forward(x):
+        return F.interpolate(x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear", align_corners=False)
 
 
 class SemSegFPNHead(nn.Module):
@@ -191,28 +178,22 @@ class StandardPointHead(nn.Module):
 
 
 class PointRendSemSegHead(nn.Module):
-    """Coarse head + point head, with the point-selection settings of spec §1.1."""
+    """Coarse head + point head, with the point-selection settings of spec §1.1: `train_points` (num_points,
+    oversample_ratio, importance_sample_ratio) and `subdivision` (steps, num_points)."""
 
-    def __init__(self, coarse_sem_seg_head, point_head, train_num_points, oversample_ratio,
-                 importance_sample_ratio, subdivision_steps, subdivision_num_points):
+    def __init__(self, coarse_sem_seg_head, point_head, train_points, subdivision):
         super().__init__()
         self.coarse_sem_seg_head = coarse_sem_seg_head
         self.point_head = point_head
-        self.train_num_points = train_num_points
-        self.oversample_ratio = oversample_ratio
-        self.importance_sample_ratio = importance_sample_ratio
-        self.subdivision_steps = subdivision_steps
-        self.subdivision_num_points = subdivision_num_points
+        self.train_points = train_points
+        self.subdivision = subdivision
 
     def forward(self, features):
         """features {"p2".."p5"} -> train: {"coarse", "point_logits", "point_coords"}; eval: {"seg"}."""
         coarse = self.coarse_sem_seg_head(features)
         if not self.training:
-            seg = subdivision_inference(coarse, features["p2"], self.point_head,
-                                        self.subdivision_steps, self.subdivision_num_points)
-            return {"seg": seg}
-        coords = uncertain_point_coords_with_randomness(coarse, self.train_num_points, self.oversample_ratio,
-                                                        self.importance_sample_ratio)
+            return {"seg": subdivision_inference(coarse, features["p2"], self.point_head, *self.subdivision)}
+        coords = uncertain_point_coords_with_randomness(coarse, *self.train_points)
         # coarse is not detached: the point loss trains the coarse head and backbone too (spec §3.4)
         point_logits = self.point_head(point_sample(features["p2"], coords), point_sample(coarse, coords))
         return {"coarse": coarse, "point_logits": point_logits, "point_coords": coords}
@@ -245,6 +226,7 @@ def build_pointrend(num_classes=19, depth=101, fpn_channels=256, head_channels=1
     reduced widths); head_groups must divide head_channels."""
     backbone = build_resnet_fpn(depth=depth, out_channels=fpn_channels, **backbone_kwargs)
     head = PointRendSemSegHead(SemSegFPNHead(num_classes, fpn_channels, head_channels, head_groups),
-                               StandardPointHead(num_classes, fpn_channels, point_fc), train_num_points,
-                               oversample_ratio, importance_sample_ratio, subdivision_steps, subdivision_num_points)
+                               StandardPointHead(num_classes, fpn_channels, point_fc),
+                               (train_num_points, oversample_ratio, importance_sample_ratio),
+                               (subdivision_steps, subdivision_num_points))
     return PointRend(backbone, head)

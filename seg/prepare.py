@@ -1,8 +1,7 @@
 """Dataset preparation: VOC12aug labels from SBD, Cityscapes trainIds, and small generated demo datasets.
 
-Every file is written to a temporary file beside its target and renamed into place, so an interrupted run leaves
-no half-written file and a rerun skips what is finished. Layouts (spec pspnet.md §4, pointrend.md §4):
-
+Files are written atomically (temporary file, then rename), so a rerun skips what an interrupted one finished.
+Layouts (spec pspnet.md §4, pointrend.md §4):
     data/VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, SegmentationClassAug, ImageSets/Segmentation/*.txt}
     data/VOCdevkit/VOCaug/dataset/{cls/*.mat, train.txt, val.txt}     # SBD benchmark_RELEASE/dataset
     cityscapes/{leftImg8bit, gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_*}.png
@@ -37,19 +36,15 @@ def _require(hint, *paths):
 def _run_parallel(function, jobs, workers):
     """Apply `function` to every job, in `workers` processes when it is worth it."""
     if workers <= 1 or len(jobs) < 2 * workers:
-        for job in jobs:
-            function(job)
+        list(map(function, jobs))
     else:
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
             list(pool.map(function, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
 
 
 def _name_list(names, limit=10):
-    shown = ", ".join(str(name) for name in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return ", ".join(map(str, names[:limit])) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
-
-# ---------------------------------------------------------------------------------------------------- VOC aug
 
 def _loadmat():
     try:
@@ -64,21 +59,30 @@ def _convert_sbd_mat(job):
     mat_path, png_path = job
     # squeeze_me + struct_as_record=False turns SBD's 1×1 struct GTcls into an object with attributes.
     content = _loadmat()(mat_path, squeeze_me=True, struct_as_record=False)
-    segmentation = getattr(content.get("GTcls"), "Segmentation", None)
-    if segmentation is None or np.ndim(segmentation) != 2:
+    segmentation = np.asarray(getattr(content.get("GTcls"), "Segmentation", None))  # None: a 0-D array
+    if segmentation.ndim != 2:
         raise UserError(f"{mat_path} has no 2-D GTcls.Segmentation; is it an SBD cls/*.mat file?")
-    segmentation = np.asarray(segmentation)
     if segmentation.min() < 0 or segmentation.max() > 255:
         raise UserError(f"{mat_path}: GTcls.Segmentation has values outside 0..255")
     write_label_png(png_path, segmentation.astype(np.uint8))
 
 
-def _voc_aug_splits(voc_train, voc_val, sbd_all, mat_stems, log):
-    """(aug, trainaug) as mmseg's voc_aug.py builds them (spec §4.2), sorted so reruns give identical files;
-    UserError when an aug image has no SBD mask or the full VOC splits do not give 9118 / 10582 images."""
-    voc_train, voc_val, sbd_all = set(voc_train), set(voc_val), set(sbd_all)
+def prepare_voc_aug(voc_root, sbd_root, log=print, workers=4):
+    """Build VOC12aug: SegmentationClassAug/*.png from SBD cls/*.mat, and ImageSets/Segmentation/{aug,trainaug}.txt.
+    Splits are checked before anything is written; finished PNGs are skipped.
+    Returns {"converted", "skipped", "voc_train", "voc_val", "aug", "trainaug"} counts."""
+    voc_root, sbd_root = Path(voc_root), Path(sbd_root)
+    split_folder = voc_root / "ImageSets" / "Segmentation"
+    _require(_VOC_HINT, voc_root, split_folder / "train.txt", split_folder / "val.txt")
+    _require(_SBD_HINT, sbd_root, sbd_root / "cls", sbd_root / "train.txt", sbd_root / "val.txt")
+    mats = sorted((sbd_root / "cls").glob("*.mat"))
+    if not mats:
+        raise UserError(f"no .mat files in {sbd_root / 'cls'}. {_SBD_HINT}")
+    voc_train, voc_val = set(read_split(split_folder / "train.txt")), set(read_split(split_folder / "val.txt"))
+    sbd_all = set(read_split(sbd_root / "train.txt") + read_split(sbd_root / "val.txt"))
+    # as mmseg's voc_aug.py builds them (spec §4.2), sorted so reruns give identical files
     aug, trainaug = sorted(sbd_all - (voc_train | voc_val)), sorted((voc_train | sbd_all) - voc_val)
-    unlabelled = sorted(set(aug) - set(mat_stems))
+    unlabelled = sorted(set(aug) - {mat.stem for mat in mats})
     if unlabelled:
         raise UserError(f"{len(unlabelled)} images of SBD's train.txt/val.txt have no cls/<name>.mat: "
                         f"{_name_list(unlabelled)}. Is the SBD download complete? {_SBD_HINT}")
@@ -88,25 +92,6 @@ def _voc_aug_splits(voc_train, voc_val, sbd_all, mat_stems, log):
     elif (len(aug), len(trainaug)) != (9118, 10582):
         raise UserError(f"VOC12aug: expected 9118 aug and 10582 trainaug images, got {len(aug)} and "
                         f"{len(trainaug)}; check SBD's train.txt and val.txt. {_SBD_HINT}")
-    return aug, trainaug
-
-
-def prepare_voc_aug(voc_root, sbd_root, log=print, workers=4):
-    """Build VOC12aug: SegmentationClassAug/*.png from SBD cls/*.mat, and ImageSets/Segmentation/{aug,trainaug}.txt.
-
-    Splits are checked before anything is written; finished PNGs are skipped.
-    Returns {"converted", "skipped", "voc_train", "voc_val", "aug", "trainaug"} counts.
-    """
-    voc_root, sbd_root = Path(voc_root), Path(sbd_root)
-    split_folder = voc_root / "ImageSets" / "Segmentation"
-    _require(_VOC_HINT, voc_root, split_folder / "train.txt", split_folder / "val.txt")
-    _require(_SBD_HINT, sbd_root, sbd_root / "cls", sbd_root / "train.txt", sbd_root / "val.txt")
-    mats = sorted((sbd_root / "cls").glob("*.mat"))
-    if not mats:
-        raise UserError(f"no .mat files in {sbd_root / 'cls'}. {_SBD_HINT}")
-    voc_train, voc_val = set(read_split(split_folder / "train.txt")), set(read_split(split_folder / "val.txt"))
-    sbd_all = read_split(sbd_root / "train.txt") + read_split(sbd_root / "val.txt")
-    aug, trainaug = _voc_aug_splits(voc_train, voc_val, sbd_all, [mat.stem for mat in mats], log)
     _loadmat()  # fail here, once, if scipy is missing
     out_folder = voc_root / "SegmentationClassAug"
     jobs = [(mat, out_folder / f"{mat.stem}.png") for mat in mats if not (out_folder / f"{mat.stem}.png").exists()]
@@ -119,8 +104,6 @@ def prepare_voc_aug(voc_root, sbd_root, log=print, workers=4):
             "voc_val": len(voc_val), "aug": len(aug), "trainaug": len(trainaug)}
 
 
-# ------------------------------------------------------------------------------------------------- Cityscapes
-
 def _convert_cityscapes_label(job):
     """(labelIds_png, labelTrainIds_png): map official label ids to train ids (255 = ignore)."""
     source, target = job
@@ -132,10 +115,6 @@ def _convert_cityscapes_label(job):
 
 def _train_ids_path(label_ids_path):
     return Path(str(label_ids_path).replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
-
-
-def _is_finished(source, target):
-    return target.exists() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns
 
 
 def _check_cityscapes_images(root, split):
@@ -153,11 +132,9 @@ def _check_cityscapes_images(root, split):
 
 def prepare_cityscapes(root, workers=4, log=print):
     """Write gtFine/*/<city>/*_gtFine_labelTrainIds.png from the *_gtFine_labelIds.png beside it, in parallel.
-
     Same classes as cityscapesScripts' createTrainIdLabelImgs.py (spec pointrend.md §6.6); a target newer than its
     source is skipped; every train/val image needs a labelIds file (else UserError).
-    Returns {"train": images, "val": images, "converted": n, "skipped": n}.
-    """
+    Returns {"train": images, "val": images, "converted": n, "skipped": n}."""
     root = Path(root)
     _require(_CITYSCAPES_HINT, root, root / "gtFine", root / "leftImg8bit")
     counts = {split: _check_cityscapes_images(root, split) for split in ("train", "val")}
@@ -165,7 +142,8 @@ def prepare_cityscapes(root, workers=4, log=print):
         raise UserError(f"no images under {root / 'leftImg8bit'}/{{train,val}}/<city>/. {_CITYSCAPES_HINT}")
     sources = sorted(p for split in ("train", "val", "test")
                      for p in (root / "gtFine" / split).glob("*/*_gtFine_labelIds.png"))
-    jobs = [(s, _train_ids_path(s)) for s in sources if not _is_finished(s, _train_ids_path(s))]
+    jobs = [(s, t) for s, t in ((s, _train_ids_path(s)) for s in sources)
+            if not (t.exists() and t.stat().st_mtime_ns >= s.stat().st_mtime_ns)]  # done: target not older
     log(f"Cityscapes: {len(sources)} labelIds files, {len(sources) - len(jobs)} already converted, "
         f"converting {len(jobs)} with {workers} workers")
     _run_parallel(_convert_cityscapes_label, jobs, workers)
@@ -176,14 +154,8 @@ def prepare_cityscapes(root, workers=4, log=print):
     return counts
 
 
-# ------------------------------------------------------------------------------------------------------ demos
-
 _DEMO_VERSION = 3  # bump when the generators change, so old demo folders are not silently reused
 _PICK_ANOTHER = "pick another data_root or empty that folder"
-
-
-def _write_demo_marker(root, parameters):
-    write_text_atomic(json.dumps(parameters, sort_keys=True), root / ".demo_complete")
 
 
 def _claim_demo_folder(root, parameters, generated_folders):
@@ -191,7 +163,7 @@ def _claim_demo_folder(root, parameters, generated_folders):
     missing or empty folder, or one whose `.demo_complete` marker shows a demo of this kind made it (UserError
     otherwise); an earlier demo's generated folders are removed, so no stale image outlives a smaller rerun."""
     marker = root / ".demo_complete"
-    if marker.exists():  # written atomically by _write_demo_marker: always complete JSON
+    if marker.exists():  # written atomically: always complete JSON
         recorded = json.loads(marker.read_text())
         if recorded["kind"] != parameters["kind"]:
             raise UserError(f"{root} holds a generated {recorded['kind']} demo, not a {parameters['kind']} one; "
@@ -201,7 +173,7 @@ def _claim_demo_folder(root, parameters, generated_folders):
     elif root.is_file() or (root.is_dir() and any(root.iterdir())):
         raise UserError(f"{root} holds files that the demo did not make (no .demo_complete marker); {_PICK_ANOTHER}")
     # claimed before writing, so a rerun after an interruption regenerates instead of refusing its own files
-    _write_demo_marker(root, {**parameters, "complete": False})
+    write_text_atomic(json.dumps({**parameters, "complete": False}, sort_keys=True), marker)
     for folder in generated_folders:
         shutil.rmtree(root / folder, ignore_errors=True)
     return False
@@ -209,13 +181,11 @@ def _claim_demo_folder(root, parameters, generated_folders):
 
 def _texture(rng, hw, colour, amplitude=30.0):
     """Float H×W×3 RGB: `colour` plus stripes of random period/angle and pixel noise, so regions are not flat."""
-    height, width = hw
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy, xx = np.mgrid[0:hw[0], 0:hw[1]].astype(np.float32)
     angle, period = rng.uniform(0, np.pi), rng.uniform(5, 20)
     stripes = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
     weights = rng.uniform(-1, 1, size=3) * amplitude
-    noise = rng.normal(0, amplitude / 3, size=(height, width, 3))
-    return np.asarray(colour, np.float32) + stripes[..., None] * weights + noise
+    return np.asarray(colour, np.float32) + stripes[..., None] * weights + rng.normal(0, amplitude / 3, size=(*hw, 3))
 
 
 def _shape_mask(kind, hw, centre_yx, radius, angle):
@@ -238,13 +208,8 @@ def _shape_mask(kind, hw, centre_yx, radius, angle):
 
 def _boundary_band(label):
     """Bool H×W: pixels with a differently labelled 8-neighbour (a band ~2 px wide along every class edge)."""
-    height, width = label.shape
-    padded = np.pad(label, 1, mode="edge")
-    band = np.zeros(label.shape, bool)
-    for dy in range(3):
-        for dx in range(3):
-            band |= padded[dy:dy + height, dx:dx + width] != label
-    return band
+    (height, width), padded = label.shape, np.pad(label, 1, mode="edge")
+    return np.any([padded[dy:dy + height, dx:dx + width] != label for dy in range(3) for dx in range(3)], axis=0)
 
 
 _DEMO_VOC_SHAPES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}  # aeroplane, bicycle, bird, boat
@@ -253,13 +218,11 @@ _DEMO_VOC_SHAPES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}  # aeropl
 def _demo_voc_sample(rng, hw):
     """(RGB uint8 H×W×3, label uint8 H×W in 0..4, no ignore band). Greyish striped background, shapes in
     saturated colours: object versus background is local, the class needs the shape."""
-    background = rng.uniform(40, 200) + rng.uniform(-25, 25, size=3)
-    image = _texture(rng, hw, background, amplitude=20.0)
+    image = _texture(rng, hw, rng.uniform(40, 200) + rng.uniform(-25, 25, size=3), amplitude=20.0)  # background
     label = np.zeros(hw, np.uint8)
-    short_side = min(hw)
     for _ in range(rng.integers(1, 4)):
         class_id = int(rng.integers(1, len(_DEMO_VOC_SHAPES) + 1))
-        radius = rng.uniform(0.22, 0.38) * short_side
+        radius = rng.uniform(0.22, 0.38) * min(hw)
         centre = [rng.uniform(0.5 * radius, side - 0.5 * radius) for side in hw]
         mask = _shape_mask(_DEMO_VOC_SHAPES[class_id], hw, centre, radius, rng.uniform(0, 2 * np.pi))
         colour = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))) * 255
@@ -269,13 +232,11 @@ def _demo_voc_sample(rng, hw):
 
 
 def make_demo_voc(root, n_train=320, n_val=40, size=(96, 128), seed=0):
-    """Generate a small deterministic dataset in the VOC12aug layout; returns `root`.
-
-    Classes 1..4 (aeroplane, bicycle, bird, boat) are a disc, square, triangle and cross, 1-3 per image. Of the
-    `n_train` training images, n_train // 2 are in train.txt (SegmentationClass: palette PNGs with a 255 band along
-    edges, like VOC), the rest in aug.txt (SegmentationClassAug: grayscale, no band, like SBD); trainaug.txt lists
-    all, and SegmentationClassAug also holds the train images (SBD overlaps VOC train). val.txt: `n_val` images.
-    """
+    """Generate a small deterministic dataset in the VOC12aug layout; returns `root`. Classes 1..4 (aeroplane,
+    bicycle, bird, boat) are a disc, square, triangle and cross, 1-3 per image. Of the `n_train` training images,
+    n_train // 2 are in train.txt (SegmentationClass: palette PNGs with a 255 band along edges, like VOC), the rest
+    in aug.txt (SegmentationClassAug: grayscale, no band, like SBD); trainaug.txt lists all, and SegmentationClassAug
+    also holds the train images (SBD overlaps VOC train). val.txt: `n_val` images."""
     root = Path(root)
     parameters = dict(kind="voc", n_train=n_train, n_val=n_val, size=list(size), seed=seed, version=_DEMO_VERSION)
     if _claim_demo_folder(root, parameters, ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets")):
@@ -294,7 +255,7 @@ def make_demo_voc(root, n_train=320, n_val=40, size=(96, 128), seed=0):
             write_label_png(root / "SegmentationClassAug" / f"{name}.png", label)
     for split, stems in splits.items():
         write_text_atomic("".join(f"{s}\n" for s in stems), root / "ImageSets" / "Segmentation" / f"{split}.txt")
-    _write_demo_marker(root, parameters)  # last: it says the folder is complete
+    write_text_atomic(json.dumps(parameters, sort_keys=True), root / ".demo_complete")  # last: the demo is complete
     return root
 
 
@@ -303,8 +264,9 @@ _DEMO_CITY_COLOURS = {7: (110, 100, 110), 8: (170, 150, 160), 11: (120, 90, 70),
                       23: (120, 170, 230), 4: (150, 140, 60), 1: (30, 30, 30), 0: (0, 0, 0)}
 
 
-def _street_label_ids(rng, hw):
-    """Label ids H×W of a street scene: sky, buildings/trees, road + sidewalks; returns (ids, horizon row)."""
+def _demo_cityscapes_sample(rng, hw):
+    """One generated street scene: (RGB uint8 H×W×3, official label ids uint8 H×W). Sky, buildings and trees,
+    road and sidewalks; then cars, people and a static box on them, the ego vehicle and an unlabelled border."""
     height, width = hw
     ids = np.full(hw, 23, np.uint8)
     horizon = int(rng.uniform(0.4, 0.55) * height)
@@ -320,18 +282,10 @@ def _street_label_ids(rng, hw):
     below = yy >= horizon
     ids[below] = 8
     ids[below & (abs(xx - vanishing_x) <= (0.04 + 0.42 * depth) * width)] = 7
-    return ids, horizon
-
-
-def _demo_cityscapes_sample(rng, hw):
-    """One generated street scene: (RGB uint8 H×W×3, official label ids uint8 H×W)."""
-    ids, horizon = _street_label_ids(rng, hw)
-    height, width = hw
     image = np.zeros((height, width, 3), np.float32)
     for label_id in np.unique(ids):
         colour = np.asarray(_DEMO_CITY_COLOURS[int(label_id)]) + rng.uniform(-25, 25, size=3)
         image[ids == label_id] = _texture(rng, hw, colour, amplitude=15)[ids == label_id]
-    yy, xx = np.mgrid[0:height, 0:width]
     objects = [(26, 1.8)] * int(rng.integers(1, 4)) + [(24, 0.35)] * int(rng.integers(0, 3)) + [(4, 0.8)]
     for label_id, aspect in objects:  # cars on the road, people and a static box on the pavement
         bottom = int(rng.uniform(horizon + 0.15 * (height - horizon), height - 4))
@@ -358,12 +312,9 @@ def _demo_cityscapes_sample(rng, hw):
 
 
 def make_demo_cityscapes(root, n_train=32, n_val=8, size=(128, 256), seed=0):
-    """Generate a small deterministic dataset in the Cityscapes layout, trainIds included; returns `root`.
-
-    Street scenes with official label ids road 7, sidewalk 8, building 11, vegetation 21, sky 23, person 24, car 26
-    and the ignored ids 0 (border), 1 (ego vehicle), 4 (static box). Train images are in aachen and bremen, val
-    images in frankfurt.
-    """
+    """Generate a small deterministic dataset in the Cityscapes layout, trainIds included; returns `root`. Street
+    scenes with official label ids road 7, sidewalk 8, building 11, vegetation 21, sky 23, person 24, car 26 and the
+    ignored ids 0 (border), 1 (ego vehicle), 4 (static box). Train images in aachen and bremen, val in frankfurt."""
     root = Path(root)
     parameters = dict(kind="cityscapes", n_train=n_train, n_val=n_val, size=list(size), seed=seed,
                       version=_DEMO_VERSION)
@@ -379,5 +330,5 @@ def make_demo_cityscapes(root, n_train=32, n_val=8, size=(128, 256), seed=0):
             label_ids = root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
             write_label_png(label_ids, ids)
             _convert_cityscapes_label((label_ids, _train_ids_path(label_ids)))
-    _write_demo_marker(root, parameters)
+    write_text_atomic(json.dumps(parameters, sort_keys=True), root / ".demo_complete")
     return root

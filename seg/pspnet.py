@@ -1,14 +1,10 @@
 """PSPNet (mmseg 0.10.0 R50-D8): ResNetV1c backbone, pyramid pooling head, auxiliary FCN head. Module names are
 mmseg's: `state_dict()` equals spec/checkpoint_keys/mmseg_pspnet_r50_d8.txt key for key."""
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from seg.resnet import build_resnet_v1c, normalize_and_pad
-
-PIXEL_MEAN_RGB = (123.675, 116.28, 103.53)
-PIXEL_STD_RGB = (58.395, 57.12, 57.375)
 
 
 class ConvBNReLU(nn.Module):
@@ -24,8 +20,8 @@ class ConvBNReLU(nn.Module):
 
 
 class PSPHead(nn.Module):
-    """Pyramid pooling: for each scale s, AdaptiveAvgPool2d(s) -> 1x1 ConvBNReLU -> bilinear resize back;
-    concat [x, branches...] -> 3x3 ConvBNReLU (`bottleneck`) -> Dropout2d -> 1x1 `conv_seg` (with bias)."""
+    """Pyramid pooling, N×C_in×h×w -> logits N×K×h×w: per scale s, AdaptiveAvgPool2d(s) -> 1x1 ConvBNReLU -> bilinear
+    resize back; concat [x, branches...] -> 3x3 ConvBNReLU (`bottleneck`) -> Dropout2d -> 1x1 `conv_seg` (with bias)."""
 
     def __init__(self, in_channels, channels, num_classes, pool_scales, dropout):
         super().__init__()
@@ -38,14 +34,13 @@ class PSPHead(nn.Module):
         self.bottleneck = ConvBNReLU(in_channels + len(pool_scales) * channels, channels, 3, padding=1)
 
     def forward(self, x):
-        """x: N×C_in×h×w -> logits N×num_classes×h×w."""
         branches = [F.interpolate(branch(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
                     for branch in self.psp_modules]
         return self.conv_seg(self.dropout(self.bottleneck(torch.cat([x] + branches, dim=1))))
 
 
 class FCNHead(nn.Module):
-    """Auxiliary head: one 3x3 ConvBNReLU (`convs.0`) -> Dropout2d -> 1x1 `conv_seg` (with bias)."""
+    """Auxiliary head, N×C_in×h×w -> logits N×K×h×w: 3x3 ConvBNReLU (`convs.0`) -> Dropout2d -> 1x1 `conv_seg`."""
 
     def __init__(self, in_channels, channels, num_classes, dropout):
         super().__init__()
@@ -54,36 +49,22 @@ class FCNHead(nn.Module):
         self.convs = nn.Sequential(ConvBNReLU(in_channels, channels, 3, padding=1))
 
     def forward(self, x):
-        """x: N×C_in×h×w -> logits N×num_classes×h×w."""
         return self.conv_seg(self.dropout(self.convs(x)))
 
 
-def init_head(head):
-    """mmseg head init: ConvModule convs kaiming-normal (fan_out, relu), norms 1/0, conv_seg normal(0, 0.01)/0."""
-    for module in head.modules():
-        if isinstance(module, ConvBNReLU):
-            nn.init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.ones_(module.bn.weight)
-            nn.init.zeros_(module.bn.bias)
-    nn.init.normal_(head.conv_seg.weight, mean=0.0, std=0.01)
-    nn.init.zeros_(head.conv_seg.bias)
-
-
 class PSPNet(nn.Module):
-    """Backbone stages 3 and 4 feed the auxiliary and the decode head.
-
-    forward(image uint8 N×3×H×W BGR, hw int N×2 valid sizes, padding at bottom/right) -> train: {"seg", "aux"},
-    eval: {"seg"} (aux head not run), logits N×K×ceil(H/8)×ceil(W/8).
-    """
+    """Backbone stages 3 and 4 feed the auxiliary and the decode head. forward(image uint8 N×3×H×W BGR, hw int N×2
+    valid sizes, padding at bottom/right) -> train: {"seg", "aux"}, eval: {"seg"} (aux head not run), logits
+    N×K×ceil(H/8)×ceil(W/8)."""
 
     def __init__(self, backbone, decode_head, auxiliary_head):
         super().__init__()
         self.backbone = backbone
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
-        # Non-persistent: set by the builder, and the state_dict stays identical to mmseg's.
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN_RGB), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD_RGB), persistent=False)
+        # mmseg's ImageNet RGB mean/std; non-persistent, so the state_dict stays identical to mmseg's.
+        self.register_buffer("pixel_mean", torch.tensor((123.675, 116.28, 103.53)), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor((58.395, 57.12, 57.375)), persistent=False)
         self.input_rgb = True
         self.size_divisibility = 1
 
@@ -104,6 +85,13 @@ def build_pspnet(num_classes=21, depth=50, base_channels=64, stem_channels=64, b
                                 stem_channels=stem_channels, base_channels=base_channels, norm="bn", blocks=blocks)
     decode_head = PSPHead(backbone.out_channels[3], channels, num_classes, pool_scales, dropout)
     auxiliary_head = FCNHead(backbone.out_channels[2], aux_channels, num_classes, dropout)
-    init_head(decode_head)
-    init_head(auxiliary_head)
+    for head in (decode_head, auxiliary_head):
+        # mmseg head init: ConvModule convs kaiming-normal (fan_out, relu), norms 1/0, conv_seg normal(0, 0.01)/0
+        for module in head.modules():
+            if isinstance(module, ConvBNReLU):
+                nn.init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.ones_(module.bn.weight)
+                nn.init.zeros_(module.bn.bias)
+        nn.init.normal_(head.conv_seg.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(head.conv_seg.bias)
     return PSPNet(backbone, decode_head, auxiliary_head)

@@ -1,13 +1,7 @@
-"""Backbones: input normalisation, ResNetV1c (PSPNet) and MSRA ResNet + FPN (PointRend).
-
-Module names follow the reference checkpoints, so their weights load without renaming: ResNetV1c uses mmcv's
-(`stem.0`, `layer1.0.downsample.1`; spec/checkpoint_keys/mmseg_pspnet_r50_d8.txt), the MSRA ResNet and FPN
-detectron2's (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`; spec/checkpoint_keys/detectron2_pointrend_r101_fpn.txt).
-Reduced widths/blocks (a CPU demo) run exactly the same code as the full models.
-"""
-
-import math
-
+"""Backbones: input normalisation, ResNetV1c (PSPNet) and MSRA ResNet + FPN (PointRend). Module names follow the
+reference checkpoints, so their weights load without renaming: mmcv's for ResNetV1c (`stem.0`, `layer1.0.downsample.1`),
+detectron2's for the MSRA ResNet and FPN (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`); see spec/checkpoint_keys/.
+Reduced widths/blocks (a CPU demo) run exactly the same code as the full models."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,11 +20,8 @@ def normalize_and_pad(image, hw, mean, std, rgb, divisor):
     divisor: pad H and W up to a multiple of it (1 = none). Returns float32 N×3×H'×W', (x - mean) / std inside
     each valid area and exactly 0 elsewhere: both references pad after normalising (0 = the mean colour).
     """
-    x = image.float()
-    if rgb:
-        x = x.flip(1)
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    x = image.float().flip(1) if rgb else image.float()
+    mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
     x = (x - mean) / std
     height, width = x.shape[-2:]
     hw = hw.to(x.device)
@@ -38,8 +29,7 @@ def normalize_and_pad(image, hw, mean, std, rgb, divisor):
     rows = torch.arange(height, device=x.device).view(1, height, 1) < hw[:, 0].view(-1, 1, 1)
     cols = torch.arange(width, device=x.device).view(1, 1, width) < hw[:, 1].view(-1, 1, 1)
     x = x.masked_fill(~(rows & cols).unsqueeze(1), 0.0)
-    pad_h = math.ceil(height / divisor) * divisor - height
-    pad_w = math.ceil(width / divisor) * divisor - width
+    pad_h, pad_w = -height % divisor, -width % divisor
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
     return x
@@ -110,11 +100,8 @@ class BottleneckV1c(nn.Module):
         self.bn2 = make_norm(norm, width)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = make_norm(norm, out_channels)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), make_norm(norm, out_channels)
-            )
+        self.downsample = None if stride == 1 and in_channels == out_channels else nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), make_norm(norm, out_channels))
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -129,8 +116,8 @@ def deep_stem(stem_channels, norm):
     half = stem_channels // 2
     layers = []
     for cin, cout, stride in ((3, half, 2), (half, half, 1), (half, stem_channels, 1)):
-        layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), make_norm(norm, cout)]
-        layers.append(nn.ReLU(inplace=True))
+        layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), make_norm(norm, cout),
+                   nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -163,12 +150,17 @@ class ResNetV1c(nn.Module):
         return outputs
 
 
-def init_resnet_v1c(model, zero_init_residual=True):
-    """mmcv's from-scratch init: convs kaiming-normal (fan_out, relu), norms 1 / 0, and with zero_init_residual
-    every bn3 weight 0 (each residual branch starts as the identity)."""
+def build_resnet_v1c(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True,
+                     stem_channels=64, base_channels=64, norm="bn", blocks=None, zero_init_residual=True):
+    """mmseg ResNetV1c, by default the R50-D8 PSPNet backbone (output stride 8). Stage i has width
+    base_channels·2^i and outputs 4× that (256/512/1024/2048); `blocks` overrides `depth`'s block counts.
+    mmcv's from-scratch init: convs as c2_msra_fill (= kaiming_init(mode="fan_out")), norms 1 / 0, and with
+    zero_init_residual every bn3 weight 0 (each residual branch starts as the identity)."""
+    model = ResNetV1c(stage_blocks(depth, blocks), dilations, strides, contract_dilation,
+                      stem_channels, base_channels, norm)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            c2_msra_fill(module)  # the same as mmcv's kaiming_init(mode="fan_out")
+            c2_msra_fill(module)
         elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
@@ -176,15 +168,6 @@ def init_resnet_v1c(model, zero_init_residual=True):
         for module in model.modules():
             if isinstance(module, BottleneckV1c) and isinstance(module.bn3, nn.BatchNorm2d):
                 nn.init.zeros_(module.bn3.weight)
-
-
-def build_resnet_v1c(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True,
-                     stem_channels=64, base_channels=64, norm="bn", blocks=None, zero_init_residual=True):
-    """mmseg ResNetV1c, by default the R50-D8 PSPNet backbone (output stride 8). Stage i has width
-    base_channels·2^i and outputs 4× that (256/512/1024/2048); `blocks` overrides `depth`'s block counts."""
-    model = ResNetV1c(stage_blocks(depth, blocks), dilations, strides, contract_dilation,
-                      stem_channels, base_channels, norm)
-    init_resnet_v1c(model, zero_init_residual)
     return model
 
 
@@ -206,9 +189,8 @@ class BottleneckMSRA(nn.Module):
     def __init__(self, in_channels, width, stride, norm):
         super().__init__()
         out_channels = width * EXPANSION
-        self.shortcut = None
-        if in_channels != out_channels:
-            self.shortcut = NormedConv2d(in_channels, out_channels, 1, stride=stride, norm=norm)
+        self.shortcut = (NormedConv2d(in_channels, out_channels, 1, stride=stride, norm=norm)
+                         if in_channels != out_channels else None)
         self.conv1 = NormedConv2d(in_channels, width, 1, stride=stride, norm=norm)
         self.conv2 = NormedConv2d(width, width, 3, padding=1, norm=norm)
         self.conv3 = NormedConv2d(width, out_channels, 1, norm=norm)
@@ -257,13 +239,6 @@ class ResNetMSRA(nn.Module):
         return outputs
 
 
-def c2_xavier_fill(conv):
-    """detectron2/fvcore init for FPN convs: kaiming-uniform with a=1, bias 0."""
-    nn.init.kaiming_uniform_(conv.weight, a=1)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-
-
 def build_resnet_msra(depth=101, stem_channels=64, base_channels=64, norm="frozen", blocks=None):
     """MSRA ResNet (detectron2 R-50/R-101, FrozenBN everywhere, no stage frozen), convs c2_msra_fill'ed.
     Stage res{i+2} has width base_channels·2^i and outputs 4× that; `blocks` overrides `depth`'s block counts."""
@@ -283,8 +258,9 @@ class FPN(nn.Module):
         for level in (2, 3, 4, 5):
             lateral = nn.Conv2d(bottom_up.out_channels[f"res{level}"], out_channels, 1)
             output = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-            c2_xavier_fill(lateral)
-            c2_xavier_fill(output)
+            for conv in (lateral, output):  # detectron2's c2_xavier_fill: kaiming-uniform with a=1, bias 0
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+                nn.init.zeros_(conv.bias)
             self.add_module(f"fpn_lateral{level}", lateral)
             self.add_module(f"fpn_output{level}", output)
         self.bottom_up = bottom_up

@@ -5,6 +5,7 @@ below. run.py calls TASKS[config["task"]](config, load_section).
 import functools
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -17,12 +18,6 @@ from seg.files import UserError
 MODELS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
 FORWARDED_KWARGS = {"pointrend": resnet.build_resnet_fpn}  # build_pointrend passes **backbone_kwargs on
 
-
-def quiet(*args, **kwargs):
-    return None
-
-
-# ------------------------------------------------------------------------------------ config -> objects
 
 def builder_defaults(name):
     """The builder's keyword arguments and defaults: the keys a config's [model] table may set."""
@@ -51,13 +46,13 @@ def loss_function(config):
 
 
 def start(config):
-    """Device, process group and seed of this process: (torch.device, rank, world size, rank-0 print)."""
+    """(torch.device, rank, world size, print on rank 0) after setting up the process group and seed."""
     torch_device, rank, world_size = dist.setup(config["device"])
     message = dist.check_amp_supported(torch_device.type, config["amp"])
     if message:
         raise UserError(f"amp = \"{config['amp']}\": {message}")
     torch.manual_seed(config["seed"] + rank)
-    return torch_device, rank, world_size, print if rank == 0 else quiet
+    return torch_device, rank, world_size, print if rank == 0 else (lambda *args, **kwargs: None)
 
 
 def model_with_weights(config, torch_device, log):
@@ -80,8 +75,7 @@ def autocast_of(config, torch_device):
 
 
 def split_items(config, splits_key):
-    """(items, dataset info, cached reader or None) for config["data"][splits_key]. With data.cache every image
-    and label is decoded once into <data_root>/.cache/, memory-mapped by all workers and processes."""
+    """(items, dataset info, decoded-image cache reader or None) of config["data"][splits_key]."""
     cfg = config["data"]
     info = data.dataset_info(cfg["dataset"])
     items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg[splits_key])
@@ -93,7 +87,7 @@ def split_items(config, splits_key):
 
 
 def sampler_params(cfg):
-    """The [data] table's keyword arguments for its dataset's training sampler (transforms.TRAIN_SAMPLERS)."""
+    """The [data] table's keyword arguments for its dataset's sampler in transforms.TRAIN_SAMPLERS."""
     if cfg["dataset"] == "voc":
         return {"scale": tuple(cfg["scale"]), "ratio_range": tuple(cfg["ratio_range"]),
                 "crop_hw": tuple(cfg["crop_hw"]), "cat_max_ratio": cfg["cat_max_ratio"]}
@@ -111,8 +105,7 @@ def jitter_in_loader(config, device_type):
 
 
 def train_dataset(config, in_loader=True):
-    """The training split with its dataset's augmentation; the colour jitter applied in the loader or, with
-    in_loader=False, left to train.on_device."""
+    """The training split with its augmentation; the colour jitter in the loader, or left to train.on_device."""
     cfg = config["data"]
     items, info, reader = split_items(config, "train_splits")
     sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[cfg["dataset"]], **sampler_params(cfg))
@@ -121,7 +114,7 @@ def train_dataset(config, in_loader=True):
 
 
 def eval_dataset(config):
-    """The val split as an EvalDataset whose samples are (views, original-size label), and its dataset info."""
+    """(val split as (views, original-size label) samples, dataset info)."""
     items, info, reader = split_items(config, "val_splits")
     resize = functools.partial(evaluate.resize_to_scales, long_short=tuple(config["data"]["test_scale"]),
                                ratios=tuple(config["test"]["scales"]))
@@ -148,8 +141,6 @@ def speedups(model, config, torch_device, say):
     return model
 
 
-# ----------------------------------------------------------------------------------------------- train
-
 def train_task(config, load_section=None):
     torch_device, rank, world_size, say = start(config)
     os.makedirs(config["output_dir"], exist_ok=True)
@@ -169,7 +160,8 @@ def train_task(config, load_section=None):
     meter = train.Meter(batch_size, torch_device)
     training_loop(config, runner, model, optimizer, scaler, data.prefetch(loader, torch_device), first, meter,
                   (torch_device, rank, world_size))
-    say(meter.summary(world_size) or "", flush=True)
+    if meter.summary(world_size):
+        say(meter.summary(world_size), flush=True)
     if config["measure_pipeline"] and rank == 0:
         rate = bench.pipeline_images_per_s(dataset, model.size_divisibility)
         where = "colour jitter in the loader" if dataset.jitter_in_loader else "colour jitter on the device"
@@ -252,17 +244,14 @@ def drop_records_after(path, iteration):
     """Rewrite metrics.jsonl without the records past `iteration` (and torn lines): a resumed run logs them anew."""
     if not os.path.isfile(path):
         return
-    with open(path) as handle:
-        lines = [line for line in handle.read().splitlines() if line.strip()]
     kept = []
-    for line in lines:
-        try:
-            if (json.loads(line).get("iteration") or 0) <= iteration:
-                kept.append(line)
-        except (ValueError, AttributeError):
-            continue
-    if len(kept) != len(lines):
-        files.write_text_atomic("".join(line + "\n" for line in kept), path)
+    with open(path) as handle:
+        for line in handle:
+            try:
+                kept += [line] if (json.loads(line).get("iteration") or 0) <= iteration else []
+            except (ValueError, AttributeError):
+                pass
+    files.write_text_atomic("".join(kept), path)
 
 
 def save_checkpoint(config, model, optimizer, scaler, iteration, rank):
@@ -275,8 +264,6 @@ def save_checkpoint(config, model, optimizer, scaler, iteration, rank):
         print(f"saved {path}", flush=True)
     dist.barrier()
 
-
-# -------------------------------------------------------------------------------- evaluate and predict
 
 def evaluate_and_report(config, model, torch_device, rank, world_size, iteration=None):
     """Evaluate on the val split; rank 0 prints the table and writes eval.json. Returns the metrics. The global
@@ -301,8 +288,6 @@ def evaluate_and_report(config, model, torch_device, rank, world_size, iteration
 
 def evaluate_task(config, load_section=None):
     """Load `weights`, score the val split, optionally save colour-coded predictions."""
-    if not config["weights"]:
-        raise UserError(f"[{config['section']}] needs weights=PATH (a seg, mmsegmentation or detectron2 checkpoint)")
     torch_device, rank, world_size, say = start(config)
     os.makedirs(config["output_dir"], exist_ok=True)
     model = model_with_weights(config, torch_device, say)
@@ -313,33 +298,23 @@ def evaluate_task(config, load_section=None):
     return result
 
 
-@torch.no_grad()
 def save_predictions(config, model, torch_device):
-    """<output_dir>/predictions/<stem>.png: photo | truth | prediction for the first `save_predictions` val
-    images, predicted as evaluation does (test scales, flip, mode)."""
-    dataset, info = eval_dataset(config)
-    folder, count = os.path.join(config["output_dir"], "predictions"), min(config["save_predictions"], len(dataset))
+    """<output_dir>/predictions/<stem>.png: photo | truth | prediction of the first `save_predictions` val images,
+    predicted as evaluation does (test scales, flip, mode)."""
+    items, info, _ = split_items({**config, "data": {**config["data"], "cache": False}}, "val_splits")
+    folder, test = os.path.join(config["output_dir"], "predictions"), {**config["test"], "max_size": math.inf}
     model.eval()
-    for index in range(count):
-        host = evaluate.collate_views([dataset[index]])
-        label = host["label"][0].numpy()
-        with autocast_of(config, torch_device)():
-            scores = evaluate.test_time_scores(model, host["image"].to(torch_device), host["hw"], label.shape,
-                                               config["test"])
-        prediction = scores.argmax(dim=1)[0].cpu().numpy().astype("uint8")
-        image_path = dataset.items[index][0]
+    for image_path, label_path in items[: config["save_predictions"]]:
+        image, label = files.read_image_bgr(image_path), files.read_label(label_path, config["model"]["num_classes"])
+        prediction, _ = evaluate.predict_label(model, image, test, config["data"]["test_scale"],
+                                               autocast_of(config, torch_device))
         stem = os.path.splitext(os.path.basename(image_path))[0]
-        evaluate.write_panel(os.path.join(folder, f"{stem}.png"), files.read_image_bgr(image_path)[:, :, ::-1], label,
-                             prediction, info["palette"])
-    print(f"wrote {count} colour-coded predictions to {folder}")
+        evaluate.write_panel(os.path.join(folder, f"{stem}.png"), image[:, :, ::-1], label, prediction, info["palette"])
+    print(f"wrote {min(config['save_predictions'], len(items))} colour-coded predictions to {folder}")
 
 
 def predict_jobs(config):
     """[(input path, output stem)] of every input image; UserError when an output would replace an input."""
-    for key, hint in {"weights": "a seg, mmsegmentation or detectron2 checkpoint", "output": "the folder for label "
-                      "maps and overlays", "input": "an image, a folder or a glob"}.items():
-        if not config[key]:
-            raise UserError(f"[{config['section']}] needs {key}=PATH ({hint})")
     if os.path.exists(config["output"]) and not os.path.isdir(config["output"]):
         raise UserError(f"output={config['output']} is an existing file; give a folder for the predictions")
     paths = evaluate.list_images(config["input"])
@@ -371,9 +346,9 @@ def predict_task(config, load_section=None):
         label, slide = evaluate.predict_label(model, image, config["test"], config["data"]["test_scale"],
                                               autocast_of(config, torch_device))
         if slide and not told:
-            told = say(f"note: images whose test-resized long side exceeds test.max_size = {config['test']['max_size']} "
-                       f"run in slide mode (test.crop_hw = {config['test']['crop_hw']}, test.stride_hw = "
-                       f"{config['test']['stride_hw']})") or True
+            told = True
+            say(f"note: images whose test-resized long side exceeds test.max_size = {config['test']['max_size']} run "
+                f"in slide mode (test.crop_hw = {config['test']['crop_hw']}, test.stride_hw = {config['test']['stride_hw']})")
         evaluate.write_prediction(config["output"], stem, image[:, :, ::-1], label, palette, names)
         written += 1
         print(f"{number}/{len(jobs)} {os.path.basename(path)} {image.shape[0]}x{image.shape[1]} "
@@ -384,8 +359,6 @@ def predict_task(config, load_section=None):
     print(f"wrote {written} label maps and overlays to {config['output']}")
     return written
 
-
-# ------------------------------------------------------------------------------ demo, prepare, benchmarks
 
 def demo_task(config, load_section=None):
     """Generate the demo data (local rank 0 of each node; the others wait at a barrier), train, evaluate, and
@@ -404,8 +377,6 @@ def demo_task(config, load_section=None):
 
 
 def bench_task(config, load_section=None):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"[{config['section']}] is a one-process benchmark; run it without torchrun")
     torch_device, _, _ = dist.setup(config["device"])
     return bench.model_bench(lambda: build_model(config["model"]),
                              lambda model: train.build_optimizer(model, **config["optimizer"]), loss_function(config),
@@ -423,16 +394,13 @@ def data_bench_task(config, load_section):
     return bench.data_bench(recipes, config["bench"], torch_device, config["output_dir"])
 
 
-def prepare_voc_aug_task(config, load_section=None):
-    sbd = os.path.join(config["data_root"], "VOCdevkit", "VOCaug", "dataset")
-    return prepare.prepare_voc_aug(os.path.join(config["data_root"], config["data"]["root"]), sbd)
-
-
-def prepare_cityscapes_task(config, load_section=None):
+def prepare_task(config, load_section=None):
     root = os.path.join(config["data_root"], config["data"]["root"])
-    return prepare.prepare_cityscapes(root, workers=config["data"]["workers"])
+    if config["task"] == "prepare_cityscapes":
+        return prepare.prepare_cityscapes(root, workers=config["data"]["workers"])
+    return prepare.prepare_voc_aug(root, os.path.join(config["data_root"], "VOCdevkit", "VOCaug", "dataset"))
 
 
 TASKS = {"train": train_task, "evaluate": evaluate_task, "predict": predict_task, "demo": demo_task,
-         "bench": bench_task, "data_bench": data_bench_task, "prepare_voc_aug": prepare_voc_aug_task,
-         "prepare_cityscapes": prepare_cityscapes_task}
+         "bench": bench_task, "data_bench": data_bench_task, "prepare_voc_aug": prepare_task,
+         "prepare_cityscapes": prepare_task}

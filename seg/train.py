@@ -1,13 +1,10 @@
-"""The pieces of the training loop shared by PSPNet and PointRend: losses, precision, optimizer, learning rate,
-one step, and the meter that reads losses and speed once per log step. seg/tasks.py runs the loop.
+"""The training pieces shared by PSPNet and PointRend (seg/tasks.py runs the loop): losses, precision, optimizer,
+learning rate, one step, and the meter that reads losses and speed once per log step.
 
-Losses are functions of (model outputs, labels); labels are int64 N×H×W with 255 for ignored and padded
-pixels, and every loss dict's keys start with "loss" (the step sums them).
-
-Precision (the one place that decides it): amp = "off" | "fp16" | "bf16". fp16 needs a loss scale:
-loss_scale = "dynamic" (start 2**16, halve on overflow, double after 2000 clean steps) or a number (static, like
-the Ascend scripts' 128 and 512). bf16 has fp32's range and needs none. A step whose gradients overflow is
-skipped, never applied, with either kind of scale.
+Losses take (model outputs, int64 N×H×W labels with 255 = ignored or padded) and return dicts of "loss*" terms.
+Precision is decided here only: amp = "off" | "fp16" | "bf16"; fp16 needs loss_scale = "dynamic" (2**16, halved on
+overflow, doubled after 2000 clean steps) or a number (static, like the Ascend scripts' 128 and 512); bf16 needs
+none. A step whose gradients overflow is skipped, never applied.
 """
 import contextlib
 import math
@@ -25,15 +22,9 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 STATIC_SCALE = 2**31 - 1  # growth interval of a static loss scale: it never grows
 
 
-# ------------------------------------------------------------------------------------------- losses
-
 def pixel_cross_entropy(logits, label, average="all", ignore_index=IGNORE_INDEX):
-    """Cross-entropy of N×C×H×W logits against N×H×W labels, computed in fp32.
-
-    average="all": sum over valid pixels divided by N·H·W, ignored pixels included in the count
-    (mmsegmentation 0.10). average="valid": divided by the number of valid pixels (detectron2,
-    nn.CrossEntropyLoss); 0, not NaN, when every pixel is ignored.
-    """
+    """fp32 cross-entropy of N×C×H×W logits against N×H×W labels, summed over valid pixels and divided by N·H·W
+    (average="all", mmsegmentation 0.10) or by the valid pixels (average="valid", detectron2; 0 if none)."""
     per_pixel = F.cross_entropy(logits.float(), label, reduction="none", ignore_index=ignore_index)
     if average == "all":
         return per_pixel.mean()
@@ -67,8 +58,6 @@ def pointrend_losses(outputs, label):
             "loss_sem_seg_point": pixel_cross_entropy(outputs["point_logits"], point_labels, "valid")}
 
 
-# ---------------------------------------------------------------------------------------- precision
-
 def autocast_context(device_type, amp):
     """A context manager running the forward pass in the requested precision."""
     if amp == "off":
@@ -97,15 +86,10 @@ def load_scaler_state(scaler, state):
         scaler.load_state_dict({**scaler.state_dict(), "scale": state["scale"], "_growth_tracker": state["clean_steps"]})
 
 
-# -------------------------------------------------------------------------------- optimizer and step
-
 def lr_at(iteration, base_lr, schedule, total):
-    """Learning rate before iteration `iteration` (0-based) of `total`.
-
-    poly (mmsegmentation): (base − min)·(1 − t/T)^power + min.
-    multistep (detectron2 WarmupMultiStepLR): base · warmup(t) · gamma^(number of steps ≤ t), where
-    warmup(t) = f + (1 − f)·t/W for t < W.
-    """
+    """Learning rate before iteration `iteration` (0-based) of `total`: poly (mmsegmentation)
+    (base − min)·(1 − t/T)^power + min, or multistep (detectron2 WarmupMultiStepLR) base · warmup(t) ·
+    gamma^(number of steps ≤ t) with warmup(t) = f + (1 − f)·t/W for t < W."""
     if schedule["policy"] == "poly":
         return (base_lr - schedule["min_lr"]) * (1 - iteration / total) ** schedule["power"] + schedule["min_lr"]
     factor = schedule["gamma"] ** sum(1 for step in schedule["steps"] if step <= iteration)
@@ -169,15 +153,11 @@ def train_one_step(model, batch, loss_fn, optimizer, scaler, autocast):
 
 
 def reseed(seed, rank, iteration):
-    """Restart every rank's torch generators (CPU and device: dropout, PointRend's points) at a checkpoint.
-
-    Runs after each checkpoint and on resume, so a resumed run draws exactly what the uninterrupted run drew,
-    with no generator state to gather across ranks (HCCL cannot all_gather the int64 that would need).
-    """
+    """Restart every rank's torch generators (CPU and device: dropout, PointRend's points) after each checkpoint
+    and on resume: a resumed run draws what the uninterrupted run drew, with no generator state to gather across
+    ranks (HCCL cannot all_gather the int64 that would need)."""
     torch.manual_seed((seed * 1_000_003 + iteration) * 4099 + rank)
 
-
-# -------------------------------------------------------------------------------------------- meter
 
 class Meter:
     """Loss sums stay on the device until a log step reads them (one sync); speed counts wall time between

@@ -1,22 +1,19 @@
 """Training-time augmentation: mmsegmentation 0.10 (VOC) and detectron2 PointRend (Cityscapes).
 
-Images are uint8 H×W×3 BGR, labels uint8 H×W (255 = ignore); all randomness comes from the `rng:
-numpy.random.Generator` argument. Nothing here normalises or pads (collate pads, the model normalises).
-A sampler is three stages, which seg/bench.py times apart: a crop plan (CROP_PLANS: scale, crop windows tested on
-label windows gathered from the original label, flip coin); resize_image_window, only the chosen window of the
-resized image (bit for bit that window of a full resize); colour.draw_jitter. Labels are resized exactly by
-OpenCV's (VOC) or Pillow's (Cityscapes) nearest rule, images with OpenCV INTER_LINEAR's geometry in float32.
-Differences (README "Differences from the references"): VOC images ±1 on a few pixels (OpenCV's 11-bit weights;
-not checked against cv2); Cityscapes images within 1 of Pillow BILINEAR when upscaling, sharper when downscaling
-(no antialiasing: mean ~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
+Images are uint8 H×W×3 BGR, labels uint8 H×W (255 = ignore), randomness from the `rng: numpy.random.Generator`
+argument; nothing here normalises or pads (collate pads, the model normalises). A sampler is three stages, which
+seg/bench.py times apart: a crop plan (CROP_PLANS: scale, crop windows tested on label windows gathered from the
+original label, flip coin), resize_image_window (bit for bit that window of a full resize), colour.draw_jitter.
+Labels are resized exactly by OpenCV's (VOC) or Pillow's (Cityscapes) nearest rule, images with OpenCV
+INTER_LINEAR's geometry in float32 (README "Differences from the references"): VOC images ±1 on a few pixels
+(OpenCV's 11-bit weights; not checked against cv2), Cityscapes within 1 of Pillow BILINEAR upscaling, sharper
+downscaling (no antialiasing: mean ~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
 """
 
 import numpy as np
 
 from seg import colour
 
-
-# ---------------------------------------------------------------------------------------- sizes
 
 def rescale_hw(h, w, long_short):
     """Keep-ratio size of mmcv.imrescale: the long side at most max(long_short), the short side at most
@@ -29,20 +26,15 @@ def shortest_edge_hw(h, w, short_edge, max_size):
     """detectron2 ResizeShortestEdge.get_output_shape: short side -> short_edge, long side <= max_size."""
     scale = short_edge * 1.0 / min(h, w)
     new_h, new_w = (short_edge * 1.0, scale * w) if h < w else (scale * h, short_edge * 1.0)
-    if max(new_h, new_w) > max_size:
-        shrink = max_size * 1.0 / max(new_h, new_w)
-        new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
+    shrink = min(1.0, max_size * 1.0 / max(new_h, new_w))  # 1.0: the long side is within max_size
+    return int(new_h * shrink + 0.5), int(new_w * shrink + 0.5)
 
 
-# Source index tables: for the output positions dst = start .. start + length - 1 along one axis, where to read
-# (scale = src_size / dst_size).
-
+# Source index tables: where the outputs dst = start .. start + length - 1 along one axis read (scale = src / dst).
 def nearest_src_cv2(start, length, src_size, dst_size):
     """OpenCV INTER_NEAREST: min(floor(dst * scale), src_size - 1) -> intp (length,)."""
     scale = 1.0 / (dst_size / src_size)  # OpenCV stores the inverse scale and inverts it
-    dst = np.arange(start, start + length, dtype=np.float64)
-    return np.minimum(np.floor(dst * scale).astype(np.intp), src_size - 1)
+    return np.minimum(np.floor(np.arange(start, start + length, dtype=float) * scale).astype(np.intp), src_size - 1)
 
 
 def nearest_src_pil(start, length, src_size, dst_size):
@@ -51,8 +43,7 @@ def nearest_src_pil(start, length, src_size, dst_size):
     scale = src_size / dst_size
     steps = np.full(start + length, scale)
     steps[0] = 0.5 * scale
-    position = np.add.accumulate(steps)[start:]
-    return np.minimum(position.astype(np.intp), src_size - 1)
+    return np.minimum(np.add.accumulate(steps)[start:].astype(np.intp), src_size - 1)
 
 
 def bilinear_src(start, length, src_size, dst_size):
@@ -60,15 +51,13 @@ def bilinear_src(start, length, src_size, dst_size):
     antialiasing -> (first, second, weight of second), intp, intp, float32 (length,). Positions outside the
     image are clamped, so a border output copies the border pixel."""
     scale = 1.0 / (dst_size / src_size)
-    dst = np.arange(start, start + length, dtype=np.float64)
-    position = ((dst + 0.5) * scale - 0.5).astype(np.float32)
+    position = ((np.arange(start, start + length, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
     first, weight = np.floor(position).astype(np.intp), position - np.floor(position)
     weight[(first < 0) | (first >= src_size - 1)] = 0
     first = np.clip(first, 0, src_size - 1)
     return first, np.minimum(first + 1, src_size - 1), weight
 
 
-# ------------------------------------------------------------------------------ windowed resize
 # A window is (y0, x0, height, width) in the coordinates of the resized image.
 _STRIP_VALUES = 1 << 17  # output values per strip: keeps the float temporaries in cache
 
@@ -86,10 +75,9 @@ def _blend(values, first, second, weight, axis):
 
 def resize_image_window(image, hw, window, flip=False):
     """Window of the H×W×3 uint8 image bilinearly resized to hw, mirrored if flip -> 3×height×width planes.
-    Works in strips of output rows. When upscaling rows it blends columns first, on the few source rows a strip
-    reads; otherwise rows first. The order depends only on the scale, so a window equals the same window of the
-    full resize bit for bit. 0.5 is added before the last pass (a convex blend keeps it) so the final float ->
-    uint8 cast (truncation) rounds half up, like OpenCV's fixed-point cast."""
+    In strips of output rows: columns first when upscaling rows (on the few source rows a strip reads), else rows
+    first; the order depends only on the scale, so a window is bit for bit that window of the full resize. 0.5 added
+    before the last pass (a convex blend keeps it) makes the truncating float -> uint8 cast round half up, as OpenCV."""
     (h, w), (y0, x0, height, width) = image.shape[:2], window
     if tuple(hw) == (h, w):  # scale 1: every tap weight is 0, a plain crop
         crop = image[y0:y0 + height, x0:x0 + width]
@@ -98,8 +86,7 @@ def resize_image_window(image, hw, window, flip=False):
     left, right, wx = (taps[::-1] if flip else taps for taps in bilinear_src(x0, width, w, hw[1]))
     lo, hi = int(min(left.min(), right.min())), int(max(left.max(), right.max())) + 1
     channel = np.arange(3)[:, None]  # gather channel-major so each strip comes out as 3 planes
-    left3, right3 = ((left - lo) * 3 + channel).ravel(), ((right - lo) * 3 + channel).ravel()
-    wx3 = np.tile(wx, 3)
+    left3, right3, wx3 = ((left - lo) * 3 + channel).ravel(), ((right - lo) * 3 + channel).ravel(), np.tile(wx, 3)
     planes = np.empty((3, height, width), np.uint8)
     strip = max(1, _STRIP_VALUES // len(left3))
     for start in range(0, height, strip):
@@ -131,8 +118,6 @@ def resize_image(image, hw):
     """Bilinear resize of an H×W×3 uint8 image to hw = (new_h, new_w), OpenCV INTER_LINEAR geometry."""
     return colour.planar_view(resize_image_window(image, hw, (0, 0) + tuple(hw)))
 
-
-# ------------------------------------------------------------------------- crop plans and samplers
 
 def _draw_window(rng, hw, crop_hw):
     """Uniform crop window (y0, x0, height, width) inside hw; a side shorter than the crop is kept whole."""
@@ -180,10 +165,10 @@ def choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last):
     return window, crop_label
 
 
-def _plan_window(rng, label, hw, crop_hw, accepts, tries, draw_after_last, nearest_src):
+def _plan_window(rng, label, hw, crop_hw, accepts, max_ratio, draw_after_last, nearest_src):
     """Crop window of the label resized to hw, then the flip coin -> (hw, window, flip, label crop mirrored if flip)."""
     label_of = lambda window: resize_label_window(label, hw, window, nearest_src)  # noqa: E731
-    window, crop_label = choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last)
+    window, crop_label = choose_window(rng, label_of, hw, crop_hw, accepts, 10 if max_ratio < 1 else 0, draw_after_last)
     flip = bool(rng.random() < 0.5)
     return hw, window, flip, np.ascontiguousarray(crop_label[:, ::-1]) if flip else crop_label
 
@@ -194,7 +179,7 @@ def voc_crop_plan(rng, label, *, scale, ratio_range, crop_hw, cat_max_ratio, ign
     ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
     hw = rescale_hw(*label.shape, (int(scale[0] * ratio), int(scale[1] * ratio)))
     accepts = lambda crop: mmseg_accepts(crop, cat_max_ratio, ignore_index)  # noqa: E731
-    return _plan_window(rng, label, hw, crop_hw, accepts, 10 if cat_max_ratio < 1 else 0, True, nearest_src_cv2)
+    return _plan_window(rng, label, hw, crop_hw, accepts, cat_max_ratio, True, nearest_src_cv2)
 
 
 def cityscapes_crop_plan(rng, label, *, short_edges, max_size, crop_hw, single_category_max_area, ignore_index=255):
@@ -202,8 +187,7 @@ def cityscapes_crop_plan(rng, label, *, short_edges, max_size, crop_hw, single_c
     max_area, 10 tries) -> RandomFlip. Draws rng.integers short edge index, windows (y0, x0), rng.random() flip."""
     hw = shortest_edge_hw(*label.shape, short_edges[int(rng.integers(len(short_edges)))], max_size)
     accepts = lambda crop: detectron2_accepts(crop, single_category_max_area, ignore_index)  # noqa: E731
-    tries = 10 if single_category_max_area < 1 else 0
-    return _plan_window(rng, label, hw, crop_hw, accepts, tries, False, nearest_src_pil)
+    return _plan_window(rng, label, hw, crop_hw, accepts, single_category_max_area, False, nearest_src_pil)
 
 
 # name -> (crop plan, hue_high of colour.draw_jitter: mmseg's hue shift is in [-18, 17], detectron2's [-18, 18])
@@ -217,9 +201,8 @@ def _train_sample(name, rng, image, label, **options):
     if image.shape[:2] != label.shape:
         raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
     plan, hue_high = CROP_PLANS[name]
-    hw, window, flip, crop_label = plan(rng, label, **options)
-    image = colour.planar_view(resize_image_window(image, hw, window, flip))
-    return image, crop_label, colour.draw_jitter(rng, hue_high)
+    hw, window, flip, label = plan(rng, label, **options)
+    return colour.planar_view(resize_image_window(image, hw, window, flip)), label, colour.draw_jitter(rng, hue_high)
 
 
 def voc_train_sample(rng, image, label, *, scale=(2048, 512), ratio_range=(0.5, 2.0), crop_hw=(512, 512),

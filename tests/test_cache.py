@@ -1,6 +1,8 @@
 """Decoded-image cache: identical to decoding, rebuilt when files change, never half-written."""
+import errno
 import os
 import pickle
+import re
 import signal
 import stat
 import subprocess
@@ -180,3 +182,41 @@ def test_atomic_writes_get_the_mode_of_an_ordinary_open(tmp_path, umask, mode):
         os.umask(previous)
     assert stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode) == mode  # what open() gives
     assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == mode
+
+
+def test_a_failed_atomic_write_names_the_path_and_leaves_the_old_file(tmp_path):
+    target = tmp_path / "result.json"
+    target.write_text("old")
+
+    def fill_the_disk(stream):
+        stream.write(b"half of the new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UserError, match=re.escape(f"{target}: cannot write (No space left on device)")):
+        files.write_atomic(target, fill_the_disk)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["result.json"]  # no .tmp left
+    folder = tmp_path / "a_folder"  # renaming onto a non-empty folder fails
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(UserError, match=re.escape(f"{folder}: cannot write (")):
+        files.write_text_atomic("text", folder)
+    assert sorted(os.listdir(tmp_path)) == ["a_folder", "result.json"] and os.listdir(folder) == ["inside"]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match=re.escape(f"{blocker / 'sub' / 'out.txt'}: cannot write (")):
+        files.write_text_atomic("text", blocker / "sub" / "out.txt")
+
+
+def test_the_cache_lock_is_an_ordinary_file_not_an_executable(tmp_path):
+    items, modes = write_items(tmp_path, [(20, 30)]), []
+    path = str(tmp_path / "c.u8cache")
+
+    def read_image(image_path):
+        modes.append(stat.S_IMODE(os.stat(path + ".lock").st_mode))
+        return files.read_image_bgr(image_path)
+
+    previous = os.umask(0o022)
+    try:
+        files.ensure_cache(items, path, read_image, lambda p: files.read_label(p, 5))
+    finally:
+        os.umask(previous)
+    assert modes == [0o644]  # 0o666 & ~umask, what open() gives: not executable

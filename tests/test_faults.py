@@ -1,0 +1,123 @@
+"""Issue 10: nothing lost, nothing silent. Resume after kill -9 and with evaluations on checkpoint iterations,
+non-finite losses, outputs that would replace inputs, and a config validated before anything runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from seg import checkpoint, config, tasks
+from seg.files import UserError
+
+from test_train_e2e import CONFIGS, ROOT, assert_same_weights, final_weights, overrides
+
+
+def load(*overrides_):
+    return config.load_config(CONFIGS, "demo", list(overrides_), tasks.builder_defaults)
+
+
+def test_resume_is_exact_with_evaluations_on_checkpoint_iterations(voc_root, tmp_path):
+    every2 = ["iterations=4", "checkpoint_interval=2", "eval_interval=2"]
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    tasks.train_task(load(*overrides(voc_root, whole, *every2)))
+    os.makedirs(resumed)
+    state = checkpoint.load_training_state(os.path.join(whole, "iter_0000002.pth"))
+    checkpoint.save_atomic(state, os.path.join(resumed, "iter_0000002.pth"))
+    tasks.train_task(load(*overrides(voc_root, resumed, *every2, "resume=true")))
+    assert_same_weights(final_weights(whole), final_weights(resumed))
+
+
+def iterations_logged(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        return [json.loads(line)["iteration"] for line in handle]
+
+
+def test_kill_9_then_resume_ends_as_the_uninterrupted_run_with_one_record_per_iteration(voc_root, tmp_path):
+    """What torchrun --max-restarts does after a crash, by hand: a run killed mid-way and started again with
+    resume=true continues from its last checkpoint; metrics.jsonl keeps one record per iteration."""
+    common = ["iterations=30", "checkpoint_interval=4", "model.dropout=0.1"]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    tasks.train_task(load(*overrides(voc_root, whole, *common)))
+    command = [sys.executable, "run.py", "demo", *overrides(voc_root, killed, *common, "resume=true")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
+    for line in process.stdout:
+        if line.startswith("iter 7/30"):  # 6 is in metrics.jsonl by now; the next checkpoint is at 8
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert 6 in iterations_logged(killed) and checkpoint.latest_checkpoint(killed).name == "iter_0000004.pth"
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout and "iter_0000004.pth" in result.stdout
+    assert iterations_logged(killed) == list(range(1, 31))
+    assert_same_weights(final_weights(whole), final_weights(killed))
+
+
+def test_resume_past_the_last_iteration_says_so(voc_root, tmp_path):
+    out = str(tmp_path / "out")
+    tasks.train_task(load(*overrides(voc_root, out, "iterations=3")))
+    with pytest.raises(UserError, match="iteration 3.*iterations = 2.*nothing is left to train"):
+        tasks.train_task(load(*overrides(voc_root, out, "iterations=2", "resume=true")))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_losses_stop_naming_the_checkpoint_to_resume_from(tmp_path, value):
+    checkpoint.save_atomic({"model": {}, "iteration": 20}, str(tmp_path / "iter_0000020.pth"))
+    record = {"iteration": 23, "total": 100, "loss_seg": 0.5, "loss_aux": value, "lr": 0.01}
+    with pytest.raises(UserError, match=r"not finite.*iter_0000020\.pth.*resume=true"):
+        tasks.log_record(record, str(tmp_path), 0)
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_predict_never_writes_over_an_input(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 24), (10, 200, 30)).save(folder / "photo.png")
+    before = (folder / "photo.png").read_bytes()
+    cfg = config.load_config(CONFIGS, "pspnet_predict", ["weights=w.pth", f"input={folder}", f"output={folder}"],
+                             tasks.builder_defaults)
+    with pytest.raises(UserError, match="photo.png would replace the input"):
+        tasks.predict_jobs(cfg)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match="existing file"):
+        tasks.predict_jobs({**cfg, "output": str(tmp_path / "file")})
+    assert (folder / "photo.png").read_bytes() == before and (tmp_path / "file").read_text() == "mine"
+    assert tasks.predict_jobs({**cfg, "output": str(tmp_path / "out")}) == [(str(folder / "photo.png"), "photo")]
+
+
+BAD = [("amp=fp8", "amp"), ("device=tpu", "device"), ("log_interval=0", "log_interval"),
+       ("data.batch_size=0", "data.batch_size"), ("loss_scale=0", "loss_scale"), ("data.crop_hw=[0,0]", "data.crop_hw"),
+       ("data.workers=-1", "data.workers"), ("test.mode=sliding", "test.mode"), ("iterations=0", "iterations"),
+       ("iterations=-5", "iterations"), ("data.dataset=coco", "data.dataset"), ("test.scales=[]", "test.scales"),
+       ("data.ratio_range=[2.0,0.5]", "data.ratio_range"), ("data.jitter_on=gpu", "data.jitter_on")]
+
+
+@pytest.mark.parametrize("override, key", BAD)
+def test_bad_values_are_found_before_anything_runs(override, key, tmp_path):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        config.validate(load(f"output_dir={tmp_path / 'out'}", override))
+    assert not os.path.exists(tmp_path / "out")  # nothing made for a config that fails
+
+
+def test_unknown_model_and_unwritable_output_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="model.name = 'unet'"):
+        load("model.name=unet")
+    (tmp_path / "file").write_text("mine")
+    for folder in ("/proc/seg-test", str(tmp_path / "file"), str(tmp_path / "file" / "below")):
+        with pytest.raises(UserError, match="output_dir = .*cannot write there"):
+            config.validate(load(f"output_dir={folder}"))
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_command_line_errors_are_one_line_exit_2_and_write_nothing(tmp_path):
+    """An invalid data.dataset used to generate a Cityscapes demo into the VOC folder before failing."""
+    result = subprocess.run([sys.executable, "run.py", "demo", f"data_root={tmp_path}", "data.dataset=coco",
+                             f"output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "data.dataset" in result.stderr
+    assert os.listdir(tmp_path) == []
