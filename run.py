@@ -16,7 +16,7 @@ import functools
 import os
 import sys
 
-from seg import config, tasks
+from seg import checkpoint, config, tasks
 from seg.files import UserError
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.toml")
@@ -35,7 +35,8 @@ def main(argv):
     unknown_flags = [item for item in overrides if item.startswith("-")]
     if unknown_flags:
         raise UserError(f"unknown option {unknown_flags[0]}; options are --list and --show, the rest key=value")
-    load = functools.partial(config.load_config, CONFIG_PATH, model_defaults_for=tasks.builder_defaults)
+    load = functools.partial(config.load_config, CONFIG_PATH, model_defaults_for=tasks.builder_defaults,
+                             stored_config_for=checkpoint.stored_config)
     resolved = load(section, overrides)
     if "--show" in rest:
         print(config.to_toml(resolved))

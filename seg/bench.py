@@ -1,7 +1,6 @@
-"""Benchmarks, not tests. model_bench (`run.py pspnet_bench` / `pointrend_bench`): train step and inference time,
-peak memory, TFLOP/s and MFU (FLOPs of convolutions and matmuls by torch.utils.flop_counter) for every amp ×
-channels_last × compile combination. data_bench: each recipe's pipeline in one loader worker on generated files of
-the real sizes and formats. Results: <output_dir>/{bench,data_bench}.{json,md}."""
+"""Benchmarks, not tests. model_bench (`run.py pspnet_bench` / `pointrend_bench`, -> bench.{json,md}): train step
+and inference time, peak memory, TFLOP/s and MFU (convolution and matmul FLOPs by torch.utils.flop_counter) per amp ×
+channels_last × compile; data_bench (-> data_bench.{json,md}): each recipe's pipeline in one loader worker."""
 import contextlib
 import datetime
 import functools
@@ -21,17 +20,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from seg import colour, data, dist, files, train, transforms
 
-# Dense peak TFLOP/s by (device-name substring, precision); the first match wins. Sources: the NVIDIA H100 (SXM,
-# PCIe; "with sparsity" figures are twice these), H200 (H100 SXM compute) and A100 datasheets, Huawei's Ascend 910
-# launch figure. Other devices: set bench.peak_tflops.
+# Dense peak TFLOP/s by (device-name substring, precision), first match wins: NVIDIA H100 (SXM, PCIe; "with sparsity"
+# is twice these), H200 (H100 SXM compute) and A100 datasheets, Ascend 910 launch figure; else set bench.peak_tflops.
 HOPPER_SXM = {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}
 PEAK_TFLOPS = [("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}), ("H100", HOPPER_SXM),
                ("H200", HOPPER_SXM), ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
                ("Ascend910A", {"fp16": 256.0})]
-# data_bench: the real image sizes (H, W) and formats; the noise std that makes generated files about as large as
+# data_bench: the real image sizes (H, W) and formats, and the noise std that makes generated files about as large as
 # real ones (Cityscapes PNGs ~2.2 MB: 11 GB zip / 5000, VOC JPEGs ~110 KB: 1.9 GB tar / 17125); issue #5's targets.
-REAL_IMAGES = {"voc": ((375, 500), "JPEG"), "cityscapes": ((1024, 2048), "PNG")}
-NOISE = {"voc": 20.0, "cityscapes": 0.9}
+REAL_IMAGES = {"voc": ((375, 500), "JPEG", 20.0), "cityscapes": ((1024, 2048), "PNG", 0.9)}
 TARGET_IMAGES_PER_S = {"voc": 128.0, "cityscapes": 48.0}
 REFERENCES = {"voc": "mmseg 0.10 VOC pipeline: 128 images/s per core", "cityscapes":
               "detectron2 PointRend mapper: 9.6 images/s per core (105 ms: 50 ms PNG decode, 31 ms resize)"}
@@ -105,12 +102,6 @@ def peak_tflops(name, device_type, precision, override):
     return None, f"no peak known for {name!r} {precision}; set bench.peak_tflops"
 
 
-def skip_reason(device_type, amp_mode, channels_last, use_compile):
-    if channels_last and device_type == "npu":
-        return "channels_last: torch_npu supports only contiguous_format (spec/npu.md §8)"
-    return dist.check_amp_supported(device_type, amp_mode)
-
-
 def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, loss_scale, num_classes,
              amp_mode="off", channels_last=False, use_compile=False):
     """(model, train_step, infer) for one combination: a fresh model, its optimizer and synthetic batches."""
@@ -145,14 +136,14 @@ def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, 
 def bench_combination(make_workload, options, torch_device, flops, peaks, amp_mode, channels_last, use_compile):
     """One row of the matrix: times, memory, TFLOP/s and MFU (None: unknown here), or why it was skipped / failed."""
     row = {"amp": amp_mode, "channels_last": channels_last, "compile": use_compile, "status": "ok", "note": ""}
-    if reason := skip_reason(torch_device.type, amp_mode, channels_last, use_compile):
+    if reason := ("channels_last: torch_npu supports only contiguous_format (spec/npu.md §8)" if channels_last
+                  and torch_device.type == "npu" else dist.check_amp_supported(torch_device.type, amp_mode)):
         return {**row, "status": "skipped", "note": reason}
-    module = torch.get_device_module(torch_device)
     try:
         calls = make_workload(amp_mode, channels_last, use_compile)[1:]
         for kind, call, key in zip(("train", "infer"), calls, ("train_step_ms", "infer_ms")):
             if torch_device.type != "cpu":
-                module.reset_peak_memory_stats(torch_device)
+                torch.get_device_module(torch_device).reset_peak_memory_stats(torch_device)
             first, times = time_calls(call, torch_device, options["warmup"], options["steps"])
             row.setdefault("first_step_s", first)  # the first training step's
             row[key] = 1e3 * statistics.median(times)
@@ -162,7 +153,7 @@ def bench_combination(make_workload, options, torch_device, flops, peaks, amp_mo
     finally:
         calls = None
         if torch_device.type != "cpu":
-            module.empty_cache()
+            torch.get_device_module(torch_device).empty_cache()
     row["train_images_per_s"] = options["batch_size"] / (row["train_step_ms"] / 1e3)
     row["infer_images_per_s"] = 1e3 / row["infer_ms"]
     for kind, milliseconds in (("train", row["train_step_ms"]), ("infer", row["infer_ms"])):
@@ -201,62 +192,40 @@ def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, out
     for combination in itertools.product(options["amp"], options["channels_last"], options["compile"]):
         result["rows"].append(bench_combination(make_workload, options, torch_device, flops, peaks, *combination))
         log(markdown_table(result["rows"][-1:], MODEL_COLUMNS).splitlines()[-1])
-    summary = (f"{title}: {result['device']}, torch {result['torch']}, batch {options['batch_size']} x "
-               f"{options['crop_hw']}, eval {options['eval_hw']}, {flops['train'] / 1e9:.4g} GFLOP/step, "
-               f"{flops['infer'] / 1e9:.4g} GFLOP/inference")
     write_outputs(result, markdown_table(result["rows"], MODEL_COLUMNS), output_dir, "bench",
-                  f"{title} ({result['model']})", summary, log)
+                  f"{title} ({result['model']})", f"{title}: {result['device']}, torch {result['torch']}, batch "
+                  f"{options['batch_size']} x {options['crop_hw']}, eval {options['eval_hw']}, "
+                  f"{flops['train'] / 1e9:.4g} GFLOP/step, {flops['infer'] / 1e9:.4g} GFLOP/inference", log)
     return result
 
 
-def synthetic_scene(rng, hw, num_classes, noise):
-    """(RGB uint8 H×W×3, label uint8 H×W): shaded rectangles plus Gaussian noise of std `noise` (sets file sizes)."""
-    height, width = hw
-    label = np.full(hw, rng.integers(num_classes), np.uint8)
-    for _ in range(24):
-        y0, x0 = rng.integers(height), rng.integers(width)
-        size_y, size_x = rng.integers(height // 8, height // 2 + 1), rng.integers(width // 8, width // 2 + 1)
-        label[y0:y0 + size_y, x0:x0 + size_x] = rng.integers(num_classes) if rng.random() < 0.9 else 255
-    colours = rng.uniform(30, 225, size=(256, 3)).astype(np.float32)
-    yy, xx = np.linspace(-1, 1, height, dtype=np.float32), np.linspace(-1, 1, width, dtype=np.float32)
-    shading = 25 * (yy[:, None, None] * rng.uniform(-1, 1, 3) + xx[None, :, None] * rng.uniform(-1, 1, 3))
-    image = colours[label] + shading.astype(np.float32) + rng.normal(0, noise, (height, width, 3)).astype(np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8), label
-
-
-def timed_sample(dataset, params, rng, image, label, jitter_in_loader, totals):
-    """The sampler's calls and rng draws (CROP_PLANS, resize, draw_jitter [+ jittered]); adds stage times to totals."""
-    plan, hue_high = transforms.CROP_PLANS[dataset]
-    start = time.perf_counter()
-    hw, window, flip, label = plan(rng, label, **params)
-    totals["crop_choice"] += (planned := time.perf_counter()) - start
-    image = colour.planar_view(transforms.resize_image_window(image, hw, window, flip))
-    totals["resize"] += (resized := time.perf_counter()) - planned
-    jitter = colour.draw_jitter(rng, hue_high)
-    if jitter_in_loader:
-        image, jitter = colour.jittered(image, jitter), None
-    totals["colour"] += time.perf_counter() - resized
-    return image, label, jitter
-
-
-def pipeline_row(dataset, read, sample, count, options, jitter_in_loader, torch_device):
-    """Per-image ms of STAGES (and of colour.apply_jitter on each batch on the device) after options["warmup"]."""
+def pipeline_row(dataset, read, params, count, options, jitter_in_loader, torch_device):
+    """Per-image ms of STAGES (the sampler's own calls and draws, timed) and of colour.apply_jitter on the device."""
     warmup, steps, batch_size = options["warmup"], options["steps"], options["batch_size"]
+    plan, hue_high = transforms.CROP_PLANS[dataset]
     colour.apply_jitter(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=torch_device),
                         torch.zeros(1, colour.JITTER_SIZE, dtype=torch.int16, device=torch_device))  # tables
     samples = []
     for position in range(warmup + steps):
         if position in (0, warmup):  # the warm-up samples' times are thrown away
             totals = dict.fromkeys((*STAGES, "device_colour"), 0.0)
-        start = time.perf_counter()
+        rng, start = np.random.default_rng([0, position]), time.perf_counter()
         image, label = read(position % count)
         totals["decode"] += time.perf_counter() - start
-        samples.append(sample(np.random.default_rng([0, position]), image, label, jitter_in_loader, totals))
+        start = time.perf_counter()
+        hw, window, flip, label = plan(rng, label, **params)
+        totals["crop_choice"] += (planned := time.perf_counter()) - start
+        image = colour.planar_view(transforms.resize_image_window(image, hw, window, flip))
+        totals["resize"] += (resized := time.perf_counter()) - planned
+        jitter = colour.draw_jitter(rng, hue_high)
+        if jitter_in_loader:
+            image, jitter = colour.jittered(image, jitter), None
+        totals["colour"] += time.perf_counter() - resized
+        samples.append((image, label, jitter))
         if len(samples) == batch_size or position == warmup + steps - 1:
             start = time.perf_counter()
-            batch = data.collate(samples)
+            batch, samples = data.collate(samples), []
             totals["collate"] += time.perf_counter() - start
-            samples = []
             if not jitter_in_loader:
                 batch = data.to_device(batch, torch_device)
                 totals["device_colour"] += time_calls(lambda: colour.apply_jitter(batch["image"], batch["jitter"]),
@@ -270,14 +239,24 @@ def pipeline_row(dataset, read, sample, count, options, jitter_in_loader, torch_
 
 
 def recipe_rows(recipe, options, folder, image_hw, torch_device, log):
-    """A row per jitter placement (options["jitter_on"]) and cache off / on, on files generated under folder."""
+    """Yields a row per jitter placement (options["jitter_on"]) and cache off / on, on files generated under folder
+    (JPEG at quality 90, PNG at Pillow's default): shaded rectangles plus Gaussian noise (which sets the file sizes)."""
     dataset, classes = recipe["dataset"], recipe["num_classes"]
-    hw, image_format = image_hw.get(dataset, REAL_IMAGES[dataset][0]), REAL_IMAGES[dataset][1]
+    (height, width), (image_format, std) = image_hw.get(dataset, REAL_IMAGES[dataset][0]), REAL_IMAGES[dataset][1:]
     items = [(os.path.join(folder, dataset, f"{index:06d}_image.{image_format.lower()}"),
               os.path.join(folder, dataset, f"{index:06d}_label.png")) for index in range(options["images"])]
     for index, (image_path, label_path) in enumerate(items):
-        image, label = synthetic_scene(np.random.default_rng([0, index]), hw, classes, NOISE[dataset])
-        files.save_image(image_path, image, image_format)  # JPEG at quality 90, PNG at Pillow's default
+        rng = np.random.default_rng([0, index])
+        label = np.full((height, width), rng.integers(classes), np.uint8)
+        for _ in range(24):
+            y0, x0 = rng.integers(height), rng.integers(width)
+            size_y, size_x = rng.integers(height // 8, height // 2 + 1), rng.integers(width // 8, width // 2 + 1)
+            label[y0:y0 + size_y, x0:x0 + size_x] = rng.integers(classes) if rng.random() < 0.9 else 255
+        colours = rng.uniform(30, 225, size=(256, 3)).astype(np.float32)
+        yy, xx = np.linspace(-1, 1, height, dtype=np.float32), np.linspace(-1, 1, width, dtype=np.float32)
+        shading = 25 * (yy[:, None, None] * rng.uniform(-1, 1, 3) + xx[None, :, None] * rng.uniform(-1, 1, 3))
+        image = colours[label] + shading.astype(np.float32) + rng.normal(0, std, (height, width, 3)).astype(np.float32)
+        files.save_image(image_path, np.clip(image, 0, 255).astype(np.uint8), image_format)
         files.write_label_png(label_path, label)
     read_label = functools.partial(files.read_label, num_classes=classes)
     start = time.perf_counter()
@@ -286,20 +265,18 @@ def recipe_rows(recipe, options, folder, image_hw, torch_device, log):
     build_s = time.perf_counter() - start
     file_bytes = {"image_bytes_mean": float(np.mean([os.path.getsize(image) for image, _ in items])),
                   "label_bytes_mean": float(np.mean([os.path.getsize(label) for _, label in items]))}
-    sample, rows = functools.partial(timed_sample, dataset, recipe["params"]), []
     for place in options["jitter_on"]:
         if place not in ("loader", "device"):
             raise files.UserError(f"bench.jitter_on = {options['jitter_on']}: use \"loader\" and/or \"device\"")
         for use_cache, read in ((False, lambda i: (files.read_image_bgr(items[i][0]), read_label(items[i][1]))),
                                 (True, lambda i: (reader.image(i), reader.label(i)))):
-            row = pipeline_row(dataset, read, sample, len(items), options, place == "loader", torch_device)
-            rows.append({**row, "section": recipe["section"], "cache": use_cache, "image_hw": list(hw),
-                         "image_format": image_format, "crop_hw": list(recipe["crop_hw"]), **file_bytes,
-                         "cache_build_s_per_image": build_s / len(items) if use_cache else None})
+            row = pipeline_row(dataset, read, recipe["params"], len(items), options, place == "loader", torch_device)
             extra = "" if place == "loader" else f" (+ {row['device_colour_ms_per_image']:.2f} ms/image on the device)"
             log(f"{dataset} jitter in the {place}, cache {'on' if use_cache else 'off'}: "
                 f"{row['images_per_s']:.1f} images/s{extra}")
-    return rows
+            yield {**row, "section": recipe["section"], "cache": use_cache, "image_hw": [height, width],
+                   "image_format": image_format, "crop_hw": list(recipe["crop_hw"]), **file_bytes,
+                   "cache_build_s_per_image": build_s / len(items) if use_cache else None}
 
 
 def data_bench(recipes, options, torch_device, output_dir, command=None, image_hw=None,
@@ -328,11 +305,14 @@ def data_bench(recipes, options, torch_device, output_dir, command=None, image_h
     return result
 
 
-def pipeline_images_per_s(dataset, divisor, samples=24):
-    """One worker's throughput: decode, augment and collate `samples` training samples, after 2 warm-up ones."""
+def pipeline_report(dataset, divisor, workers, samples=24):
+    """One worker's throughput, as a line: decode, augment, collate `samples` samples here, after 2 warm-up ones."""
     keys = [(index % len(dataset), 10**9 + index) for index in range(samples + 2)]
     data.collate([dataset[key] for key in keys[:2]], divisor)
     begin = time.perf_counter()
     for key in keys[2:]:
         data.collate([dataset[key]], divisor)
-    return samples / (time.perf_counter() - begin)
+    rate = samples / (time.perf_counter() - begin)
+    return (f"input pipeline: {rate:.1f} images/s per worker (decode + augment + collate, colour jitter "
+            f"{'in the loader' if dataset.jitter_in_loader else 'on the device'}; measured in the main process); "
+            f"{workers} workers per device give up to {rate * max(workers, 1):.0f} images/s")

@@ -35,16 +35,13 @@ def to_cpu(obj):
 
 def save_atomic(obj, path):
     """torch.save `obj` (tensors moved to the CPU) atomically: `path` is the old file or the complete new one."""
-    cpu_obj = to_cpu(obj)
-    write_atomic(path, lambda file: torch.save(cpu_obj, file))
+    write_atomic(path, functools.partial(torch.save, to_cpu(obj)))
 
 
 def checkpoints_newest_first(output_dir):
     """The `iter_{:07d}.pth` files in `output_dir` (iter_0000000.pth included), highest iteration first."""
     output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(int(match.group(1)), path) for path in output_dir.iterdir()
+    found = [(int(match.group(1)), path) for path in (output_dir.iterdir() if output_dir.is_dir() else ())
              if (match := CHECKPOINT_NAME.fullmatch(path.name)) and path.is_file()]
     return [path for _, path in sorted(found, reverse=True)]
 
@@ -90,6 +87,16 @@ def load_training_state(path):
     return state
 
 
+def stored_config(path):
+    """The resolved config a seg training checkpoint stores, or None for any other file (mmap: tensors stay unread)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if zipfile.is_zipfile(path) else None
+    except Exception:  # noqa: BLE001 - unreadable files are reported when the weights are loaded
+        return None
+    seg_file = isinstance(state, dict) and {"model", "iteration"} <= state.keys()
+    return state["config"] if seg_file and isinstance(state.get("config"), dict) and state["config"] else None
+
+
 def first_line(error):
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[0][:300] if lines else type(error).__name__
@@ -110,18 +117,16 @@ def empty_bytes(*args):
 
 
 class WeightsUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only the globals a numpy 1.x (`numpy.core`) or 2.x (`numpy._core`) array
-    pickle needs, taken from numpy's own reducers: no module is imported by a name read from the file. Python 2
-    strings are read as latin-1."""
+    """Resolves only the globals a numpy 1.x (`numpy.core`) or 2.x (`numpy._core`) array pickle needs, taken from
+    numpy's own reducers: no module is imported by a name read from the file. Python 2 strings are read as latin-1."""
 
     def __init__(self, file, path):
         super().__init__(file, encoding="latin1")
         self.path = path
-        self.allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                        ("_codecs", "encode"): latin1_encode, ("__builtin__", "bytes"): empty_bytes,
-                        ("builtins", "bytes"): empty_bytes,
-                        # A state_dict is an OrderedDict; building one runs no code chosen by the file.
-                        ("collections", "OrderedDict"): collections.OrderedDict}
+        # A state_dict is an OrderedDict; building one runs no code chosen by the file.
+        self.allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("numpy", "ndarray"): np.ndarray,
+                        ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): latin1_encode,
+                        ("__builtin__", "bytes"): empty_bytes, ("builtins", "bytes"): empty_bytes}
         for core in ("numpy.core", "numpy._core"):
             self.allowed[(f"{core}.multiarray", "_reconstruct")] = np.zeros(1).__reduce__()[0]
             self.allowed[(f"{core}.multiarray", "scalar")] = np.float32(0).__reduce__()[0]
@@ -234,12 +239,6 @@ def load_weights_file(path):
     return state, file_format
 
 
-def map_prefix(name, prefix_map):
-    """`name` with its longest prefix found in `prefix_map` replaced by the mapped string."""
-    old = max((old for old in prefix_map if name.startswith(old)), key=len, default=None)
-    return name if old is None else prefix_map[old] + name[len(old):]
-
-
 def match_names(model_names, file_names, suffix_match):
     """{model name: file name}: exact, or detectron2's rule, the longest file name equal to a dot-suffix of the
     model name (`res4.22.conv2.norm.running_var` for `backbone.bottom_up.res4.22...`). One model name per file name."""
@@ -267,12 +266,16 @@ def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_miss
     shape is skipped. Returns {"loaded": [model name], "shape_mismatch": [(name, file shape, model shape)],
     "missing": [model names], "unused": [file names]} and logs one line (`verbose`: every name). `strict_missing`:
     a model tensor left unloaded (OPTIONAL_MODEL_TENSORS aside) is a UserError, nothing copied."""
-    mapped = {map_prefix(name, prefix_map or {}): value for name, value in state.items()}
+    prefix_map = prefix_map or {}
+    longest_first = sorted(prefix_map, key=len, reverse=True)
+    mapped = {next((prefix_map[old] + name[len(old):] for old in longest_first if name.startswith(old)), name): value
+              for name, value in state.items()}
     if len(mapped) != len(state):
         raise UserError(f"{source}: two names in the file become the same name after removing prefixes.")
     model_state = module.state_dict()
     matches = match_names(list(model_state), list(mapped), suffix_match)
-    report = {"loaded": [], "shape_mismatch": [], "missing": [], "unused": []}
+    taken = set(matches.values())
+    report = dict(loaded=[], shape_mismatch=[], missing=[], unused=[name for name in mapped if name not in taken])
     for name, target in model_state.items():
         if name not in matches:
             report["missing"].append(name)
@@ -280,10 +283,14 @@ def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_miss
             report["shape_mismatch"].append((name, tuple(mapped[matches[name]].shape), tuple(target.shape)))
         else:
             report["loaded"].append(name)
-    taken = set(matches.values())
-    report["unused"] = [name for name in mapped if name not in taken]
-    if strict_missing:
-        check_complete(report, source)
+    if strict_missing:  # the model tensors left unloaded, optional ones aside
+        unloaded = [name for name in report["missing"] if name.rsplit(".", 1)[-1] not in OPTIONAL_MODEL_TENSORS]
+        unloaded += [f"{name} (file {file}, model {model})" for name, file, model in report["shape_mismatch"]]
+        if unloaded:
+            raise UserError(f"{source}: {len(unloaded)} model tensors would stay unloaded (missing from the file or "
+                            f"shaped differently), e.g. {'; '.join(unloaded[:4])}. To fine-tune from these weights "
+                            f"(other classes or dataset), use a fine-tune section or set allow_missing_weights = true; "
+                            f"otherwise pass the weights that match this model.")
     with torch.no_grad():  # state_dict() tensors share storage with the module's parameters and buffers
         for name in report["loaded"]:
             model_state[name].copy_(mapped[matches[name]])
@@ -292,22 +299,11 @@ def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_miss
         f"{len(report['unused'])} in the file unused")
     if verbose:
         for name, file, model in report["shape_mismatch"]:
-            log(f"  shape mismatch: {name} file {tuple(file)} model {tuple(model)}")
+            log(f"  shape mismatch: {name} file {file} model {model}")
         for kind in ("missing", "unused"):
             for name in report[kind]:
                 log(f"  {kind}: {name}")
     return report
-
-
-def check_complete(report, source):
-    """UserError naming the first model tensors `report` left unloaded, optional ones aside."""
-    unloaded = [name for name in report["missing"] if name.rsplit(".", 1)[-1] not in OPTIONAL_MODEL_TENSORS]
-    unloaded += [f"{name} (file {tuple(file)}, model {tuple(model)})" for name, file, model in report["shape_mismatch"]]
-    if unloaded:
-        raise UserError(f"{source}: {len(unloaded)} model tensors would stay unloaded (missing from the file or shaped "
-                        f"differently), e.g. {'; '.join(unloaded[:4])}. To fine-tune from these weights (other classes "
-                        f"or dataset), use a fine-tune section or set allow_missing_weights = true; otherwise pass the "
-                        f"weights that match this model.")
 
 
 def load_pretrained_backbone(backbone, path, log=print, verbose=False):

@@ -4,8 +4,7 @@ Images are uint8 B, G, R as 3×H×W planes or H×W×3 views of them (planar_view
 parameters (from a numpy Generator) in the loader worker; apply_jitter_planes (numpy) applies them there, or
 apply_jitter (torch) to the whole batch after the host->device copy, taking the costliest stage off a GPU machine's
 workers: bit for bit the same. HSV conversions are OpenCV's uint8 BGR2HSV (exact) and float32 HSV2BGR, transcribed
-from its source, checked against per-pixel transcriptions and colorsys, not a cv2 binary.
-"""
+from its source, checked against per-pixel transcriptions and colorsys, not a cv2 binary."""
 
 import functools
 
@@ -58,8 +57,7 @@ def _colour_tables():
 def _key(high, low):
     """high * 256 + low as uint16, the index of the 256×256 tables."""
     key = np.left_shift(high, 8, dtype=np.uint16)
-    key |= low
-    return key
+    return np.bitwise_or(key, low, out=key)
 
 
 def _s_and_low(saturation):
@@ -95,16 +93,13 @@ def _select(mask, if_true, if_false, out):
     bits = mask.view(np.uint8)
     np.negative(bits, out=bits)  # True -> 0xFF
     change = np.bitwise_xor(if_true, if_false)
-    change &= bits
-    np.bitwise_xor(if_false, change, out=out)
+    np.bitwise_xor(if_false, np.bitwise_and(change, bits, out=change), out=out)
 
 
 def _to_bgr(h, middle_key, v, low):
     """3×H×W B, G, R planes from the H and V planes, the (h, s) keys of the middle and the min channel."""
-    unit_v = v.astype(np.float32)
-    unit_v *= _INV_255
     middle = _MIDDLE_OF_H_S.take(middle_key, mode="clip")  # uint16 keys: always in range
-    middle *= unit_v
+    middle *= np.multiply(v, _INV_255, dtype=np.float32)
     middle *= np.float32(255)
     middle = np.rint(middle, out=middle).astype(np.uint8)
     wrapped = h % 180 if h.max() >= 180 else h  # OpenCV input may have H up to 255; sector k: H in [30k, 30k + 30)
@@ -199,9 +194,8 @@ def jittered(image, params):
 @functools.lru_cache(maxsize=None)
 def _device_tables(device):
     """(saturation, hue, middle, low) tables as int32 / float32 tensors on `device`, built once per device."""
-    return tuple(torch.from_numpy(np.ascontiguousarray(table)).to(device=device, dtype=dtype) for table, dtype in
-                 ((_S_OF_MAX_MIN, torch.int32), (_H_OF_DIFFS, torch.int32), (_MIDDLE_OF_H_S, torch.float32),
-                  (_LOW_OF_S_V, torch.int32)))
+    return tuple(torch.from_numpy(np.ascontiguousarray(table)).to(device=device, dtype=dtype) for table, dtype in (
+        (_S_OF_MAX_MIN, torch.int), (_H_OF_DIFFS, torch.int), (_MIDDLE_OF_H_S, torch.float), (_LOW_OF_S_V, torch.int)))
 
 
 def _round_trip_torch(x, maps, saturation_base, shift):
@@ -216,8 +210,7 @@ def _round_trip_torch(x, maps, saturation_base, shift):
     h = hue[(g - b) * 511 + (b - r) + _HUE_OFFSET]
     if shift is not None:
         h = (h + shift) % 180
-    middle = middle_table[h * 256 + s] * (v.float() * _INV_255) * 255  # OpenCV's order, as _to_bgr
-    middle = torch.round(middle).int()  # half to even, as np.rint
+    middle = torch.round(middle_table[h * 256 + s] * (v.float() * _INV_255) * 255).int()  # as _to_bgr
     low = low_table[s * 256 + v]
     # sectors of 30 H: B is the min in 0-1 and V in 3-4, G the min in 4-5 and V in 1-2, R the min in 2-3 and V in 5, 0
     blue = torch.where((h >= 90) & (h < 150), v, torch.where(h < 60, low, middle))

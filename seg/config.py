@@ -135,7 +135,7 @@ def apply_overrides(config, overrides, model_defaults):
     return config
 
 
-def load_config(path, section, overrides=(), model_defaults_for=lambda name: {}):
+def load_config(path, section, overrides=(), model_defaults_for=lambda name: {}, stored_config_for=lambda path: None):
     """The fully resolved, checked config of one section with command-line overrides applied.
 
     model_defaults_for(name) returns the builder's keyword defaults for model `name`; they fill the
@@ -151,7 +151,9 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {})
         check_keys(resolved, sections[BASE], defaults, f"{path} [{name}]")
     config = resolve_section(sections, section, path)
     model_name = config.get("model", {}).get("name", "")
-    config = apply_overrides(config, overrides, model_defaults_for(model_name))
+    config = carry_from_checkpoint(config, apply_overrides(copy.deepcopy(config), overrides,
+                                                           model_defaults_for(model_name)), stored_config_for)
+    config = apply_overrides(config, overrides, model_defaults_for(config.get("model", {}).get("name", "")))
     if not model_name:
         return config
     if not model_defaults_for(config["model"]["name"]):
@@ -161,6 +163,25 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {})
                 for key, value in model_defaults_for(config["model"]["name"]).items() if value is not None}
     config["model"] = {"name": config["model"]["name"], **defaults,
                        **{key: value for key, value in config["model"].items() if key != "name"}}
+    return config
+
+
+CARRIED_DATA = ("dataset", "root", "val_splits", "classes", "palette", "label_suffix", "reduce_zero_label", "test_scale")
+
+
+def carry_from_checkpoint(config, overridden, stored_config_for):
+    """When `weights` (after the overrides) is a seg checkpoint of an evaluate, predict, export or train task, the
+    section's model table, dataset and test size become the ones it was trained with; overrides still apply after.
+    stored_config_for(path) -> the stored config or None (mmseg/detectron2 files keep the section's)."""
+    stored = overridden.get("weights") and overridden.get("task") in ("train", "evaluate", "predict", "export") and \
+        stored_config_for(overridden["weights"])
+    if not stored or "model" not in stored:
+        return config
+    config = {**config, "model": copy.deepcopy(stored["model"]), "data": dict(config["data"])}
+    taken = ["model"] + [f"data.{key}" for key in CARRIED_DATA if key in stored.get("data", {})]
+    config["data"].update({key.split(".")[1]: copy.deepcopy(stored["data"][key.split(".")[1]]) for key in taken[1:]})
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{overridden['weights']}: took {', '.join(taken)} from the checkpoint (command-line overrides win)")
     return config
 
 
@@ -195,18 +216,20 @@ def _literal(value):
     return repr(value)
 
 
-CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf16"), "data.dataset": ("voc", "cityscapes"),
+CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf16"),
+           "data.dataset": ("voc", "cityscapes"),
            "data.jitter_on": ("auto", "loader", "device"), "test.mode": ("whole", "slide"),
            "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid")}
 AT_LEAST = {"iterations": 1, "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
             "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1, "bench.warmup": 0,
             "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1}
 SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw",
-         "bench.eval_hw")
+         "bench.eval_hw", "export.hw")
 POSITIVE_LISTS = ("data.ratio_range", "data.short_edges", "test.scales")
 CHECKPOINT = "a seg, mmsegmentation or detectron2 checkpoint"
 REQUIRED = {"evaluate": {"weights": CHECKPOINT}, "predict": {"weights": CHECKPOINT, "input": "an image, a folder or "
-            "a glob", "output": "the folder for label maps and overlays"}}
+            "a glob", "output": "the folder for label maps and overlays"}, "export": {"weights": CHECKPOINT,
+            "output": "the .onnx file to write"}}
 WRITES_OUTPUT_DIR = ("train", "evaluate", "demo", "bench", "data_bench")
 
 
@@ -247,6 +270,9 @@ def validate(config):
         check_writable_folder(config["output_dir"], "output_dir")
     if config["task"] == "predict":
         check_writable_folder(config["output"], "output")
+    if config["task"] == "export":
+        check("output", config["output"].endswith(".onnx"), "a path ending in .onnx")
+        check_writable_folder(os.path.dirname(os.path.abspath(config["output"])), "output")
     return config
 
 

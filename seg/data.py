@@ -21,10 +21,9 @@ CITYSCAPES_CLASSES = (
 CITYSCAPES_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
                       (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
                       (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
-# cityscapesScripts helpers/labels.py: label id -> train id of the 19 evaluated classes; all else is ignored
-_CITYSCAPES_TRAIN_ID_OF = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-                           24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-CITYSCAPES_ID_TO_TRAINID = np.array([_CITYSCAPES_TRAIN_ID_OF.get(i, 255) for i in range(256)], np.uint8)
+# cityscapesScripts helpers/labels.py: the label ids of train ids 0..18 (the evaluated classes); all else is ignored
+CITYSCAPES_ID_TO_TRAINID = np.full(256, IGNORE_INDEX, np.uint8)
+CITYSCAPES_ID_TO_TRAINID[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
 LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
                "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`"}
 
@@ -75,34 +74,6 @@ def cityscapes_items(root, splits):
     return items
 
 
-def load_item(items, index, num_classes, hint="", reader=None):
-    """(image uint8 H×W×3 BGR, label uint8 H×W) of item `index`: decoded, or from `reader` = (image_fn, label_fn)."""
-    if reader is not None:
-        return reader[0](index), reader[1](index)
-    image_path, label_path = items[index]
-    image, label = read_image_bgr(image_path), read_label(label_path, num_classes, hint)
-    check_same_size(image, label, image_path, label_path)
-    return image, label
-
-
-class TrainDataset(torch.utils.data.Dataset):
-    """Keys are (index, stream position) from InfiniteShardedSampler; a sample is (image, label, jitter): jittered
-    here (numpy) and jitter None with jitter_in_loader, else the parameters for the device (colour.apply_jitter)."""
-
-    def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None, jitter_in_loader=True):
-        self.items, self.sample_fn, self.num_classes = items, sample_fn, num_classes
-        self.seed, self.hint, self.reader, self.jitter_in_loader = seed, hint, reader, jitter_in_loader
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, key):
-        index, position = key
-        image, label = load_item(self.items, index, self.num_classes, self.hint, self.reader)
-        image, label, jitter = self.sample_fn(np.random.default_rng([self.seed, position]), image, label)
-        return (colour.jittered(image, jitter), label, None) if self.jitter_in_loader else (image, label, jitter)
-
-
 class EvalDataset(torch.utils.data.Dataset):
     """(resize_fn(image): the test-resized image views, original-size label)."""
 
@@ -114,8 +85,30 @@ class EvalDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        image, label = load_item(self.items, index, self.num_classes, self.hint, self.reader)
+        image, label = self.load(index)
         return self.resize_fn(image), label
+
+    def load(self, index):
+        """(image uint8 H×W×3 BGR, label uint8 H×W) of item `index`: decoded, or from reader = (image_fn, label_fn)."""
+        if self.reader is not None:
+            return self.reader[0](index), self.reader[1](index)
+        image_path, label_path = self.items[index]
+        image, label = read_image_bgr(image_path), read_label(label_path, self.num_classes, self.hint)
+        check_same_size(image, label, image_path, label_path)
+        return image, label
+
+
+class TrainDataset(EvalDataset):
+    """Keys are (index, stream position) from InfiniteShardedSampler; a sample is (image, label, jitter): jittered
+    here (numpy) and jitter None with jitter_in_loader, else the parameters for the device (colour.apply_jitter)."""
+
+    def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None, jitter_in_loader=True):
+        super().__init__(items, None, num_classes, hint, reader)
+        self.sample_fn, self.seed, self.jitter_in_loader = sample_fn, seed, jitter_in_loader
+
+    def __getitem__(self, key):
+        image, label, jitter = self.sample_fn(np.random.default_rng([self.seed, key[1]]), *self.load(key[0]))
+        return (colour.jittered(image, jitter), label, None) if self.jitter_in_loader else (image, label, jitter)
 
 
 class InfiniteShardedSampler(torch.utils.data.Sampler):
@@ -148,8 +141,7 @@ def collate(samples, divisor=1, min_hw=(0, 0)):
     """[(image uint8 H×W×3, label uint8 H×W[, jitter or None])] -> batch padded bottom/right to ≥ min_hw and a multiple
     of divisor: "image" uint8 N×3×H×W (padding 0, re-zeroed after normalising), "label" uint8 N×H×W (padding 255, int64
     on the device: 8× fewer bytes to copy), "hw" int64 N×2 valid sizes, "jitter" int16 N×colour.JITTER_SIZE."""
-    height = pad_to(max(min_hw[0], *(sample[0].shape[0] for sample in samples)), divisor)
-    width = pad_to(max(min_hw[1], *(sample[0].shape[1] for sample in samples)), divisor)
+    height, width = (pad_to(max(min_hw[d], *(sample[0].shape[d] for sample in samples)), divisor) for d in (0, 1))
     images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
     labels = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.uint8)
     for i, (image, label, *_) in enumerate(samples):

@@ -12,9 +12,14 @@ Metrics come from a dataset-level confusion matrix (rows truth, columns predicti
 without per-image host reads, then all-reduced; no prediction maps are kept.
 """
 import collections
+import contextlib
 import glob
+import importlib
+import io
 import itertools
+import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -301,3 +306,60 @@ def output_stems(paths):
         seen[stem] += 1
         stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
     return stems
+
+
+class ExportGraph(torch.nn.Module):
+    """What an exported file computes: uint8 N×3×H×W BGR `image` (normalised inside the model) -> float32 N×K×H×W
+    `logits` at the input size, exactly whole_logits (PointRend's subdivision steps included), and int64 N×H×W
+    `label`, their argmax."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, image):
+        logits = whole_logits(self.model, image)
+        return logits, logits.argmax(dim=1)
+
+
+def optional_import(name, pip):
+    """Import an optional dependency, or UserError naming the pip command that installs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"this needs the optional package {name}: pip install {pip}") from None
+
+
+def export_onnx(model, hw, path, opset=18):
+    """Write ExportGraph(model) for H×W = hw images to `path` (ONNX, dynamic batch), atomically. torch.onnx's
+    dynamo exporter: the TorchScript one cannot export PSPNet's adaptive pooling to 3 and 6 bins."""
+    optional_import("onnxscript", "onnx onnxscript onnxruntime")
+    example = torch.zeros(2, 3, *hw, dtype=torch.uint8)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # notes on torchvision ops seg does not use
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(ExportGraph(model), (example,), dynamo=True, opset_version=opset,
+                                    input_names=["image"], output_names=["logits", "label"],
+                                    dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
+    files.write_bytes_atomic(program.model_proto.SerializeToString(), path)
+
+
+def is_seg_onnx(path):
+    """True for an ONNX file with ExportGraph's inputs and outputs (one seg wrote, safe to replace)."""
+    onnx = optional_import("onnx", "onnx onnxscript onnxruntime")
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - not a readable ONNX file
+        return False
+    return [x.name for x in graph.input] == ["image"] and [x.name for x in graph.output] == ["logits", "label"]
+
+
+@torch.no_grad()
+def compare_onnx(path, model, images):
+    """(share of pixels whose labels agree, max |Δlogit|) between onnxruntime on `path` and eager ExportGraph(model)
+    for uint8 N×3×H×W BGR `images`."""
+    runtime = optional_import("onnxruntime", "onnxruntime")
+    session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, label = session.run(["logits", "label"], {"image": images.numpy()})
+    eager_logits, eager_label = ExportGraph(model)(images)
+    return float((label == eager_label.numpy()).mean()), float(np.abs(logits - eager_logits.numpy()).max())

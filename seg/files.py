@@ -1,9 +1,8 @@
-"""What seg reads and writes besides checkpoints: UserError, atomic writes, image and label decoding and encoding,
-and the decoded-image cache (`data.cache = true`): decoding dominates the data pipeline (a 2048×1024 Cityscapes PNG
-takes ~50 ms with Pillow, the whole detectron2 mapper ~105 ms), so every image (BGR H×W×3) and label (H×W) of an item
-list is decoded once into one file that loader workers memory-map (shared pages; a sample costs a copy). Layout: a
-64-byte header (MAGIC, index offset and length as little-endian uint64), arrays on 64-byte boundaries, a JSON index
-(item paths, their (size, mtime_ns), each array's offset and shape); rebuilt when any of those change."""
+"""What seg reads and writes besides checkpoints: UserError, atomic writes, image and label decoding and encoding, and
+the decoded-image cache (`data.cache = true`). Decoding dominates the data pipeline (a 2048×1024 Cityscapes PNG takes
+~50 ms in Pillow, the whole detectron2 mapper ~105 ms), so an item list's images and labels are decoded once into one
+file that loader workers memory-map (shared pages): a 64-byte header (MAGIC, index offset and length as little-endian
+uint64), 64-byte aligned arrays, a JSON index (item paths, (size, mtime_ns), offsets, shapes; rebuilt on change)."""
 import concurrent.futures
 import contextlib
 import glob
@@ -20,8 +19,7 @@ from PIL import Image, ImageOps
 
 IGNORE_INDEX = 255
 _IGNORE_COLOUR = (224, 224, 192)  # colour of index 255 in the official VOC PNGs
-# Pillow's errors for unreadable files; DecompressionBombError: a picture over ~179 megapixels
-_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)  # bomb: over ~179 megapixels
 MAGIC, VERSION, HEADER_BYTES, ALIGN = b"SEGCACHE1", 1, 64, 64  # decoded-image cache file
 
 
@@ -112,10 +110,8 @@ def write_label_png(path, label, palette=None):
         raise ValueError(f"label must be a uint8 H×W array, got {label.dtype} {label.shape}")
     image = Image.fromarray(label)
     if palette is not None:
-        colours = ([tuple(c) for c in palette] + [(0, 0, 0)] * 256)[:256]
-        if len(palette) < 256:
-            colours[255] = _IGNORE_COLOUR
-        image.putpalette([value for colour in colours for value in colour])
+        colours = [tuple(c) for c in palette] + [(0, 0, 0)] * (255 - len(palette)) + [_IGNORE_COLOUR]
+        image.putpalette([value for colour in colours[:256] for value in colour])
     write_atomic(path, lambda file: image.save(file, format="PNG"))
 
 
@@ -145,34 +141,21 @@ def file_stats(items):
 
 def read_index(path):
     """The index dict of a complete cache file, or None when there is no (readable) file."""
-    try:
-        with open(path, "rb") as handle:
-            header = handle.read(HEADER_BYTES)
-            if len(header) < HEADER_BYTES or not header.startswith(MAGIC):
-                return None
+    with contextlib.suppress(OSError, ValueError), open(path, "rb") as handle:
+        header = handle.read(HEADER_BYTES)
+        if len(header) == HEADER_BYTES and header.startswith(MAGIC):
             offset, length = struct.unpack_from("<QQ", header, len(MAGIC))
             handle.seek(offset)
             index = json.loads(handle.read(length))
-    except (OSError, ValueError):
-        return None
-    return index if index.get("version") == VERSION else None
+            return index if index.get("version") == VERSION else None
+    return None
 
 
 def is_current(index, items):
     """True when the index was built from exactly these items, with unchanged sizes and mtimes."""
-    try:
-        return (index is not None and index["items"] == [list(item) for item in items]
-                and index["stats"] == file_stats(items))
-    except OSError:
-        return False
-
-
-def _write_array(handle, array):
-    """Append a C-contiguous array at the next 64-byte boundary; returns [offset, shape]."""
-    offset = -(-handle.tell() // ALIGN) * ALIGN
-    handle.write(b"\0" * (offset - handle.tell()))
-    handle.write(np.ascontiguousarray(array).tobytes())
-    return [offset, list(array.shape)]
+    with contextlib.suppress(OSError):  # a file vanished
+        return index is not None and index["items"] == list(map(list, items)) and index["stats"] == file_stats(items)
+    return False
 
 
 def build_cache(items, path, read_image, read_label, log=print, workers=1, lock_path=None):
@@ -185,7 +168,11 @@ def build_cache(items, path, read_image, read_label, log=print, workers=1, lock_
         with open(temporary, "wb") as handle, concurrent.futures.ThreadPoolExecutor(workers) as pool:
             handle.write(b"\0" * HEADER_BYTES)
             for number, (image, label) in enumerate(_decode_in_order(pool, items, read_image, read_label, workers), 1):
-                entries.append([_write_array(handle, image), _write_array(handle, label)])
+                entries.append([])
+                for array in (image, label):  # each at the next 64-byte boundary, C-contiguous
+                    handle.write(b"\0" * (-handle.tell() % ALIGN))
+                    entries[-1].append([handle.tell(), list(array.shape)])
+                    handle.write(np.ascontiguousarray(array).tobytes())
                 if lock_path is not None and time.time() - touched >= 1.0:
                     touched = time.time()
                     with contextlib.suppress(OSError):
@@ -221,29 +208,29 @@ def _decode_in_order(pool, items, read_image, read_label, workers):
 def _lock_is_stale(lock_path, stale_s):
     """A lock is stale when its holder (same host) has exited or it was not refreshed for stale_s."""
     try:
-        with open(lock_path) as handle:
-            host, pid = handle.read().split()
         age = time.time() - os.path.getmtime(lock_path)
-    except (OSError, ValueError):
-        return False  # vanished or being written: look again on the next poll
-    if host == socket.gethostname():
+        with open(lock_path) as handle:
+            owner = handle.read().split()
+    except OSError:
+        return False  # vanished: look again on the next poll
+    if len(owner) == 2 and owner[0] == socket.gethostname():
         try:
             with contextlib.suppress(PermissionError):  # alive, owned by someone else
-                os.kill(int(pid), 0)
+                os.kill(int(owner[1]), 0)
         except ProcessLookupError:
             return True
-    return age > stale_s
+    return age > stale_s  # an unparseable lock too: young, being written; old, its writing failed
 
 
 def ensure_cache(items, path, read_image, read_label, log=print, workers=1, stale_s=300.0, poll_s=0.5):
-    """A CachedReader for `items`, building the cache if missing or out of date. Safe from every process at once:
-    the one that creates `<path>.lock` (O_EXCL) builds; the others poll for the cache (or, if it fails, one of them
-    builds). A lock whose process died or that is not refreshed for `stale_s` is taken over."""
+    """A CachedReader for `items`, built if missing or out of date. Safe from every process at once: the one that
+    creates `<path>.lock` builds; the others poll (one of them builds if that fails or the lock goes stale)."""
     lock_path, logged_wait = path + ".lock", False
     while not is_current(read_index(path), items):
         os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
         try:
-            descriptor = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # & ~umask, like open()
+            with open(lock_path, "x") as handle:  # O_EXCL: one builder
+                handle.write(f"{socket.gethostname()} {os.getpid()}")
         except FileExistsError:
             if _lock_is_stale(lock_path, stale_s):
                 log(f"cache {path}: taking over a stale lock")
@@ -255,8 +242,6 @@ def ensure_cache(items, path, read_image, read_label, log=print, workers=1, stal
                 logged_wait = True
             time.sleep(poll_s)
             continue
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(f"{socket.gethostname()} {os.getpid()}")
         try:
             if not is_current(read_index(path), items):  # another builder may have just finished
                 for temporary in glob.glob(glob.escape(path) + ".tmp-*"):  # of builds that died (maybe gigabytes)

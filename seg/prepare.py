@@ -1,7 +1,5 @@
-"""Dataset preparation: VOC12aug labels from SBD, Cityscapes trainIds, and small generated demo datasets.
-
-Files are written atomically (temporary file, then rename), so a rerun skips what an interrupted one finished.
-Layouts (spec pspnet.md §4, pointrend.md §4):
+"""Dataset preparation: VOC12aug labels from SBD, Cityscapes trainIds, and small generated demo datasets. Files are
+written atomically, so a rerun skips what an interrupted one finished. Layouts (spec pspnet.md §4, pointrend.md §4):
     data/VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, SegmentationClassAug, ImageSets/Segmentation/*.txt}
     data/VOCdevkit/VOCaug/dataset/{cls/*.mat, train.txt, val.txt}     # SBD benchmark_RELEASE/dataset
     cityscapes/{leftImg8bit, gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_*}.png
@@ -23,8 +21,7 @@ _VOC_HINT = ("Download VOCtrainval_11-May-2012.tar (PASCAL VOC 2012) and extract
 _SBD_HINT = ("Download SBD's benchmark.tgz and move its benchmark_RELEASE/dataset folder (with cls/*.mat, "
              "train.txt, val.txt) to data/VOCdevkit/VOCaug/dataset.")
 _CITYSCAPES_HINT = ("Download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from cityscapes-dataset.com "
-                    "and unzip both into one folder, giving <root>/gtFine/{train,val,test}/<city>/ and "
-                    "<root>/leftImg8bit/{train,val,test}/<city>/.")
+                    "and unzip both into one folder, giving <root>/{gtFine,leftImg8bit}/{train,val,test}/<city>/.")
 
 
 def _require(hint, *paths):
@@ -69,8 +66,7 @@ def _convert_sbd_mat(job):
 
 def prepare_voc_aug(voc_root, sbd_root, log=print, workers=4):
     """Build VOC12aug: SegmentationClassAug/*.png from SBD cls/*.mat, and ImageSets/Segmentation/{aug,trainaug}.txt.
-    Splits are checked before anything is written; finished PNGs are skipped.
-    Returns {"converted", "skipped", "voc_train", "voc_val", "aug", "trainaug"} counts."""
+    Checks splits first, skips finished PNGs; returns {converted, skipped, voc_train, voc_val, aug, trainaug} counts."""
     voc_root, sbd_root = Path(voc_root), Path(sbd_root)
     split_folder = voc_root / "ImageSets" / "Segmentation"
     _require(_VOC_HINT, voc_root, split_folder / "train.txt", split_folder / "val.txt")
@@ -131,10 +127,9 @@ def _check_cityscapes_images(root, split):
 
 
 def prepare_cityscapes(root, workers=4, log=print):
-    """Write gtFine/*/<city>/*_gtFine_labelTrainIds.png from the *_gtFine_labelIds.png beside it, in parallel.
-    Same classes as cityscapesScripts' createTrainIdLabelImgs.py (spec pointrend.md §6.6); a target newer than its
-    source is skipped; every train/val image needs a labelIds file (else UserError).
-    Returns {"train": images, "val": images, "converted": n, "skipped": n}."""
+    """Write gtFine/*/<city>/*_gtFine_labelTrainIds.png beside each *_gtFine_labelIds.png, in parallel, with the classes
+    of cityscapesScripts' createTrainIdLabelImgs.py (spec pointrend.md §6.6), skipping targets newer than their source.
+    A train/val image without a labelIds file: UserError. Returns counts {train, val (images), converted, skipped}."""
     root = Path(root)
     _require(_CITYSCAPES_HINT, root, root / "gtFine", root / "leftImg8bit")
     counts = {split: _check_cityscapes_images(root, split) for split in ("train", "val")}
@@ -156,12 +151,14 @@ def prepare_cityscapes(root, workers=4, log=print):
 
 _DEMO_VERSION = 3  # bump when the generators change, so old demo folders are not silently reused
 _PICK_ANOTHER = "pick another data_root or empty that folder"
+_DEMO_VOC_SHAPES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}  # aeroplane, bicycle, bird, boat
+_DEMO_CITY_COLOURS = {7: (110, 100, 110), 8: (170, 150, 160), 11: (120, 90, 70), 21: (70, 120, 40),
+                      23: (120, 170, 230), 4: (150, 140, 60), 1: (30, 30, 30), 0: (0, 0, 0)}  # label id: base RGB
 
 
 def _claim_demo_folder(root, parameters, generated_folders):
-    """True when `root` holds the finished demo of `parameters`. Else readies `root` for generating it: only a
-    missing or empty folder, or one whose `.demo_complete` marker shows a demo of this kind made it (UserError
-    otherwise); an earlier demo's generated folders are removed, so no stale image outlives a smaller rerun."""
+    """True when `root` holds the finished demo of `parameters`. Else claims it (only if missing, empty or marked by
+    `.demo_complete` as a demo of this kind; else UserError) and removes its generated folders: nothing stale stays."""
     marker = root / ".demo_complete"
     if marker.exists():  # written atomically: always complete JSON
         recorded = json.loads(marker.read_text())
@@ -200,9 +197,8 @@ def _shape_mask(kind, hw, centre_yx, radius, angle):
     if kind == "triangle":  # equilateral: inside the three edges, each at the inradius radius/2
         normals = (-np.pi / 2, np.pi / 6, 5 * np.pi / 6)
         return np.all([u * np.cos(a) + v * np.sin(a) <= radius / 2 for a in normals], axis=0)
-    if kind == "cross":
-        arm = radius / 3
-        return ((abs(u) <= radius) & (abs(v) <= arm)) | ((abs(v) <= radius) & (abs(u) <= arm))
+    if kind == "cross":  # arms radius / 3 wide
+        return ((abs(u) <= radius) & (abs(v) <= radius / 3)) | ((abs(v) <= radius) & (abs(u) <= radius / 3))
     raise ValueError(kind)
 
 
@@ -210,9 +206,6 @@ def _boundary_band(label):
     """Bool H×W: pixels with a differently labelled 8-neighbour (a band ~2 px wide along every class edge)."""
     (height, width), padded = label.shape, np.pad(label, 1, mode="edge")
     return np.any([padded[dy:dy + height, dx:dx + width] != label for dy in range(3) for dx in range(3)], axis=0)
-
-
-_DEMO_VOC_SHAPES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}  # aeroplane, bicycle, bird, boat
 
 
 def _demo_voc_sample(rng, hw):
@@ -232,18 +225,16 @@ def _demo_voc_sample(rng, hw):
 
 
 def make_demo_voc(root, n_train=320, n_val=40, size=(96, 128), seed=0):
-    """Generate a small deterministic dataset in the VOC12aug layout; returns `root`. Classes 1..4 (aeroplane,
-    bicycle, bird, boat) are a disc, square, triangle and cross, 1-3 per image. Of the `n_train` training images,
-    n_train // 2 are in train.txt (SegmentationClass: palette PNGs with a 255 band along edges, like VOC), the rest
-    in aug.txt (SegmentationClassAug: grayscale, no band, like SBD); trainaug.txt lists all, and SegmentationClassAug
-    also holds the train images (SBD overlaps VOC train). val.txt: `n_val` images."""
+    """Generate a small deterministic dataset in the VOC12aug layout; returns `root`. Classes 1..4 (aeroplane, bicycle,
+    bird, boat) are a disc, square, triangle and cross, 1-3 per image. The first n_train // 2 training images are in
+    train.txt (SegmentationClass: palette PNGs with a 255 band along edges, like VOC), the rest in aug.txt
+    (SegmentationClassAug: grayscale, no band, like SBD; it holds train too); trainaug.txt: all; val.txt: `n_val`."""
     root = Path(root)
     parameters = dict(kind="voc", n_train=n_train, n_val=n_val, size=list(size), seed=seed, version=_DEMO_VERSION)
     if _claim_demo_folder(root, parameters, ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets")):
         return root
     names = [f"2007_{index:06d}" for index in range(1, n_train + n_val + 1)]
-    n_voc_train = n_train // 2
-    splits = {"train": names[:n_voc_train], "val": names[n_train:], "aug": names[n_voc_train:n_train],
+    splits = {"train": names[:n_train // 2], "val": names[n_train:], "aug": names[n_train // 2:n_train],
               "trainaug": names[:n_train]}
     for index, name in enumerate(names):
         image, label = _demo_voc_sample(np.random.default_rng([seed, index]), tuple(size))
@@ -257,11 +248,6 @@ def make_demo_voc(root, n_train=320, n_val=40, size=(96, 128), seed=0):
         write_text_atomic("".join(f"{s}\n" for s in stems), root / "ImageSets" / "Segmentation" / f"{split}.txt")
     write_text_atomic(json.dumps(parameters, sort_keys=True), root / ".demo_complete")  # last: the demo is complete
     return root
-
-
-# Official Cityscapes label ids used by the demo, and their base colours (RGB) before per-image jitter.
-_DEMO_CITY_COLOURS = {7: (110, 100, 110), 8: (170, 150, 160), 11: (120, 90, 70), 21: (70, 120, 40),
-                      23: (120, 170, 230), 4: (150, 140, 60), 1: (30, 30, 30), 0: (0, 0, 0)}
 
 
 def _demo_cityscapes_sample(rng, hw):
@@ -278,10 +264,9 @@ def _demo_cityscapes_sample(rng, hw):
         column += block_width
     yy, xx = np.mgrid[0:height, 0:width]
     depth = np.clip((yy - horizon) / max(1, height - horizon), 0, 1)  # 0 at the horizon, 1 at the bottom
-    vanishing_x = rng.uniform(0.4, 0.6) * width
     below = yy >= horizon
-    ids[below] = 8
-    ids[below & (abs(xx - vanishing_x) <= (0.04 + 0.42 * depth) * width)] = 7
+    ids[below] = 8  # sidewalk, and a road narrowing towards a vanishing point
+    ids[below & (abs(xx - rng.uniform(0.4, 0.6) * width) <= (0.04 + 0.42 * depth) * width)] = 7
     image = np.zeros((height, width, 3), np.float32)
     for label_id in np.unique(ids):
         colour = np.asarray(_DEMO_CITY_COLOURS[int(label_id)]) + rng.uniform(-25, 25, size=3)
@@ -316,8 +301,7 @@ def make_demo_cityscapes(root, n_train=32, n_val=8, size=(128, 256), seed=0):
     scenes with official label ids road 7, sidewalk 8, building 11, vegetation 21, sky 23, person 24, car 26 and the
     ignored ids 0 (border), 1 (ego vehicle), 4 (static box). Train images in aachen and bremen, val in frankfurt."""
     root = Path(root)
-    parameters = dict(kind="cityscapes", n_train=n_train, n_val=n_val, size=list(size), seed=seed,
-                      version=_DEMO_VERSION)
+    parameters = dict(kind="cityscapes", n_train=n_train, n_val=n_val, size=[*size], seed=seed, version=_DEMO_VERSION)
     if _claim_demo_folder(root, parameters, ("leftImg8bit", "gtFine")):
         return root
     cities = {"train": ("aachen", "bremen"), "val": ("frankfurt",)}

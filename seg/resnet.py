@@ -13,13 +13,10 @@ STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
 def normalize_and_pad(image, hw, mean, std, rgb, divisor):
-    """A padded batch of BGR images -> network input.
-
-    image: N×3×H×W uint8 (or float) in 0..255, BGR; hw: int N×2 valid (height, width), padding at bottom/right.
-    mean, std: 3 values in the model's channel order (RGB if `rgb`: flip BGR to RGB first).
-    divisor: pad H and W up to a multiple of it (1 = none). Returns float32 N×3×H'×W', (x - mean) / std inside
-    each valid area and exactly 0 elsewhere: both references pad after normalising (0 = the mean colour).
-    """
+    """A padded batch of BGR images -> network input. image: N×3×H×W uint8 (or float) in 0..255, BGR; hw: int N×2
+    valid (height, width), padding at bottom/right; mean, std: 3 values in the model's channel order (RGB if `rgb`:
+    flip BGR to RGB first); divisor: pad H, W up to a multiple of it (1 = none). Returns float32 N×3×H'×W':
+    (x - mean) / std inside each valid area, exactly 0 elsewhere (both references pad after normalising: 0 = mean)."""
     x = image.float().flip(1) if rgb else image.float()
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
     x = (x - mean) / std
@@ -30,16 +27,13 @@ def normalize_and_pad(image, hw, mean, std, rgb, divisor):
     cols = torch.arange(width, device=x.device).view(1, 1, width) < hw[:, 1].view(-1, 1, 1)
     x = x.masked_fill(~(rows & cols).unsqueeze(1), 0.0)
     pad_h, pad_w = -height % divisor, -width % divisor
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
-    return x
+    return F.pad(x, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else x
 
 
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine terms, all buffers: y = x·scale + shift per channel, with
     scale = weight / sqrt(running_var + eps), shift = bias - running_mean·scale; train()/eval() change nothing.
-    A fresh one is the identity (running_var = 1 - eps, as in detectron2).
-    """
+    A fresh one is the identity (running_var = 1 - eps, as in detectron2)."""
 
     def __init__(self, num_features, eps=1e-5):
         super().__init__()
@@ -111,22 +105,17 @@ class BottleneckV1c(nn.Module):
         return F.relu(y + shortcut, inplace=True)
 
 
-def deep_stem(stem_channels, norm):
-    """3x3 convs 3 -> stem/2 -> stem/2 -> stem (first stride 2), each + norm + ReLU; convs 0/3/6, norms 1/4/7."""
-    half = stem_channels // 2
-    layers = []
-    for cin, cout, stride in ((3, half, 2), (half, half, 1), (half, stem_channels, 1)):
-        layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), make_norm(norm, cout),
-                   nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
-
 class ResNetV1c(nn.Module):
     """Deep-stem ResNet with dilated late stages (mmseg ResNetV1c). Built by build_resnet_v1c."""
 
     def __init__(self, blocks, dilations, strides, contract_dilation, stem_channels, base_channels, norm):
         super().__init__()
-        self.stem = deep_stem(stem_channels, norm)
+        # Deep stem, 3x3 convs 3 -> stem/2 -> stem/2 -> stem (first stride 2) + norm + ReLU: convs 0/3/6, norms 1/4/7
+        half, stem = stem_channels // 2, []
+        for cin, cout, stride in ((3, half, 2), (half, half, 1), (half, stem_channels, 1)):
+            stem += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), make_norm(norm, cout),
+                     nn.ReLU(inplace=True)]
+        self.stem = nn.Sequential(*stem)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.out_channels = []
         in_channels = stem_channels
@@ -273,8 +262,7 @@ class FPN(nn.Module):
         for level in (4, 3, 2):
             lateral = getattr(self, f"fpn_lateral{level}")(features[f"res{level}"])
             # size= as the NPU interpolate has no scale_factor; with H, W multiples of 32 this is nearest x2
-            top_down = F.interpolate(merged, size=lateral.shape[-2:], mode="nearest")
-            merged = lateral + top_down
+            merged = lateral + F.interpolate(merged, size=lateral.shape[-2:], mode="nearest")
             outputs[f"p{level}"] = getattr(self, f"fpn_output{level}")(merged)
         return {name: outputs[name] for name in ("p2", "p3", "p4", "p5")}
 

@@ -10,25 +10,21 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 from seg import bench, checkpoint, data, dist, evaluate, files, pointrend, prepare, pspnet, resnet, train, transforms
 from seg.files import UserError
 
 MODELS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
-FORWARDED_KWARGS = {"pointrend": resnet.build_resnet_fpn}  # build_pointrend passes **backbone_kwargs on
 
 
 def builder_defaults(name):
-    """The builder's keyword arguments and defaults: the keys a config's [model] table may set."""
-    defaults = {}
-    for function in (FORWARDED_KWARGS.get(name), MODELS.get(name)):
-        if function is not None:
-            defaults.update({key: p.default for key, p in inspect.signature(function).parameters.items()
-                             if p.default is not inspect.Parameter.empty})
-    if name in FORWARDED_KWARGS:  # set by build_pointrend itself
-        defaults.pop("out_channels", None)
-    return defaults
+    """The builder's keyword arguments and defaults: the keys a config's [model] table may set. build_pointrend
+    passes **backbone_kwargs on to build_resnet_fpn (whose out_channels it sets itself)."""
+    functions = [resnet.build_resnet_fpn, pointrend.build_pointrend] if name == "pointrend" else [MODELS.get(name)]
+    parameters = [p for function in functions if function for p in inspect.signature(function).parameters.values()]
+    return {p.name: p.default for p in parameters if p.default is not p.empty and p.name != "out_channels"}
 
 
 def build_model(model_table):
@@ -153,9 +149,10 @@ def train_task(config, load_section=None):
     if batch_size % world_size:
         raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes")
     dataset = train_dataset(config, jitter_in_loader(config, torch_device.type))
-    loader = data.train_loader(dataset, batch_size // world_size, rank, world_size, config["seed"],
-                               config["data"]["workers"], torch_device.type != "cpu", start=first * batch_size // world_size,
-                               divisor=model.size_divisibility, min_hw=training_pad_hw(config))
+    per_device = batch_size // world_size
+    loader = data.train_loader(dataset, per_device, rank, world_size, config["seed"], config["data"]["workers"],
+                               torch_device.type != "cpu", start=first * per_device, divisor=model.size_divisibility,
+                               min_hw=training_pad_hw(config))
     runner = speedups(model, config, torch_device, say)
     meter = train.Meter(batch_size, torch_device)
     training_loop(config, runner, model, optimizer, scaler, data.prefetch(loader, torch_device), first, meter,
@@ -163,11 +160,7 @@ def train_task(config, load_section=None):
     if meter.summary(world_size):
         say(meter.summary(world_size), flush=True)
     if config["measure_pipeline"] and rank == 0:
-        rate = bench.pipeline_images_per_s(dataset, model.size_divisibility)
-        where = "colour jitter in the loader" if dataset.jitter_in_loader else "colour jitter on the device"
-        workers = config["data"]["workers"]
-        print(f"input pipeline: {rate:.1f} images/s per worker (decode + augment + collate, {where}; measured in the "
-              f"main process); {workers} workers per device give up to {rate * max(workers, 1):.0f} images/s")
+        print(bench.pipeline_report(dataset, model.size_divisibility, config["data"]["workers"]))
     dist.cleanup()
 
 
@@ -207,7 +200,7 @@ def log_record(record, output_dir, rank):
         last = checkpoint.latest_checkpoint(output_dir)
         where = f"resume from {last} (resume=true) " if last else "restart "
         raise UserError(f"the loss is not finite (NaN or inf) by iteration {record['iteration']} ({record}); {where}"
-                        f"with a lower optimizer.lr, amp=\"bf16\" or a static loss_scale, or start from pretrained weights")
+                        f"with a lower optimizer.lr, amp=\"bf16\" or a static loss_scale, or from pretrained weights")
     if rank != 0:
         return
     losses = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
@@ -335,7 +328,8 @@ def predict_task(config, load_section=None):
     model = model_with_weights(config, torch_device, say).eval()
     info = data.dataset_info(config["data"]["dataset"])
     palette, names = evaluate.palette_and_names(info["palette"], info["classes"], config["model"]["num_classes"])
-    jobs, written, told = jobs[rank::world_size], 0, False
+    test, autocast, jobs = config["test"], autocast_of(config, torch_device), jobs[rank::world_size]
+    written = told = 0
     for number, (path, stem) in enumerate(jobs, 1):
         begin = time.perf_counter()
         try:
@@ -343,12 +337,11 @@ def predict_task(config, load_section=None):
         except UserError as error:
             print(f"warning: skipping {path}: {error}", file=sys.stderr, flush=True)
             continue
-        label, slide = evaluate.predict_label(model, image, config["test"], config["data"]["test_scale"],
-                                              autocast_of(config, torch_device))
+        label, slide = evaluate.predict_label(model, image, test, config["data"]["test_scale"], autocast)
         if slide and not told:
             told = True
-            say(f"note: images whose test-resized long side exceeds test.max_size = {config['test']['max_size']} run "
-                f"in slide mode (test.crop_hw = {config['test']['crop_hw']}, test.stride_hw = {config['test']['stride_hw']})")
+            say(f"note: images whose test-resized long side exceeds test.max_size = {test['max_size']} run in slide "
+                f"mode (test.crop_hw = {test['crop_hw']}, test.stride_hw = {test['stride_hw']})")
         evaluate.write_prediction(config["output"], stem, image[:, :, ::-1], label, palette, names)
         written += 1
         print(f"{number}/{len(jobs)} {os.path.basename(path)} {image.shape[0]}x{image.shape[1]} "
@@ -358,6 +351,29 @@ def predict_task(config, load_section=None):
         raise UserError(f"input={config['input']}: none of its {len(jobs)} files could be read as an image")
     print(f"wrote {written} label maps and overlays to {config['output']}")
     return written
+
+
+def export_task(config, load_section=None):
+    """`weights` as an ONNX file at `output`, then run in onnxruntime on a few images (`input`, resized to
+    export.hw, or generated ones) against seg's own prediction: exit 2 below 99.9% label agreement."""
+    hw, path = tuple(config["export"]["hw"]), config["output"]
+    if os.path.exists(path) and not evaluate.is_seg_onnx(path):
+        raise UserError(f"output={path} exists and is not an ONNX file seg wrote; remove it or choose another path")
+    model = model_with_weights(config, torch.device("cpu"), print).eval()
+    evaluate.export_onnx(model, hw, path)
+    if config["input"]:
+        photos = [files.read_image_bgr(photo, upright=True) for photo in evaluate.list_images(config["input"])[:4]]
+        images = torch.from_numpy(np.stack([transforms.resize_image(photo, hw) for photo in photos]))
+        images = images.permute(0, 3, 1, 2).contiguous()
+    else:
+        images = torch.randint(0, 256, (2, 3, *hw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    agreement, difference = evaluate.compare_onnx(path, model, images)
+    print(f"wrote {path}: image uint8 N×3×{hw[0]}×{hw[1]} BGR -> logits, label; onnxruntime vs seg on {len(images)} "
+          f"images: labels agree on {100 * agreement:.4f}% of pixels, max |Δlogit| {difference:.2e}")
+    if agreement < 0.999:
+        raise UserError(f"{path}: onnxruntime's labels agree with seg's on only {100 * agreement:.3f}% of pixels "
+                        f"(below 99.9%); the file is not a faithful export, do not deploy it")
+    return agreement, difference
 
 
 def demo_task(config, load_section=None):
@@ -372,7 +388,8 @@ def demo_task(config, load_section=None):
     train_task(config)
     if int(os.environ.get("RANK", "0")) == 0 and config["save_predictions"]:
         model = build_model(config["model"])
-        model.load_state_dict(checkpoint.load_training_state(checkpoint.latest_checkpoint(config["output_dir"]))["model"])
+        state = checkpoint.load_training_state(checkpoint.latest_checkpoint(config["output_dir"]))
+        model.load_state_dict(state["model"])
         save_predictions(config, model, torch.device("cpu"))
 
 
@@ -380,7 +397,8 @@ def bench_task(config, load_section=None):
     torch_device, _, _ = dist.setup(config["device"])
     return bench.model_bench(lambda: build_model(config["model"]),
                              lambda model: train.build_optimizer(model, **config["optimizer"]), loss_function(config),
-                             config["bench"], torch_device, config["output_dir"], config["section"], seed=config["seed"],
+                             config["bench"], torch_device, config["output_dir"], config["section"],
+                             seed=config["seed"],
                              loss_scale=config["loss_scale"], num_classes=config["model"]["num_classes"])
 
 
@@ -401,6 +419,6 @@ def prepare_task(config, load_section=None):
     return prepare.prepare_voc_aug(root, os.path.join(config["data_root"], "VOCdevkit", "VOCaug", "dataset"))
 
 
-TASKS = {"train": train_task, "evaluate": evaluate_task, "predict": predict_task, "demo": demo_task,
-         "bench": bench_task, "data_bench": data_bench_task, "prepare_voc_aug": prepare_task,
+TASKS = {"train": train_task, "evaluate": evaluate_task, "predict": predict_task, "export": export_task,
+         "demo": demo_task, "bench": bench_task, "data_bench": data_bench_task, "prepare_voc_aug": prepare_task,
          "prepare_cityscapes": prepare_task}

@@ -83,7 +83,8 @@ def scaler_state(scaler):
 
 def load_scaler_state(scaler, state):
     if scaler.is_enabled() and state:
-        scaler.load_state_dict({**scaler.state_dict(), "scale": state["scale"], "_growth_tracker": state["clean_steps"]})
+        scaler.load_state_dict({**scaler.state_dict(), "scale": state["scale"],
+                                "_growth_tracker": state["clean_steps"]})
 
 
 def lr_at(iteration, base_lr, schedule, total):

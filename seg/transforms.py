@@ -7,8 +7,7 @@ original label, flip coin), resize_image_window (bit for bit that window of a fu
 Labels are resized exactly by OpenCV's (VOC) or Pillow's (Cityscapes) nearest rule, images with OpenCV
 INTER_LINEAR's geometry in float32 (README "Differences from the references"): VOC images ±1 on a few pixels
 (OpenCV's 11-bit weights; not checked against cv2), Cityscapes within 1 of Pillow BILINEAR upscaling, sharper
-downscaling (no antialiasing: mean ~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
-"""
+downscaling (no antialiasing: mean ~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes)."""
 
 import numpy as np
 

@@ -4,13 +4,14 @@ must not change outputs or gradients."""
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
 import torch
 
 import run
-from seg import bench, colour, config, tasks, train, transforms
+from seg import bench, colour, config, data, tasks, train, transforms
 from seg.pointrend import build_pointrend
 from seg.pspnet import build_pspnet
 
@@ -104,8 +105,13 @@ def test_pointrend_bench_and_recorded_failures(tmp_path, monkeypatch):
 
 
 def test_skip_reasons():
-    assert "contiguous_format" in bench.skip_reason("npu", "off", True, False)
-    assert bench.skip_reason("cpu", "bf16", True, True) is None
+    def measured(*combination):  # reached only when the combination is not skipped
+        raise RuntimeError("measured")
+
+    npu = types.SimpleNamespace(type="npu")
+    assert "contiguous_format" in bench.bench_combination(measured, BENCH, npu, {}, {}, "off", True, False)["note"]
+    assert bench.bench_combination(measured, BENCH, torch.device("cpu"), {}, {}, "bf16", True, True)["note"] == \
+        "RuntimeError: measured"
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "cuda", "bf16", 0)[0] == 989.4
     assert bench.peak_tflops("NVIDIA H100 PCIe", "cuda", "fp16", 0)[0] == 756.0
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "cuda", "fp32", 0)[0] in (19.5, 156.0)  # TF32 if allowed
@@ -144,13 +150,21 @@ def test_data_bench_rows_and_stages(tmp_path):
 
 @pytest.mark.parametrize("recipe", [VOC_RECIPE, CITYSCAPES_RECIPE])
 @pytest.mark.parametrize("jitter_in_loader", [True, False])
-def test_timed_stages_are_the_sampler(recipe, jitter_in_loader):
+def test_timed_stages_are_the_sampler(recipe, jitter_in_loader, monkeypatch):
     """The data benchmark times the sampler's own calls: the same samples, bit for bit, and rng state."""
-    image, label = bench.synthetic_scene(np.random.default_rng(3), (48, 64), recipe["num_classes"], 20.0)
-    for position in range(4):
-        rng, reference_rng = np.random.default_rng([0, position]), np.random.default_rng([0, position])
-        totals = dict.fromkeys(bench.STAGES, 0.0)
-        got = bench.timed_sample(recipe["dataset"], recipe["params"], rng, image, label, jitter_in_loader, totals)
+    scene = np.random.default_rng(3)  # 8×8 blocks of classes, 10% ignore, noise
+    label = np.kron(scene.integers(0, recipe["num_classes"], (6, 8)), np.ones((8, 8), np.int64)).astype(np.uint8)
+    label[scene.random(label.shape) < 0.1] = 255
+    image = scene.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    default_rng, collate, rngs, samples = np.random.default_rng, data.collate, [], []
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: rngs.append(default_rng(seed)) or rngs[-1])
+    monkeypatch.setattr(data, "collate", lambda batch: samples.extend(batch) or collate(batch))
+    options = {**BENCH, "warmup": 1, "steps": 3, "batch_size": 2}
+    row = bench.pipeline_row(recipe["dataset"], lambda index: (image, label), recipe["params"], 1, options,
+                             jitter_in_loader, torch.device("cpu"))
+    assert len(samples) == len(rngs) == 4
+    for position, (got, rng) in enumerate(zip(samples, rngs)):
+        reference_rng = default_rng([0, position])
         expected = transforms.TRAIN_SAMPLERS[recipe["dataset"]](reference_rng, image, label, **recipe["params"])
         if jitter_in_loader:
             expected = (colour.jittered(expected[0], expected[2]), expected[1], None)
@@ -160,7 +174,7 @@ def test_timed_stages_are_the_sampler(recipe, jitter_in_loader):
         if not jitter_in_loader:
             np.testing.assert_array_equal(got[2], expected[2])
         assert rng.random() == reference_rng.random()
-        assert all(totals[stage] > 0 for stage in ("crop_choice", "resize", "colour"))
+    assert all(row["stages_ms"][stage] > 0 for stage in ("crop_choice", "resize", "colour"))
 
 
 def tiny_pspnet():

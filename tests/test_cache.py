@@ -220,3 +220,20 @@ def test_the_cache_lock_is_an_ordinary_file_not_an_executable(tmp_path):
     finally:
         os.umask(previous)
     assert modes == [0o644]  # 0o666 & ~umask, what open() gives: not executable
+
+
+def test_an_empty_lock_is_waited_on_while_young_and_taken_over_once_stale(tmp_path):
+    items, results = write_items(tmp_path, [(20, 30)]), []
+    path, start = str(tmp_path / "c.u8cache"), time.time()
+    open(path + ".lock", "w").close()  # created, but writing the host and PID into it failed: it stays empty
+
+    def run():
+        results.append(files.ensure_cache(items, path, files.read_image_bgr, lambda p: files.read_label(p, 5),
+                                          stale_s=0.5, poll_s=0.02))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert results, "a waiter hangs on an empty lock"
+    assert time.time() - start >= 0.45  # while young it may be being written: waited for stale_s
+    assert np.array_equal(results[0].image(0), decode(items, 0)[0]) and not os.path.exists(path + ".lock")
