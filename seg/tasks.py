@@ -181,34 +181,14 @@ def training_loop(config, runner, model, optimizer, scaler, batches, first, mete
             print(f"iter {iteration}: fp16 gradients overflowed, step skipped; loss scale now {scaler.get_scale():g}")
         end = iteration == total
         if iteration % config["log_interval"] == 0 or end:
-            log_record(meter.read(iteration, total, optimizer.param_groups[0]["lr"]), config["output_dir"], rank)
+            record = meter.read(iteration, total, optimizer.param_groups[0]["lr"])
+            train.log_record(record, config["output_dir"], rank)
         with meter.paused():  # checkpoints and evaluations are not training time
-            if every(config["checkpoint_interval"], iteration, end):
+            if train.every(config["checkpoint_interval"], iteration, end):
                 save_checkpoint(config, model, optimizer, scaler, iteration, rank)
                 train.reseed(config["seed"], rank, iteration)
-            if every(config["eval_interval"], iteration, end and config["final_eval"]):
+            if train.every(config["eval_interval"], iteration, end and config["final_eval"]):
                 evaluate_and_report(config, model, torch_device, rank, world_size, iteration)
-
-
-def every(interval, iteration, at_end):
-    return at_end or (interval > 0 and iteration % interval == 0)
-
-
-def log_record(record, output_dir, rank):
-    """Rank 0 prints the record and appends it to metrics.jsonl; non-finite losses stop the run."""
-    if not train.finite(record):
-        last = checkpoint.latest_checkpoint(output_dir)
-        where = f"resume from {last} (resume=true) " if last else "restart "
-        raise UserError(f"the loss is not finite (NaN or inf) by iteration {record['iteration']} ({record}); {where}"
-                        f"with a lower optimizer.lr, amp=\"bf16\" or a static loss_scale, or from pretrained weights")
-    if rank != 0:
-        return
-    losses = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
-    print(f"iter {record['iteration']}/{record['total']}  {losses}  lr {record['lr']:.3e}  "
-          f"{record['images_per_s']:.1f} img/s  data {record['data_time_s']:.3f}s  "
-          f"eta {record['eta_min']:.1f} min  mem {record['peak_mem_mib']:.0f} MiB", flush=True)
-    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 def resume(config, model, optimizer, scaler, rank, say):
@@ -228,23 +208,9 @@ def resume(config, model, optimizer, scaler, rank, say):
     train.load_scaler_state(scaler, state.get("scaler"))
     train.reseed(config["seed"], rank, state["iteration"])
     if rank == 0:
-        drop_records_after(os.path.join(config["output_dir"], "metrics.jsonl"), state["iteration"])
+        train.drop_records_after(os.path.join(config["output_dir"], "metrics.jsonl"), state["iteration"])
     say(f"resumed from {path} at iteration {state['iteration']}")
     return state["iteration"]
-
-
-def drop_records_after(path, iteration):
-    """Rewrite metrics.jsonl without the records past `iteration` (and torn lines): a resumed run logs them anew."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as handle:
-        for line in handle:
-            try:
-                kept += [line] if (json.loads(line).get("iteration") or 0) <= iteration else []
-            except (ValueError, AttributeError):
-                pass
-    files.write_text_atomic("".join(kept), path)
 
 
 def save_checkpoint(config, model, optimizer, scaler, iteration, rank):

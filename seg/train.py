@@ -7,14 +7,16 @@ overflow, doubled after 2000 clean steps) or a number (static, like the Ascend s
 none. A step whose gradients overflow is skipped, never applied.
 """
 import contextlib
+import json
 import math
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from seg import colour, dist
-from seg.files import IGNORE_INDEX
+from seg import checkpoint, colour, dist, files
+from seg.files import IGNORE_INDEX, UserError
 from seg.pointrend import sample_labels_nearest
 
 NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
@@ -218,3 +220,38 @@ class Meter:
 
 def finite(record):
     return all(math.isfinite(value) for key, value in record.items() if key.startswith("loss"))
+
+
+def every(interval, iteration, at_end):
+    return at_end or (interval > 0 and iteration % interval == 0)
+
+
+def log_record(record, output_dir, rank):
+    """Rank 0 prints the record and appends it to metrics.jsonl; non-finite losses stop the run."""
+    if not finite(record):
+        last = checkpoint.latest_checkpoint(output_dir)
+        where = f"resume from {last} (resume=true) " if last else "restart "
+        raise UserError(f"the loss is not finite (NaN or inf) by iteration {record['iteration']} ({record}); {where}"
+                        f"with a lower optimizer.lr, amp=\"bf16\" or a static loss_scale, or from pretrained weights")
+    if rank != 0:
+        return
+    losses = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
+    print(f"iter {record['iteration']}/{record['total']}  {losses}  lr {record['lr']:.3e}  "
+          f"{record['images_per_s']:.1f} img/s  data {record['data_time_s']:.3f}s  "
+          f"eta {record['eta_min']:.1f} min  mem {record['peak_mem_mib']:.0f} MiB", flush=True)
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def drop_records_after(path, iteration):
+    """Rewrite metrics.jsonl without the records past `iteration` (and torn lines): a resumed run logs them anew."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                kept += [line] if (json.loads(line).get("iteration") or 0) <= iteration else []
+            except (ValueError, AttributeError):
+                pass
+    files.write_text_atomic("".join(kept), path)
