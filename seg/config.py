@@ -156,6 +156,8 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
     config = apply_overrides(config, overrides, model_defaults_for(config.get("model", {}).get("name", "")))
     if not model_name:
         return config
+    if config["model"].get("num_classes") == 0 and config.get("data", {}).get("classes"):
+        config["model"]["num_classes"] = len(config["data"]["classes"])
     if not model_defaults_for(config["model"]["name"]):
         raise UserError(f"model.name = {config['model']['name']!r} is not a model seg builds; use \"pspnet\" or "
                         f"\"pointrend\"")
@@ -217,10 +219,10 @@ def _literal(value):
 
 
 CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf16"),
-           "data.dataset": ("voc", "cityscapes"),
+           "data.dataset": ("voc", "cityscapes", "folder"),
            "data.jitter_on": ("auto", "loader", "device"), "test.mode": ("whole", "slide"),
            "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid")}
-AT_LEAST = {"iterations": 1, "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
+AT_LEAST = {"model.num_classes": 1, "iterations": 1, "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
             "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1, "bench.warmup": 0,
             "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1}
 SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw",
@@ -245,8 +247,11 @@ def validate(config):
     def check(key, ok, expected):
         if not ok:
             raise UserError(f"[{config['section']}] {key} = {_literal(lookup(config, key))}: expected {expected}")
+    data, test = config["data"], config["test"]
     for key, choices in CHOICES.items():
         check(key, lookup(config, key) in choices, " or ".join(f'"{choice}"' for choice in choices))
+    check("data.classes", config["model"]["num_classes"] != 0 or data["classes"], 'your class names, e.g. '
+          'data.classes=\'["background", "road"]\' (model.num_classes = 0 takes their count)')
     for key, least in AT_LEAST.items():
         check(key, lookup(config, key) >= least, f"an integer >= {least}")
     for key in SIZES:
@@ -255,12 +260,15 @@ def validate(config):
     for key in POSITIVE_LISTS:
         value = lookup(config, key)
         check(key, value and all(isinstance(v, (int, float)) and v > 0 for v in value), "a list of positive numbers")
-    data, test = config["data"], config["test"]
     check("loss_scale", config["loss_scale"] == "dynamic" or config["loss_scale"] > 0, '"dynamic" or a number > 0')
     check("data.ratio_range", len(data["ratio_range"]) == 2 and data["ratio_range"][0] <= data["ratio_range"][1],
           "[low, high] with low <= high")
     check("data.cat_max_ratio", 0 < data["cat_max_ratio"] <= 1, "a share in (0, 1]")
     check("optimizer.lr", config["optimizer"]["lr"] > 0, "a learning rate > 0")
+    check("data.classes", len(data["classes"]) in (0, config["model"]["num_classes"]),
+          f"one name per class (model.num_classes = {config['model']['num_classes']}), or [] for the dataset's")
+    check("data.palette", all(len(c) == 3 and all(type(v) is int and 0 <= v < 256 for v in c) for c in data["palette"]),
+          "[[r, g, b], ...] with values 0..255")
     check("test.stride_hw", all(s <= c for s, c in zip(test["stride_hw"], test["crop_hw"])),
           "strides no larger than test.crop_hw (larger ones leave gaps between the windows)")
     for key, hint in REQUIRED.get(config["task"], {}).items():

@@ -7,14 +7,20 @@ import numpy as np
 import torch
 
 from seg import colour
-from seg.files import IGNORE_INDEX, UserError, check_same_size, read_image_bgr, read_label
+from seg.files import IGNORE_INDEX, IMAGE_EXTENSIONS, UserError, check_same_size, read_image_bgr, read_label
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-VOC_PALETTE = ((0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
-               (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
-               (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128))
+
+
+def colour_map(count):
+    """PASCAL VOC's colour map: class k gets the bits of k spread over R, G, B from the high bit down; 256 distinct."""
+    return tuple(tuple(sum(((k >> (3 * bit + channel)) & 1) << (7 - bit) for bit in range(3)) for channel in range(3))
+                 for k in range(count))
+
+
+VOC_PALETTE = colour_map(21)
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -25,14 +31,16 @@ CITYSCAPES_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 1
 CITYSCAPES_ID_TO_TRAINID = np.full(256, IGNORE_INDEX, np.uint8)
 CITYSCAPES_ID_TO_TRAINID[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
 LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
-               "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`"}
+               "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`",
+               "folder": "; label maps hold class indices (255 = ignore; with data.reduce_zero_label 0 is ignored and "
+                         "1..K are the classes): check data.classes and data.reduce_zero_label"}
 
 
 def dataset_info(name):
     """{"list": lister(root, splits), "hint", "classes", "palette"} of a dataset kind ("voc" or "cityscapes")."""
     if name not in LABEL_HINTS:
         raise UserError(f"data.dataset must be one of {sorted(LABEL_HINTS)}, got {name!r}")
-    lister, classes, palette = {"voc": (voc_items, VOC_CLASSES, VOC_PALETTE),
+    lister, classes, palette = {"voc": (voc_items, VOC_CLASSES, VOC_PALETTE), "folder": (folder_items, (), colour_map(256)),
                                 "cityscapes": (cityscapes_items, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)}[name]
     return {"list": lister, "hint": LABEL_HINTS[name], "classes": list(classes), "palette": palette}
 
@@ -74,12 +82,34 @@ def cityscapes_items(root, splits):
     return items
 
 
+def folder_items(root, splits, label_suffix=".png"):
+    """[(image, label)] of <root>/images/<split>/<stem>.<image extension> and <root>/labels/<split>/<stem><label_suffix>;
+    UserError naming the images without a label and the labels without an image."""
+    items = []
+    for split in splits:
+        folders = [os.path.join(root, kind, split) for kind in ("images", "labels")]
+        for folder in folders:
+            if not os.path.isdir(folder):
+                raise UserError(f"{folder}: folder not found; a folder dataset keeps images/<split>/ and labels/<split>/ "
+                                f"under data_root/data.root (README, 'Your own data')")
+        names = [sorted(os.listdir(folder)) for folder in folders]
+        images = {os.path.splitext(name)[0]: name for name in names[0] if name.lower().endswith(IMAGE_EXTENSIONS)}
+        labels = {name[: -len(label_suffix)]: name for name in names[1] if name.endswith(label_suffix)}
+        for stems, kind in ((sorted(images.keys() - labels.keys()), "images without a label"),
+                            (sorted(labels.keys() - images.keys()), f"labels (*{label_suffix}) without an image")):
+            if stems:
+                raise UserError(f"{folders[0 if 'images' in kind else 1]}: {len(stems)} {kind}, e.g. "
+                                f"{', '.join(stems[:5])}; every image needs <stem>{label_suffix} in {folders[1]}")
+        items += [(os.path.join(folders[0], images[stem]), os.path.join(folders[1], labels[stem])) for stem in images]
+    return items
+
+
 class EvalDataset(torch.utils.data.Dataset):
     """(resize_fn(image): the test-resized image views, original-size label)."""
 
-    def __init__(self, items, resize_fn, num_classes, hint="", reader=None):
+    def __init__(self, items, resize_fn, num_classes, hint="", reader=None, reduce_zero_label=False):
         self.items, self.resize_fn, self.num_classes = items, resize_fn, num_classes
-        self.hint, self.reader = hint, reader
+        self.hint, self.reader, self.reduce_zero_label = hint, reader, reduce_zero_label
 
     def __len__(self):
         return len(self.items)
@@ -89,12 +119,18 @@ class EvalDataset(torch.utils.data.Dataset):
         return self.resize_fn(image), label
 
     def load(self, index):
-        """(image uint8 H×W×3 BGR, label uint8 H×W) of item `index`: decoded, or from reader = (image_fn, label_fn)."""
+        """(image uint8 H×W×3 BGR, label uint8 H×W) of item `index`: decoded, or from reader = (image_fn, label_fn).
+        reduce_zero_label (mmseg's): stored 0 becomes 255 (ignored) and k becomes k - 1."""
         if self.reader is not None:
-            return self.reader[0](index), self.reader[1](index)
-        image_path, label_path = self.items[index]
-        image, label = read_image_bgr(image_path), read_label(label_path, self.num_classes, self.hint)
-        check_same_size(image, label, image_path, label_path)
+            image, label = self.reader[0](index), self.reader[1](index)
+        else:
+            image_path, label_path = self.items[index]
+            image = read_image_bgr(image_path)
+            label = read_label(label_path, self.num_classes + self.reduce_zero_label, self.hint)
+            check_same_size(image, label, image_path, label_path)
+        if self.reduce_zero_label:
+            label = label - np.uint8(1)  # 0 wraps to 255
+            label[label == 254] = IGNORE_INDEX  # a stored 255 stays ignored
         return image, label
 
 
@@ -102,8 +138,9 @@ class TrainDataset(EvalDataset):
     """Keys are (index, stream position) from InfiniteShardedSampler; a sample is (image, label, jitter): jittered
     here (numpy) and jitter None with jitter_in_loader, else the parameters for the device (colour.apply_jitter)."""
 
-    def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None, jitter_in_loader=True):
-        super().__init__(items, None, num_classes, hint, reader)
+    def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None, jitter_in_loader=True,
+                 reduce_zero_label=False):
+        super().__init__(items, None, num_classes, hint, reader, reduce_zero_label)
         self.sample_fn, self.seed, self.jitter_in_loader = sample_fn, seed, jitter_in_loader
 
     def __getitem__(self, key):

@@ -19,6 +19,7 @@ import io
 import itertools
 import logging
 import os
+import time
 import warnings
 
 import numpy as np
@@ -27,9 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from seg import data, dist, files, transforms
-from seg.files import IGNORE_INDEX, UserError
+from seg.files import IGNORE_INDEX, IMAGE_EXTENSIONS, UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OVERLAY_QUALITY = 95  # with 4:4:4 chroma, so thin class borders keep their colour
 
 
@@ -201,16 +201,30 @@ def host_and_device_batches(loader, torch_device):
 
 
 @torch.no_grad()
-def confusion_over(model, loader, torch_device, num_classes, autocast, test):
+def confusion_over(model, loader, torch_device, num_classes, autocast, test, progress=None):
     """Dataset-level confusion matrix, summed over this rank's images and then over all ranks. Nothing is read
-    back from the device per image, so the device runs ahead of Python and the loader."""
+    back from the device per image, so the device runs ahead of Python and the loader. progress(images done)."""
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=torch_device)
-    for host, batch in host_and_device_batches(loader, torch_device):
+    for done, (host, batch) in enumerate(host_and_device_batches(loader, torch_device), 1):
         with autocast():
             scores = test_time_scores(model, batch["image"], host["hw"], host["label"].shape[-2:], test)
         matrix += confusion_matrix(scores.argmax(dim=1), batch["label"], num_classes)
+        if progress:
+            progress(done)
     return dist.all_reduce_sum(matrix)
+
+
+def progress_lines(total, every, log):
+    """progress(done): every `every` images, a line with the count, images/s and ETA (host time: the device may
+    still be working on the last ones)."""
+    start = time.perf_counter()
+
+    def progress(done):
+        if done % every == 0 and done < total:
+            rate = done / (time.perf_counter() - start)
+            log(f"evaluating: {done}/{total} images, {rate:.1f} images/s, ETA {(total - done) / rate:.0f} s", flush=True)
+    return progress
 
 
 # -------------------------------------------------------------------------------------------- pictures
@@ -265,10 +279,21 @@ def write_prediction(folder, stem, photo, label, palette, names):
     files.write_bytes_atomic(jpeg, os.path.join(folder, f"{stem}_overlay.jpg"))
 
 
-def write_panel(path, photo, label, prediction, palette):
-    """PATH: RGB photo | ground truth | prediction side by side, colour-coded, written atomically."""
-    panel = np.concatenate([photo, colorize(label, palette), colorize(prediction, palette)], axis=1)
-    files.write_bytes_atomic(files.image_bytes(Image.fromarray(panel), "PNG"), path)
+def panel(photo, label, prediction, palette, names, min_height=256):
+    """uint8 RGB picture: photo | ground truth | prediction side by side, colour-coded, enlarged (nearest) to at
+    least `min_height` rows, with a legend of the classes in either map."""
+    picture = np.concatenate([photo, colorize(label, palette), colorize(prediction, palette)], axis=1)
+    scale = -(-min_height // picture.shape[0])
+    image = Image.fromarray(picture.repeat(scale, axis=0).repeat(scale, axis=1))
+    present = [k for k in np.union1d(np.unique(label), np.unique(prediction)).tolist() if k < len(names)]
+    if present:
+        draw_legend(image, present, palette, names)
+    return np.asarray(image)
+
+
+def write_png(path, picture):
+    """An RGB uint8 H×W×3 picture as a PNG, written atomically."""
+    files.write_bytes_atomic(files.image_bytes(Image.fromarray(picture), "PNG"), path)
 
 
 def palette_and_names(palette, classes, num_classes):

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _IGNORE_COLOUR = (224, 224, 192)  # colour of index 255 in the official VOC PNGs
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)  # bomb: over ~179 megapixels
 MAGIC, VERSION, HEADER_BYTES, ALIGN = b"SEGCACHE1", 1, 64, 64  # decoded-image cache file

@@ -70,21 +70,41 @@ def autocast_of(config, torch_device):
     return functools.partial(train.autocast_context, torch_device.type, config["amp"])
 
 
+def dataset_info(config):
+    """The dataset's lister(root, splits), label hint, and the model's class names and palette (data.classes and
+    data.palette replace the dataset's own; classes beyond them get names "class k" and fixed colours)."""
+    cfg, info = config["data"], data.dataset_info(config["data"]["dataset"])
+    if cfg["dataset"] == "folder":
+        info["list"] = functools.partial(data.folder_items, label_suffix=cfg["label_suffix"])
+    info["palette"], info["classes"] = evaluate.palette_and_names(cfg["palette"] or info["palette"],
+                                                                  cfg["classes"] or info["classes"],
+                                                                  config["model"]["num_classes"])
+    return info
+
+
 def split_items(config, splits_key):
     """(items, dataset info, decoded-image cache reader or None) of config["data"][splits_key]."""
-    cfg = config["data"]
-    info = data.dataset_info(cfg["dataset"])
+    cfg, info = config["data"], dataset_info(config)
     items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg[splits_key])
     if not cfg["cache"]:
         return items, info, None
-    path = files.cache_path_for(os.path.join(config["data_root"], ".cache"), items, f"{cfg['dataset']}-{splits_key}")
-    return items, info, files.cached_items_reader(items, path, config["model"]["num_classes"], info["hint"],
-                                                  workers=max(cfg["workers"], 1))
+    tag = f"{cfg['dataset']}-{splits_key}{'-reduced' if cfg['reduce_zero_label'] else ''}"
+    path = files.cache_path_for(os.path.join(config["data_root"], ".cache"), items, tag)
+    return items, info, files.cached_items_reader(items, path, config["model"]["num_classes"] + cfg["reduce_zero_label"],
+                                                  info["hint"], workers=max(cfg["workers"], 1))
 
 
-def sampler_params(cfg):
-    """The [data] table's keyword arguments for its dataset's sampler in transforms.TRAIN_SAMPLERS."""
-    if cfg["dataset"] == "voc":
+def augmentation(config):
+    """Whose training pipeline: the dataset's reference ("voc": mmseg, "cityscapes": detectron2); a folder dataset
+    gets its model's (PSPNet: mmseg's, PointRend: detectron2's)."""
+    if config["data"]["dataset"] != "folder":
+        return config["data"]["dataset"]
+    return "voc" if config["model"]["name"] == "pspnet" else "cityscapes"
+
+
+def sampler_params(cfg, pipeline):
+    """The [data] table's keyword arguments for the `pipeline`'s sampler in transforms.TRAIN_SAMPLERS."""
+    if pipeline == "voc":
         return {"scale": tuple(cfg["scale"]), "ratio_range": tuple(cfg["ratio_range"]),
                 "crop_hw": tuple(cfg["crop_hw"]), "cat_max_ratio": cfg["cat_max_ratio"]}
     return {"short_edges": tuple(cfg["short_edges"]), "max_size": cfg["max_size"], "crop_hw": tuple(cfg["crop_hw"]),
@@ -102,11 +122,11 @@ def jitter_in_loader(config, device_type):
 
 def train_dataset(config, in_loader=True):
     """The training split with its augmentation; the colour jitter in the loader, or left to train.on_device."""
-    cfg = config["data"]
+    cfg, pipeline = config["data"], augmentation(config)
     items, info, reader = split_items(config, "train_splits")
-    sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[cfg["dataset"]], **sampler_params(cfg))
+    sample_fn = functools.partial(transforms.TRAIN_SAMPLERS[pipeline], **sampler_params(cfg, pipeline))
     return data.TrainDataset(items, sample_fn, config["model"]["num_classes"], config["seed"], info["hint"], reader,
-                             in_loader)
+                             in_loader, cfg["reduce_zero_label"])
 
 
 def eval_dataset(config):
@@ -114,13 +134,14 @@ def eval_dataset(config):
     items, info, reader = split_items(config, "val_splits")
     resize = functools.partial(evaluate.resize_to_scales, long_short=tuple(config["data"]["test_scale"]),
                                ratios=tuple(config["test"]["scales"]))
-    return data.EvalDataset(items, resize, config["model"]["num_classes"], info["hint"], reader), info
+    return data.EvalDataset(items, resize, config["model"]["num_classes"], info["hint"], reader,
+                            config["data"]["reduce_zero_label"]), info
 
 
 def training_pad_hw(config):
     """mmseg pads every VOC training sample to the crop size (Pad(size=(512, 512))): padded pixels count in
     its loss denominator and reach the BN statistics. detectron2 pads the batch only to a multiple of 32."""
-    return tuple(config["data"]["crop_hw"]) if config["data"]["dataset"] == "voc" else (0, 0)
+    return tuple(config["data"]["crop_hw"]) if augmentation(config) == "voc" else (0, 0)
 
 
 def speedups(model, config, torch_device, say):
@@ -154,9 +175,11 @@ def train_task(config, load_section=None):
                                torch_device.type != "cpu", start=first * per_device, divisor=model.size_divisibility,
                                min_hw=training_pad_hw(config))
     runner = speedups(model, config, torch_device, say)
-    meter = train.Meter(batch_size, torch_device)
+    meter, board = train.Meter(batch_size, torch_device), train.tensorboard(config["output_dir"], say) if rank == 0 else None
     training_loop(config, runner, model, optimizer, scaler, data.prefetch(loader, torch_device), first, meter,
-                  (torch_device, rank, world_size))
+                  (torch_device, rank, world_size, board))
+    if board is not None:
+        board.close()
     if meter.summary(world_size):
         say(meter.summary(world_size), flush=True)
     if config["measure_pipeline"] and rank == 0:
@@ -166,7 +189,7 @@ def train_task(config, load_section=None):
 
 def training_loop(config, runner, model, optimizer, scaler, batches, first, meter, place):
     """Iterations first+1 .. iterations: step, then on their intervals log, checkpoint and evaluate."""
-    torch_device, rank, world_size = place
+    torch_device, rank, world_size, board = place
     total, loss_fn, autocast = config["iterations"], loss_function(config), autocast_of(config, torch_device)
     for iteration in range(first + 1, total + 1):
         runner.train()
@@ -182,13 +205,13 @@ def training_loop(config, runner, model, optimizer, scaler, batches, first, mete
         end = iteration == total
         if iteration % config["log_interval"] == 0 or end:
             record = meter.read(iteration, total, optimizer.param_groups[0]["lr"])
-            train.log_record(record, config["output_dir"], rank)
+            train.log_record(record, config["output_dir"], rank, board)
         with meter.paused():  # checkpoints and evaluations are not training time
             if train.every(config["checkpoint_interval"], iteration, end):
                 save_checkpoint(config, model, optimizer, scaler, iteration, rank)
                 train.reseed(config["seed"], rank, iteration)
             if train.every(config["eval_interval"], iteration, end and config["final_eval"]):
-                evaluate_and_report(config, model, torch_device, rank, world_size, iteration)
+                evaluate_and_report(config, model, torch_device, rank, world_size, iteration, board)
 
 
 def resume(config, model, optimizer, scaler, rank, say):
@@ -224,24 +247,31 @@ def save_checkpoint(config, model, optimizer, scaler, iteration, rank):
     dist.barrier()
 
 
-def evaluate_and_report(config, model, torch_device, rank, world_size, iteration=None):
-    """Evaluate on the val split; rank 0 prints the table and writes eval.json. Returns the metrics. The global
-    CPU generator is left as it was (the loader draws its seed there): evaluating never changes training."""
+def evaluate_and_report(config, model, torch_device, rank, world_size, iteration=None, board=None):
+    """Evaluate on the val split; rank 0 prints the table, writes eval.json (and TensorBoard scalars and a few
+    panels to `board`). The global CPU generator is left as it was: evaluating never changes training."""
     dataset, info = eval_dataset(config)
     loader = data.eval_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu",
                               evaluate.collate_views)
+    progress = evaluate.progress_lines(len(loader), max(10, len(loader) // 10), print) if rank == 0 else None
     with torch.random.fork_rng(devices=[]):
         matrix = evaluate.confusion_over(model, loader, torch_device, config["model"]["num_classes"],
-                                         autocast_of(config, torch_device), config["test"])
+                                         autocast_of(config, torch_device), config["test"], progress)
     result = evaluate.metrics_from_confusion(matrix)
     if rank == 0:
-        classes = info["classes"][: config["model"]["num_classes"]]
+        classes = info["classes"]
         where = f" at iteration {iteration}" if iteration else ""
         print(f"evaluation on {len(dataset)} images{where}:\n{evaluate.format_table(result, classes)}", flush=True)
         record = {"iteration": iteration, "test": config["test"], "classes": classes, **result}
         files.write_text_atomic(json.dumps(record, indent=1), os.path.join(config["output_dir"], "eval.json"))
         with open(os.path.join(config["output_dir"], "metrics.jsonl"), "a") as handle:
             handle.write(json.dumps({key: record[key] for key in ("iteration", "aAcc", "mIoU", "mAcc")}) + "\n")
+    if board is not None:
+        for key, value in [*((key, result[key]) for key in ("aAcc", "mIoU", "mAcc")), *zip(
+                (f"IoU/{name}" for name in info["classes"]), result["IoU"])]:
+            board.add_scalar(f"val/{key}", value, iteration)
+        for stem, picture in prediction_panels(config, model, torch_device, 3):
+            board.add_image(f"val/{stem}", picture, iteration, dataformats="HWC")
     return result
 
 
@@ -257,19 +287,28 @@ def evaluate_task(config, load_section=None):
     return result
 
 
-def save_predictions(config, model, torch_device):
-    """<output_dir>/predictions/<stem>.png: photo | truth | prediction of the first `save_predictions` val images,
-    predicted as evaluation does (test scales, flip, mode)."""
-    items, info, _ = split_items({**config, "data": {**config["data"], "cache": False}}, "val_splits")
-    folder, test = os.path.join(config["output_dir"], "predictions"), {**config["test"], "max_size": math.inf}
+@torch.no_grad()
+def prediction_panels(config, model, torch_device, count):
+    """[(stem, photo | truth | prediction picture)] of the first `count` val images, predicted as evaluation does."""
+    dataset, info = eval_dataset(config)
+    test, panels = {**config["test"], "max_size": math.inf}, []
     model.eval()
-    for image_path, label_path in items[: config["save_predictions"]]:
-        image, label = files.read_image_bgr(image_path), files.read_label(label_path, config["model"]["num_classes"])
+    for index in range(min(count, len(dataset))):
+        image, label = dataset.load(index)
         prediction, _ = evaluate.predict_label(model, image, test, config["data"]["test_scale"],
                                                autocast_of(config, torch_device))
-        stem = os.path.splitext(os.path.basename(image_path))[0]
-        evaluate.write_panel(os.path.join(folder, f"{stem}.png"), image[:, :, ::-1], label, prediction, info["palette"])
-    print(f"wrote {min(config['save_predictions'], len(items))} colour-coded predictions to {folder}")
+        stem = os.path.splitext(os.path.basename(dataset.items[index][0]))[0]
+        panels.append((stem, evaluate.panel(image[:, :, ::-1], label, prediction, info["palette"], info["classes"])))
+    return panels
+
+
+def save_predictions(config, model, torch_device):
+    """<output_dir>/predictions/<stem>.png: photo | truth | prediction of the first `save_predictions` val images."""
+    folder = os.path.join(config["output_dir"], "predictions")
+    panels = prediction_panels(config, model, torch_device, config["save_predictions"])
+    for stem, picture in panels:
+        evaluate.write_png(os.path.join(folder, f"{stem}.png"), picture)
+    print(f"wrote {len(panels)} colour-coded predictions to {folder}")
 
 
 def predict_jobs(config):
@@ -292,8 +331,7 @@ def predict_task(config, load_section=None):
     jobs = predict_jobs(config)
     torch_device, rank, world_size, say = start(config)
     model = model_with_weights(config, torch_device, say).eval()
-    info = data.dataset_info(config["data"]["dataset"])
-    palette, names = evaluate.palette_and_names(info["palette"], info["classes"], config["model"]["num_classes"])
+    info = dataset_info(config)
     test, autocast, jobs = config["test"], autocast_of(config, torch_device), jobs[rank::world_size]
     written = told = 0
     for number, (path, stem) in enumerate(jobs, 1):
@@ -308,7 +346,7 @@ def predict_task(config, load_section=None):
             told = True
             say(f"note: images whose test-resized long side exceeds test.max_size = {test['max_size']} run in slide "
                 f"mode (test.crop_hw = {test['crop_hw']}, test.stride_hw = {test['stride_hw']})")
-        evaluate.write_prediction(config["output"], stem, image[:, :, ::-1], label, palette, names)
+        evaluate.write_prediction(config["output"], stem, image[:, :, ::-1], label, info["palette"], info["classes"])
         written += 1
         print(f"{number}/{len(jobs)} {os.path.basename(path)} {image.shape[0]}x{image.shape[1]} "
               f"{(time.perf_counter() - begin) * 1000:.0f} ms", flush=True)
@@ -373,7 +411,8 @@ def data_bench_task(config, load_section):
     for name in config["bench"]["sections"]:
         recipe = load_section(name)
         recipes.append({"section": name, "dataset": recipe["data"]["dataset"], "crop_hw": recipe["data"]["crop_hw"],
-                        "num_classes": recipe["model"]["num_classes"], "params": sampler_params(recipe["data"])})
+                        "num_classes": recipe["model"]["num_classes"],
+                        "params": sampler_params(recipe["data"], augmentation(recipe))})
     torch_device = torch.device(dist.resolve_device_type(config["device"]))
     return bench.data_bench(recipes, config["bench"], torch_device, config["output_dir"])
 

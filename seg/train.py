@@ -226,8 +226,19 @@ def every(interval, iteration, at_end):
     return at_end or (interval > 0 and iteration % interval == 0)
 
 
-def log_record(record, output_dir, rank):
-    """Rank 0 prints the record and appends it to metrics.jsonl; non-finite losses stop the run."""
+def tensorboard(output_dir, log):
+    """A SummaryWriter on <output_dir>/tb, or None with one line saying how to get one (an optional package)."""
+    try:
+        import tensorboard  # noqa: F401 - torch.utils.tensorboard needs it
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log("TensorBoard logging is off: pip install tensorboard, then tensorboard --logdir output")
+        return None
+    return SummaryWriter(os.path.join(output_dir, "tb"))
+
+
+def log_record(record, output_dir, rank, board=None):
+    """Rank 0 prints the record and appends it to metrics.jsonl (and to TensorBoard); non-finite losses stop the run."""
     if not finite(record):
         last = checkpoint.latest_checkpoint(output_dir)
         where = f"resume from {last} (resume=true) " if last else "restart "
@@ -241,6 +252,9 @@ def log_record(record, output_dir, rank):
           f"eta {record['eta_min']:.1f} min  mem {record['peak_mem_mib']:.0f} MiB", flush=True)
     with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
         handle.write(json.dumps(record) + "\n")
+    for key, value in record.items() if board is not None else ():
+        if key not in ("iteration", "total", "eta_min"):
+            board.add_scalar(f"train/{key}", value, record["iteration"])
 
 
 def drop_records_after(path, iteration):
