@@ -5,6 +5,7 @@
     python run.py demo                                    # generated data, CPU, a few minutes
     python run.py pspnet_eval weights=PATH                # key=value overrides (TOML literals)
     python run.py pspnet_predict weights=PATH input=DIR output=DIR
+    python run.py pspnet_1p --check-data                  # decode every image and label of a section's splits
     python run.py data_bench                              # benchmarks: pspnet_bench, pointrend_bench too
     torchrun --nproc_per_node 8 run.py pspnet_8p          # one node, 8 devices
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 \\
@@ -31,15 +32,17 @@ def main(argv):
             print(f"{name:<20} {description}")
         return 0
     section, rest = argv[0], argv[1:]
-    overrides = [item for item in rest if item != "--show"]
+    overrides = [item for item in rest if item not in ("--show", "--check-data")]
     unknown_flags = [item for item in overrides if item.startswith("-")]
     if unknown_flags:
-        raise UserError(f"unknown option {unknown_flags[0]}; options are --list and --show, the rest key=value")
+        raise UserError(f"unknown option {unknown_flags[0]}; options: --list, --show, --check-data; the rest key=value")
     load = functools.partial(config.load_config, CONFIG_PATH, model_defaults_for=tasks.builder_defaults,
                              stored_config_for=checkpoint.stored_config)
     resolved = load(section, overrides)
     if "--show" in rest:
         print(config.to_toml(resolved))
+    elif "--check-data" in rest:
+        tasks.check_data_task(config.validate({**resolved, "task": "check_data"}))
     elif resolved["task"] not in tasks.TASKS:
         raise UserError(f"[{section}] task = {resolved['task']!r} is not runnable; see `python run.py --list`")
     else:

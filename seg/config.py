@@ -168,7 +168,8 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
     return config
 
 
-CARRIED_DATA = ("dataset", "root", "val_splits", "classes", "palette", "label_suffix", "reduce_zero_label", "test_scale")
+CARRIED_DATA = ("dataset", "root", "val_splits", "classes", "palette", "label_suffix", "reduce_zero_label",
+                "test_scale")
 
 
 def carry_from_checkpoint(config, overridden, stored_config_for):
@@ -222,7 +223,8 @@ CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf1
            "data.dataset": ("voc", "cityscapes", "folder"),
            "data.jitter_on": ("auto", "loader", "device"), "test.mode": ("whole", "slide"),
            "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid")}
-AT_LEAST = {"model.num_classes": 1, "iterations": 1, "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
+AT_LEAST = {"model.num_classes": 1, "iterations": 1,
+            "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
             "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1, "bench.warmup": 0,
             "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1}
 SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw",

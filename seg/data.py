@@ -1,4 +1,6 @@
 """Datasets on disk (VOC12aug, Cityscapes): metadata, listers, datasets, sampler, collation and loaders."""
+import collections
+import concurrent.futures
 import functools
 import glob
 import os
@@ -40,8 +42,9 @@ def dataset_info(name):
     """{"list": lister(root, splits), "hint", "classes", "palette"} of a dataset kind ("voc" or "cityscapes")."""
     if name not in LABEL_HINTS:
         raise UserError(f"data.dataset must be one of {sorted(LABEL_HINTS)}, got {name!r}")
-    lister, classes, palette = {"voc": (voc_items, VOC_CLASSES, VOC_PALETTE), "folder": (folder_items, (), colour_map(256)),
-                                "cityscapes": (cityscapes_items, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)}[name]
+    lister, classes, palette = {"voc": (voc_items, VOC_CLASSES, VOC_PALETTE),
+                                "cityscapes": (cityscapes_items, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
+                                "folder": (folder_items, (), colour_map(256))}[name]
     return {"list": lister, "hint": LABEL_HINTS[name], "classes": list(classes), "palette": palette}
 
 
@@ -83,15 +86,15 @@ def cityscapes_items(root, splits):
 
 
 def folder_items(root, splits, label_suffix=".png"):
-    """[(image, label)] of <root>/images/<split>/<stem>.<image extension> and <root>/labels/<split>/<stem><label_suffix>;
-    UserError naming the images without a label and the labels without an image."""
+    """[(image, label)] of <root>/images/<split>/<stem>.<image extension> and
+    <root>/labels/<split>/<stem><label_suffix>; UserError naming images without a label and labels without an image."""
     items = []
     for split in splits:
         folders = [os.path.join(root, kind, split) for kind in ("images", "labels")]
         for folder in folders:
             if not os.path.isdir(folder):
-                raise UserError(f"{folder}: folder not found; a folder dataset keeps images/<split>/ and labels/<split>/ "
-                                f"under data_root/data.root (README, 'Your own data')")
+                raise UserError(f"{folder}: folder not found; a folder dataset keeps images/<split>/ and "
+                                f"labels/<split>/ under data_root/data.root (README, 'Your own data')")
         names = [sorted(os.listdir(folder)) for folder in folders]
         images = {os.path.splitext(name)[0]: name for name in names[0] if name.lower().endswith(IMAGE_EXTENSIONS)}
         labels = {name[: -len(label_suffix)]: name for name in names[1] if name.endswith(label_suffix)}
@@ -132,6 +135,24 @@ class EvalDataset(torch.utils.data.Dataset):
             label = label - np.uint8(1)  # 0 wraps to 255
             label[label == 254] = IGNORE_INDEX  # a stored 255 stays ignored
         return image, label
+
+
+def check_item(item, num_classes, hint="", reduce_zero_label=False):
+    """(problem message or None, int64 (num_classes,) pixels per class) of one (image, label) pair, decoded."""
+    try:
+        _, label = EvalDataset([item], None, num_classes, hint, None, reduce_zero_label).load(0)
+    except UserError as error:
+        return str(error), np.zeros(num_classes, np.int64)
+    return None, np.bincount(label[label != IGNORE_INDEX], minlength=num_classes).astype(np.int64)
+
+
+def check_items(items, num_classes, hint="", reduce_zero_label=False, workers=1):
+    """(problem messages, int64 (num_classes,) pixels per class) of decoding every (image, label), in threads."""
+    check = functools.partial(check_item, num_classes=num_classes, hint=hint, reduce_zero_label=reduce_zero_label)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(check, items))
+    return [problem for problem, _ in results if problem], sum((pixels for _, pixels in results),
+                                                               np.zeros(num_classes, np.int64))
 
 
 class TrainDataset(EvalDataset):
@@ -225,3 +246,40 @@ def prefetch(batches, device):
         yield current
     yield upcoming
 
+
+def list_images(pattern):
+    """Sorted paths from `input`: one file, a folder (its jpg/jpeg/png/bmp/webp files, not recursive) or a glob."""
+    if os.path.isfile(pattern):
+        return [pattern]
+    if os.path.isdir(pattern):
+        paths = sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
+                       if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(pattern, name)))
+        if not paths:
+            raise UserError(f"input={pattern}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+        return paths
+    paths = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
+    if not paths:
+        raise UserError(f"input={pattern}: no such file or folder, and no file matches it as a glob")
+    return paths
+
+
+def prediction_jobs(paths, output):
+    """[(input path, output stem)]; UserError when `output` is a file or an output would replace an input."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UserError(f"output={output} is an existing file; give a folder for the predictions")
+    jobs, inputs = list(zip(paths, output_stems(paths))), {os.path.realpath(path) for path in paths}
+    for name in (f"{stem}{ending}" for _, stem in jobs for ending in (".png", "_overlay.jpg")):
+        if os.path.realpath(os.path.join(output, name)) in inputs:
+            raise UserError(f"output={output}: writing {name} would replace the input image of that name; choose "
+                            f"an output folder apart from the inputs")
+    return jobs
+
+
+def output_stems(paths):
+    """File stems naming each image's outputs; a stem seen before gets _2, _3, ... so nothing is overwritten."""
+    seen, stems = collections.Counter(), []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        seen[stem] += 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return stems

@@ -11,9 +11,7 @@ divided by the count. Each view's logits are resized to the original size: one v
 Metrics come from a dataset-level confusion matrix (rows truth, columns prediction) accumulated on the device
 without per-image host reads, then all-reduced; no prediction maps are kept.
 """
-import collections
 import contextlib
-import glob
 import importlib
 import io
 import itertools
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from seg import data, dist, files, transforms
-from seg.files import IGNORE_INDEX, IMAGE_EXTENSIONS, UserError
+from seg.files import IGNORE_INDEX, UserError
 
 OVERLAY_QUALITY = 95  # with 4:4:4 chroma, so thin class borders keep their colour
 
@@ -223,7 +221,8 @@ def progress_lines(total, every, log):
     def progress(done):
         if done % every == 0 and done < total:
             rate = done / (time.perf_counter() - start)
-            log(f"evaluating: {done}/{total} images, {rate:.1f} images/s, ETA {(total - done) / rate:.0f} s", flush=True)
+            log(f"evaluating: {done}/{total} images, {rate:.1f} images/s, ETA {(total - done) / rate:.0f} s",
+                flush=True)
     return progress
 
 
@@ -291,6 +290,20 @@ def panel(photo, label, prediction, palette, names, min_height=256):
     return np.asarray(image)
 
 
+@torch.no_grad()
+def prediction_panels(model, dataset, count, palette, names, test, test_scale, autocast):
+    """[(stem, panel)] of the first `count` samples of an EvalDataset, predicted as evaluation does (any size:
+    no switch to slide mode)."""
+    model.eval()
+    panels = []
+    for index in range(min(count, len(dataset))):
+        image, label = dataset.load(index)
+        prediction, _ = predict_label(model, image, {**test, "max_size": float("inf")}, test_scale, autocast)
+        stem = os.path.splitext(os.path.basename(dataset.items[index][0]))[0]
+        panels.append((stem, panel(image[:, :, ::-1], label, prediction, palette, names)))
+    return panels
+
+
 def write_png(path, picture):
     """An RGB uint8 H×W×3 picture as a PNG, written atomically."""
     files.write_bytes_atomic(files.image_bytes(Image.fromarray(picture), "PNG"), path)
@@ -305,32 +318,6 @@ def palette_and_names(palette, classes, num_classes):
         palette.append(tuple(int(value) for value in rng.integers(0, 256, 3)))
         names.append(f"class {len(names)}")
     return palette, names
-
-
-def list_images(pattern):
-    """Sorted paths from `input`: one file, a folder (its jpg/jpeg/png/bmp/webp files, not recursive) or a glob."""
-    if os.path.isfile(pattern):
-        return [pattern]
-    if os.path.isdir(pattern):
-        paths = sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
-                       if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(pattern, name)))
-        if not paths:
-            raise UserError(f"input={pattern}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} images")
-        return paths
-    paths = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
-    if not paths:
-        raise UserError(f"input={pattern}: no such file or folder, and no file matches it as a glob")
-    return paths
-
-
-def output_stems(paths):
-    """File stems naming each image's outputs; a stem seen before gets _2, _3, ... so nothing is overwritten."""
-    seen, stems = collections.Counter(), []
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        seen[stem] += 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
-    return stems
 
 
 class ExportGraph(torch.nn.Module):
@@ -359,6 +346,8 @@ def export_onnx(model, hw, path, opset=18):
     """Write ExportGraph(model) for H×W = hw images to `path` (ONNX, dynamic batch), atomically. torch.onnx's
     dynamo exporter: the TorchScript one cannot export PSPNet's adaptive pooling to 3 and 6 bins."""
     optional_import("onnxscript", "onnx onnxscript onnxruntime")
+    if os.path.exists(path) and not is_seg_onnx(path):
+        raise UserError(f"output={path} exists and is not an ONNX file seg wrote; remove it or choose another path")
     example = torch.zeros(2, 3, *hw, dtype=torch.uint8)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # notes on torchvision ops seg does not use
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -377,6 +366,14 @@ def is_seg_onnx(path):
     except Exception:  # noqa: BLE001 - not a readable ONNX file
         return False
     return [x.name for x in graph.input] == ["image"] and [x.name for x in graph.output] == ["logits", "label"]
+
+
+def export_check_images(paths, hw):
+    """uint8 N×3×H×W BGR images to check an export on: the photos at `paths` resized to hw, or two generated ones."""
+    if not paths:
+        return torch.randint(0, 256, (2, 3, *hw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    photos = [transforms.resize_image(files.read_image_bgr(path, upright=True), hw) for path in paths]
+    return torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()

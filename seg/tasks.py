@@ -5,12 +5,10 @@ below. run.py calls TASKS[config["task"]](config, load_section).
 import functools
 import inspect
 import json
-import math
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from seg import bench, checkpoint, data, dist, evaluate, files, pointrend, prepare, pspnet, resnet, train, transforms
@@ -82,16 +80,21 @@ def dataset_info(config):
     return info
 
 
-def split_items(config, splits_key):
-    """(items, dataset info, decoded-image cache reader or None) of config["data"][splits_key]."""
+def split_items(config, splits_key, cache=True, complete=True):
+    """(items, dataset info, decoded-image cache reader or None) of config["data"][splits_key]; `complete`: every
+    file must exist (a cheap check at start, so a missing val image is not found after training)."""
     cfg, info = config["data"], dataset_info(config)
     items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg[splits_key])
-    if not cfg["cache"]:
+    missing = [path for item in items for path in item if complete and not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"{missing[0]}: not found, one of {len(missing)} missing files of data.{splits_key} (e.g. "
+                        f"{', '.join(missing[1:4]) or 'no other'}); check data_root, data.root and the split lists")
+    if not cfg["cache"] or not cache:
         return items, info, None
     tag = f"{cfg['dataset']}-{splits_key}{'-reduced' if cfg['reduce_zero_label'] else ''}"
     path = files.cache_path_for(os.path.join(config["data_root"], ".cache"), items, tag)
-    return items, info, files.cached_items_reader(items, path, config["model"]["num_classes"] + cfg["reduce_zero_label"],
-                                                  info["hint"], workers=max(cfg["workers"], 1))
+    classes = config["model"]["num_classes"] + cfg["reduce_zero_label"]  # stored values, before the reduction
+    return items, info, files.cached_items_reader(items, path, classes, info["hint"], workers=max(cfg["workers"], 1))
 
 
 def augmentation(config):
@@ -112,10 +115,9 @@ def sampler_params(cfg, pipeline):
 
 
 def jitter_in_loader(config, device_type):
-    """data.jitter_on: the colour jitter runs in the loader workers (numpy) or on the device after the copy
-    (torch, batched). "auto": on CUDA the device, where it frees the workers of their costliest stage; on CPU the
-    loader (numpy is 5-10× faster there than torch's CPU ops) and on NPU (torch_npu's support of the int32
-    table lookups is unverified; the Ascend ports jitter in the workers too)."""
+    """data.jitter_on: the colour jitter in the loader workers (numpy) or on the device after the copy (torch).
+    "auto": the device on CUDA (it frees the workers of their costliest stage); the loader on CPU (numpy is 5-10×
+    faster there) and NPU (torch_npu's int32 table lookups are unverified; the Ascend ports jitter in workers)."""
     place = config["data"]["jitter_on"]
     return place == "loader" or (place == "auto" and device_type != "cuda")
 
@@ -144,28 +146,17 @@ def training_pad_hw(config):
     return tuple(config["data"]["crop_hw"]) if augmentation(config) == "voc" else (0, 0)
 
 
-def speedups(model, config, torch_device, say):
-    """channels_last, then DDP, then torch.compile; neither speed-up on NPU (spec/npu.md §8)."""
-    if config["channels_last"] and torch_device.type == "npu":
-        say("channels_last = true ignored: torch_npu supports only contiguous tensors")
-    elif config["channels_last"]:
-        model.to(memory_format=torch.channels_last)  # in place, before DDP registers its hooks
-    model = dist.wrap_ddp(model, torch_device)
-    if config["compile"] and torch_device.type == "npu":
-        say("compile = true ignored: run eagerly on NPU")
-    elif config["compile"]:
-        model = torch.compile(model)
-    return model
-
-
 def train_task(config, load_section=None):
+    for key in ("train_splits", "val_splits")[: 1 + bool(config["eval_interval"] or config["final_eval"])]:
+        split_items(config, key, cache=False)
     torch_device, rank, world_size, say = start(config)
     os.makedirs(config["output_dir"], exist_ok=True)
     model = dist.convert_sync_batchnorm(model_with_weights(config, torch_device, say), torch_device.type,
                                         config["sync_bn"])
     optimizer = train.build_optimizer(model, **config["optimizer"])
     scaler = train.make_scaler(torch_device.type, config["amp"], config["loss_scale"])
-    first = resume(config, model, optimizer, scaler, rank, say)
+    first = train.resume(model, optimizer, scaler, config["output_dir"], config["iterations"], config["seed"], rank,
+                         say) if config["resume"] else 0
     batch_size = config["data"]["batch_size"]
     if batch_size % world_size:
         raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes")
@@ -174,8 +165,9 @@ def train_task(config, load_section=None):
     loader = data.train_loader(dataset, per_device, rank, world_size, config["seed"], config["data"]["workers"],
                                torch_device.type != "cpu", start=first * per_device, divisor=model.size_divisibility,
                                min_hw=training_pad_hw(config))
-    runner = speedups(model, config, torch_device, say)
-    meter, board = train.Meter(batch_size, torch_device), train.tensorboard(config["output_dir"], say) if rank == 0 else None
+    runner = train.speedups(model, torch_device, config["channels_last"], config["compile"], say)
+    meter = train.Meter(batch_size, torch_device)
+    board = train.tensorboard(config["output_dir"], say) if rank == 0 else None
     training_loop(config, runner, model, optimizer, scaler, data.prefetch(loader, torch_device), first, meter,
                   (torch_device, rank, world_size, board))
     if board is not None:
@@ -214,28 +206,6 @@ def training_loop(config, runner, model, optimizer, scaler, batches, first, mete
                 evaluate_and_report(config, model, torch_device, rank, world_size, iteration, board)
 
 
-def resume(config, model, optimizer, scaler, rank, say):
-    """Iteration to start from: 0, or the newest loadable checkpoint's when resume = true."""
-    if not config["resume"]:
-        return 0
-    path, state = checkpoint.latest_loadable_checkpoint(config["output_dir"], log=say)
-    if path is None:
-        say(f"resume = true but {config['output_dir']} holds no loadable checkpoint; starting from scratch")
-        return 0
-    if state["iteration"] >= config["iterations"]:
-        raise UserError(f"{path} is at iteration {state['iteration']}, not before iterations = {config['iterations']}: "
-                        f"nothing is left to train. Set iterations above {state['iteration']} to train on, or use "
-                        f"another output_dir")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    train.load_scaler_state(scaler, state.get("scaler"))
-    train.reseed(config["seed"], rank, state["iteration"])
-    if rank == 0:
-        train.drop_records_after(os.path.join(config["output_dir"], "metrics.jsonl"), state["iteration"])
-    say(f"resumed from {path} at iteration {state['iteration']}")
-    return state["iteration"]
-
-
 def save_checkpoint(config, model, optimizer, scaler, iteration, rank):
     """Model, optimizer, scaler, iteration and the resolved config; rank 0 writes, atomically."""
     if rank == 0:
@@ -270,7 +240,7 @@ def evaluate_and_report(config, model, torch_device, rank, world_size, iteration
         for key, value in [*((key, result[key]) for key in ("aAcc", "mIoU", "mAcc")), *zip(
                 (f"IoU/{name}" for name in info["classes"]), result["IoU"])]:
             board.add_scalar(f"val/{key}", value, iteration)
-        for stem, picture in prediction_panels(config, model, torch_device, 3):
+        for stem, picture in panels_of(config, model, torch_device, 3):
             board.add_image(f"val/{stem}", picture, iteration, dataformats="HWC")
     return result
 
@@ -287,25 +257,17 @@ def evaluate_task(config, load_section=None):
     return result
 
 
-@torch.no_grad()
-def prediction_panels(config, model, torch_device, count):
+def panels_of(config, model, torch_device, count):
     """[(stem, photo | truth | prediction picture)] of the first `count` val images, predicted as evaluation does."""
     dataset, info = eval_dataset(config)
-    test, panels = {**config["test"], "max_size": math.inf}, []
-    model.eval()
-    for index in range(min(count, len(dataset))):
-        image, label = dataset.load(index)
-        prediction, _ = evaluate.predict_label(model, image, test, config["data"]["test_scale"],
-                                               autocast_of(config, torch_device))
-        stem = os.path.splitext(os.path.basename(dataset.items[index][0]))[0]
-        panels.append((stem, evaluate.panel(image[:, :, ::-1], label, prediction, info["palette"], info["classes"])))
-    return panels
+    return evaluate.prediction_panels(model, dataset, count, info["palette"], info["classes"], config["test"],
+                                      config["data"]["test_scale"], autocast_of(config, torch_device))
 
 
 def save_predictions(config, model, torch_device):
     """<output_dir>/predictions/<stem>.png: photo | truth | prediction of the first `save_predictions` val images."""
     folder = os.path.join(config["output_dir"], "predictions")
-    panels = prediction_panels(config, model, torch_device, config["save_predictions"])
+    panels = panels_of(config, model, torch_device, config["save_predictions"])
     for stem, picture in panels:
         evaluate.write_png(os.path.join(folder, f"{stem}.png"), picture)
     print(f"wrote {len(panels)} colour-coded predictions to {folder}")
@@ -313,17 +275,8 @@ def save_predictions(config, model, torch_device):
 
 def predict_jobs(config):
     """[(input path, output stem)] of every input image; UserError when an output would replace an input."""
-    if os.path.exists(config["output"]) and not os.path.isdir(config["output"]):
-        raise UserError(f"output={config['output']} is an existing file; give a folder for the predictions")
-    paths = evaluate.list_images(config["input"])
-    jobs = list(zip(paths, evaluate.output_stems(paths)))
-    inputs = {os.path.realpath(path) for path in paths}
-    for _, stem in jobs:
-        for name in (f"{stem}.png", f"{stem}_overlay.jpg"):
-            if os.path.realpath(os.path.join(config["output"], name)) in inputs:
-                raise UserError(f"output={config['output']}: writing {name} would replace the input image of that "
-                                f"name; choose an output folder apart from the inputs")
-    return jobs
+    paths = data.list_images(config["input"])
+    return data.prediction_jobs(paths, config["output"])
 
 
 def predict_task(config, load_section=None):
@@ -361,16 +314,9 @@ def export_task(config, load_section=None):
     """`weights` as an ONNX file at `output`, then run in onnxruntime on a few images (`input`, resized to
     export.hw, or generated ones) against seg's own prediction: exit 2 below 99.9% label agreement."""
     hw, path = tuple(config["export"]["hw"]), config["output"]
-    if os.path.exists(path) and not evaluate.is_seg_onnx(path):
-        raise UserError(f"output={path} exists and is not an ONNX file seg wrote; remove it or choose another path")
     model = model_with_weights(config, torch.device("cpu"), print).eval()
     evaluate.export_onnx(model, hw, path)
-    if config["input"]:
-        photos = [files.read_image_bgr(photo, upright=True) for photo in evaluate.list_images(config["input"])[:4]]
-        images = torch.from_numpy(np.stack([transforms.resize_image(photo, hw) for photo in photos]))
-        images = images.permute(0, 3, 1, 2).contiguous()
-    else:
-        images = torch.randint(0, 256, (2, 3, *hw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = evaluate.export_check_images(data.list_images(config["input"])[:4] if config["input"] else [], hw)
     agreement, difference = evaluate.compare_onnx(path, model, images)
     print(f"wrote {path}: image uint8 N×3×{hw[0]}×{hw[1]} BGR -> logits, label; onnxruntime vs seg on {len(images)} "
           f"images: labels agree on {100 * agreement:.4f}% of pixels, max |Δlogit| {difference:.2e}")
@@ -402,19 +348,34 @@ def bench_task(config, load_section=None):
     return bench.model_bench(lambda: build_model(config["model"]),
                              lambda model: train.build_optimizer(model, **config["optimizer"]), loss_function(config),
                              config["bench"], torch_device, config["output_dir"], config["section"],
-                             seed=config["seed"],
-                             loss_scale=config["loss_scale"], num_classes=config["model"]["num_classes"])
+                             seed=config["seed"], loss_scale=config["loss_scale"],
+                             num_classes=config["model"]["num_classes"])
 
 
 def data_bench_task(config, load_section):
-    recipes = []
-    for name in config["bench"]["sections"]:
-        recipe = load_section(name)
-        recipes.append({"section": name, "dataset": recipe["data"]["dataset"], "crop_hw": recipe["data"]["crop_hw"],
-                        "num_classes": recipe["model"]["num_classes"],
-                        "params": sampler_params(recipe["data"], augmentation(recipe))})
+    recipes = [load_section(name) for name in config["bench"]["sections"]]
+    recipes = [{"section": recipe["section"], "dataset": recipe["data"]["dataset"], "crop_hw": recipe["data"]["crop_hw"],
+                "num_classes": recipe["model"]["num_classes"],
+                "params": sampler_params(recipe["data"], augmentation(recipe))} for recipe in recipes]
     torch_device = torch.device(dist.resolve_device_type(config["device"]))
     return bench.data_bench(recipes, config["bench"], torch_device, config["output_dir"])
+
+
+def check_data_task(config, load_section=None):
+    """Decode every image and label of the train and val splits (threads), then report every problem at once and
+    each class's pixels: what to run before a long job. Exit 2 if anything is wrong."""
+    problems, num_classes = [], config["model"]["num_classes"]
+    for key in ("train_splits", "val_splits"):
+        items, info, _ = split_items(config, key, cache=False, complete=False)
+        found, pixels = data.check_items(items, num_classes, info["hint"], config["data"]["reduce_zero_label"],
+                                         max(config["data"]["workers"], 1))
+        problems += found
+        print(f"data.{key} = {config['data'][key]}: {len(items)} images; pixels per class:\n" + "\n".join(
+            f"  {name:<20} {count:>14,} {100 * count / max(sum(pixels), 1):6.2f}%" for name, count in
+            zip(info["classes"], pixels)))
+    if problems:
+        raise UserError(f"{len(problems)} problems:\n" + "\n".join(problems))
+    print("every image and label decodes and matches")
 
 
 def prepare_task(config, load_section=None):

@@ -124,6 +124,20 @@ def set_norm_eval(model, norm_eval):
                 module.eval()
 
 
+def speedups(model, torch_device, channels_last, compile_model, log):
+    """channels_last, then DDP, then torch.compile; neither speed-up on NPU (spec/npu.md §8)."""
+    if channels_last and torch_device.type == "npu":
+        log("channels_last = true ignored: torch_npu supports only contiguous tensors")
+    elif channels_last:
+        model.to(memory_format=torch.channels_last)  # in place, before DDP registers its hooks
+    model = dist.wrap_ddp(model, torch_device)
+    if compile_model and torch_device.type == "npu":
+        log("compile = true ignored: run eagerly on NPU")
+    elif compile_model:
+        model = torch.compile(model)
+    return model
+
+
 def on_device(batch):
     """Finish a training batch on the device: apply the colour jitter the loader drew (if it did not apply it)
     and widen the uint8 labels to int64 for the losses. Only device ops: no host synchronisation."""
@@ -220,6 +234,27 @@ class Meter:
 
 def finite(record):
     return all(math.isfinite(value) for key, value in record.items() if key.startswith("loss"))
+
+
+def resume(model, optimizer, scaler, output_dir, iterations, seed, rank, log):
+    """Load the newest loadable checkpoint of `output_dir` (torn ones are skipped with a warning) and reseed; returns
+    its iteration, or 0 when there is none. Records past it leave metrics.jsonl: the resumed run logs them anew."""
+    path, state = checkpoint.latest_loadable_checkpoint(output_dir, log=log)
+    if path is None:
+        log(f"resume = true but {output_dir} holds no loadable checkpoint; starting from scratch")
+        return 0
+    if state["iteration"] >= iterations:
+        raise UserError(f"{path} is at iteration {state['iteration']}, not before iterations = {iterations}: nothing "
+                        f"is left to train. Set iterations above {state['iteration']} to train on, or use another "
+                        f"output_dir")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    load_scaler_state(scaler, state.get("scaler"))
+    reseed(seed, rank, state["iteration"])
+    if rank == 0:
+        drop_records_after(os.path.join(output_dir, "metrics.jsonl"), state["iteration"])
+    log(f"resumed from {path} at iteration {state['iteration']}")
+    return state["iteration"]
 
 
 def every(interval, iteration, at_end):

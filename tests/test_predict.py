@@ -59,13 +59,13 @@ def test_inputs_file_folder_and_glob(tmp_path):
     for name in ["b.PNG", "a.jpg", "c.webp", "notes.txt", "d.jpeg", "e.bmp"]:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.jpg").mkdir()
-    assert evaluate.list_images(str(tmp_path)) == [str(tmp_path / n) for n in ["a.jpg", "b.PNG", "c.webp", "d.jpeg",
+    assert data.list_images(str(tmp_path)) == [str(tmp_path / n) for n in ["a.jpg", "b.PNG", "c.webp", "d.jpeg",
                                                                             "e.bmp"]]
-    assert evaluate.list_images(str(tmp_path / "notes.txt")) == [str(tmp_path / "notes.txt")]
-    assert evaluate.list_images(str(tmp_path / "[ab].*")) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.PNG")]
+    assert data.list_images(str(tmp_path / "notes.txt")) == [str(tmp_path / "notes.txt")]
+    assert data.list_images(str(tmp_path / "[ab].*")) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.PNG")]
     with pytest.raises(UserError, match="input="):
-        evaluate.list_images(str(tmp_path / "missing*.jpg"))
-    assert evaluate.output_stems(["x/a.jpg", "y/a.png", "b.jpg", "z/a.bmp"]) == ["a", "a_2", "b", "a_3"]
+        data.list_images(str(tmp_path / "missing*.jpg"))
+    assert data.output_stems(["x/a.jpg", "y/a.png", "b.jpg", "z/a.bmp"]) == ["a", "a_2", "b", "a_3"]
 
 
 # ------------------------------------------------------------------------------------------ outputs
