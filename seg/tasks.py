@@ -354,8 +354,8 @@ def bench_task(config, load_section=None):
 
 def data_bench_task(config, load_section):
     recipes = [load_section(name) for name in config["bench"]["sections"]]
-    recipes = [{"section": recipe["section"], "dataset": recipe["data"]["dataset"], "crop_hw": recipe["data"]["crop_hw"],
-                "num_classes": recipe["model"]["num_classes"],
+    recipes = [{"section": recipe["section"], "dataset": recipe["data"]["dataset"],
+                "crop_hw": recipe["data"]["crop_hw"], "num_classes": recipe["model"]["num_classes"],
                 "params": sampler_params(recipe["data"], augmentation(recipe))} for recipe in recipes]
     torch_device = torch.device(dist.resolve_device_type(config["device"]))
     return bench.data_bench(recipes, config["bench"], torch_device, config["output_dir"])

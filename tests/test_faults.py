@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from seg import checkpoint, config, tasks, train
@@ -121,3 +122,48 @@ def test_command_line_errors_are_one_line_exit_2_and_write_nothing(tmp_path):
                              f"output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "data.dataset" in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def copy_of_voc(voc_root, tmp_path):
+    import shutil
+
+    shutil.copytree(os.path.join(voc_root, "voc"), tmp_path / "voc")
+    return tmp_path / "voc"
+
+
+def test_a_missing_val_image_stops_training_before_it_starts(voc_root, tmp_path):
+    root = copy_of_voc(voc_root, tmp_path)
+    stem = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[1]
+    os.remove(root / "JPEGImages" / f"{stem}.jpg")
+    cfg = load(*overrides(str(tmp_path), str(tmp_path / "out"), "iterations=2", "final_eval=true"))
+    with pytest.raises(UserError, match=f"{stem}.jpg: not found.*data.val_splits"):
+        tasks.train_task(cfg)
+    assert checkpoint.latest_checkpoint(tmp_path / "out") is None  # nothing trained
+
+
+def test_check_data_reports_every_problem_and_the_pixels_per_class(voc_root, tmp_path):
+    from PIL import Image
+
+    root = copy_of_voc(voc_root, tmp_path)
+    train_stems = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    (root / "JPEGImages" / f"{train_stems[0]}.jpg").write_bytes(b"not a jpeg")
+    os.remove(root / "SegmentationClass" / f"{train_stems[1]}.png")
+    val_stem = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    label = np.array(Image.open(root / "SegmentationClass" / f"{val_stem}.png"))
+    label[0, 0] = 9
+    Image.fromarray(label).save(root / "SegmentationClass" / f"{val_stem}.png")
+    result = subprocess.run([sys.executable, "run.py", "demo", "--check-data", f"data_root={tmp_path}",
+                             "data.root=voc", f"output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "3 problems" in result.stderr and "Traceback" not in result.stderr
+    for name in (f"{train_stems[0]}.jpg", f"{train_stems[1]}.png", f"{val_stem}.png: label value 9"):
+        assert name in result.stderr
+    counts = {}  # the val split's pixels per class, counted here from the files that are fine
+    for stem in (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[1:]:
+        values, numbers = np.unique(np.array(Image.open(root / "SegmentationClass" / f"{stem}.png")), return_counts=True)
+        for value, number in zip(values.tolist(), numbers.tolist()):
+            counts[value] = counts.get(value, 0) + number
+    val_table = result.stdout[result.stdout.index("data.val_splits"):]
+    rows = [line.split() for line in val_table.splitlines()[1:6]]
+    assert [row[0] for row in rows] == tasks.dataset_info(load())["classes"]
+    assert [int(row[1].replace(",", "")) for row in rows] == [counts.get(class_id, 0) for class_id in range(5)]
