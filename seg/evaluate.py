@@ -17,6 +17,7 @@ import io
 import itertools
 import logging
 import os
+import statistics
 import time
 import warnings
 
@@ -378,10 +379,20 @@ def export_check_images(paths, hw):
 
 @torch.no_grad()
 def compare_onnx(path, model, images):
-    """(share of pixels whose labels agree, max |Δlogit|) between onnxruntime on `path` and eager ExportGraph(model)
-    for uint8 N×3×H×W BGR `images`."""
+    """(share of pixels whose labels agree, max |Δlogit|, onnxruntime and eager CPU seconds per image) between
+    onnxruntime on `path` and eager ExportGraph(model) for uint8 N×3×H×W BGR `images`; times are medians of 3
+    one-image runs after a warm-up."""
     runtime = optional_import("onnxruntime", "onnxruntime")
     session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits, label = session.run(["logits", "label"], {"image": images.numpy()})
     eager_logits, eager_label = ExportGraph(model)(images)
-    return float((label == eager_label.numpy()).mean()), float(np.abs(logits - eager_logits.numpy()).max())
+    seconds = []
+    for run in (lambda: session.run(["label"], {"image": images[:1].numpy()}), lambda: ExportGraph(model)(images[:1])):
+        times = []
+        for _ in range(4):  # the first is a warm-up
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        seconds.append(statistics.median(times[1:]))
+    return (float((label == eager_label.numpy()).mean()), float(np.abs(logits - eager_logits.numpy()).max()),
+            *seconds)
