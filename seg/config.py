@@ -180,11 +180,12 @@ def carry_from_checkpoint(config, overridden, stored_config_for):
         stored_config_for(overridden["weights"])
     if not stored or "model" not in stored:
         return config
-    config = {**config, "model": copy.deepcopy(stored["model"]), "data": dict(config["data"])}
-    taken = ["model"] + [f"data.{key}" for key in CARRIED_DATA if key in stored.get("data", {})]
-    config["data"].update({key.split(".")[1]: copy.deepcopy(stored["data"][key.split(".")[1]]) for key in taken[1:]})
+    keys = [key for key in CARRIED_DATA if key in stored.get("data", {})]  # older checkpoints lack some
+    config = {**config, "model": copy.deepcopy(stored["model"]),
+              "data": {**config["data"], **{key: copy.deepcopy(stored["data"][key]) for key in keys}}}
     if os.environ.get("RANK", "0") == "0":
-        print(f"{overridden['weights']}: took {', '.join(taken)} from the checkpoint (command-line overrides win)")
+        print(f"{overridden['weights']}: took model, {', '.join('data.' + key for key in keys)} from the checkpoint "
+              f"(command-line overrides win)")
     return config
 
 

@@ -237,8 +237,9 @@ def evaluate_and_report(config, model, torch_device, rank, world_size, iteration
         with open(os.path.join(config["output_dir"], "metrics.jsonl"), "a") as handle:
             handle.write(json.dumps({key: record[key] for key in ("iteration", "aAcc", "mIoU", "mAcc")}) + "\n")
     if board is not None:
-        for key, value in [*((key, result[key]) for key in ("aAcc", "mIoU", "mAcc")), *zip(
-                (f"IoU/{name}" for name in info["classes"]), result["IoU"])]:
+        scalars = {**{key: result[key] for key in ("aAcc", "mIoU", "mAcc")},
+                   **{f"IoU/{name}": iou for name, iou in zip(info["classes"], result["IoU"])}}
+        for key, value in scalars.items():
             board.add_scalar(f"val/{key}", value, iteration)
         for stem, picture in panels_of(config, model, torch_device, 3):
             board.add_image(f"val/{stem}", picture, iteration, dataformats="HWC")
@@ -247,6 +248,7 @@ def evaluate_and_report(config, model, torch_device, rank, world_size, iteration
 
 def evaluate_task(config, load_section=None):
     """Load `weights`, score the val split, optionally save colour-coded predictions."""
+    split_items(config, "val_splits", cache=False)  # every file is there before the model loads
     torch_device, rank, world_size, say = start(config)
     os.makedirs(config["output_dir"], exist_ok=True)
     model = model_with_weights(config, torch_device, say)
