@@ -149,9 +149,10 @@ def prepare_cityscapes(root, workers=4, log=print):
     return counts
 
 
-_DEMO_VERSION = 3  # bump when the generators change, so old demo folders are not silently reused
+_DEMO_VERSION = 4  # bump when the generators change, so old demo folders are not silently reused
 _PICK_ANOTHER = "pick another data_root or empty that folder"
 _DEMO_VOC_SHAPES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}  # aeroplane, bicycle, bird, boat
+_DEMO_VOC_TURN, _DEMO_VOC_TRIES = 0.1, 20  # VOC demo shapes: turned within ±0.1·π (±18°); places tried per shape
 _DEMO_CITY_COLOURS = {7: (110, 100, 110), 8: (170, 150, 160), 11: (120, 90, 70), 21: (70, 120, 40),
                       23: (120, 170, 230), 4: (150, 140, 60), 1: (30, 30, 30), 0: (0, 0, 0)}  # label id: base RGB
 
@@ -209,25 +210,32 @@ def _boundary_band(label):
 
 
 def _demo_voc_sample(rng, hw):
-    """(RGB uint8 H×W×3, label uint8 H×W in 0..4, no ignore band). Greyish striped background, shapes in
-    saturated colours: object versus background is local, the class needs the shape."""
+    """(RGB uint8 H×W×3, label uint8 H×W in 0..4, no ignore band). Greyish striped background, 1-3 shapes in
+    saturated colours, none covering another, each turned at most _DEMO_VOC_TURN·π: object versus background is
+    local, the class needs the shape (occluded or freely turned shapes left the tiny demo model guessing)."""
     image = _texture(rng, hw, rng.uniform(40, 200) + rng.uniform(-25, 25, size=3), amplitude=20.0)  # background
     label = np.zeros(hw, np.uint8)
-    for _ in range(rng.integers(1, 4)):
-        class_id = int(rng.integers(1, len(_DEMO_VOC_SHAPES) + 1))
+    count = rng.integers(1, 4)
+    for class_id in [int(rng.integers(1, len(_DEMO_VOC_SHAPES) + 1)) for _ in range(count)]:
         radius = rng.uniform(0.22, 0.38) * min(hw)
-        centre = [rng.uniform(0.5 * radius, side - 0.5 * radius) for side in hw]
-        mask = _shape_mask(_DEMO_VOC_SHAPES[class_id], hw, centre, radius, rng.uniform(0, 2 * np.pi))
+        for _ in range(_DEMO_VOC_TRIES):  # a free place, or one shape fewer
+            centre = [rng.uniform(0.5 * radius, side - 0.5 * radius) for side in hw]
+            angle = rng.uniform(-np.pi, np.pi) * _DEMO_VOC_TURN
+            mask = _shape_mask(_DEMO_VOC_SHAPES[class_id], hw, centre, radius, angle)
+            if not (mask & (label > 0)).any():
+                break
+        else:
+            continue
         colour = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))) * 255
         image[mask] = _texture(rng, hw, colour, amplitude=12.0)[mask]
         label[mask] = class_id
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def make_demo_voc(root, n_train=320, n_val=40, size=(96, 128), seed=0):
+def make_demo_voc(root, n_train=320, n_val=40, size=(72, 96), seed=0):
     """Generate a small deterministic dataset in the VOC12aug layout; returns `root`. Classes 1..4 (aeroplane, bicycle,
-    bird, boat) are a disc, square, triangle and cross, 1-3 per image. The first n_train // 2 training images are in
-    train.txt (SegmentationClass: palette PNGs with a 255 band along edges, like VOC), the rest in aug.txt
+    bird, boat) are a disc, square, triangle and cross, 1-3 per image, not overlapping. The first n_train // 2 training
+    images are in train.txt (SegmentationClass: palette PNGs with a 255 band along edges, like VOC), the rest in aug.txt
     (SegmentationClassAug: grayscale, no band, like SBD; it holds train too); trainaug.txt: all; val.txt: `n_val`."""
     root = Path(root)
     parameters = dict(kind="voc", n_train=n_train, n_val=n_val, size=list(size), seed=seed, version=_DEMO_VERSION)
