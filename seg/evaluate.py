@@ -379,9 +379,9 @@ def export_check_images(paths, hw):
 
 @torch.no_grad()
 def compare_onnx(path, model, images):
-    """(share of pixels whose labels agree, max |Δlogit|, onnxruntime and eager CPU seconds per image) between
-    onnxruntime on `path` and eager ExportGraph(model) for uint8 N×3×H×W BGR `images`; times are medians of 3
-    one-image runs after a warm-up."""
+    """{"agreement": share of pixels whose labels agree, "max_difference": max |Δlogit|, "max_logit": max |logit|,
+    "runtime_s", "eager_s": CPU seconds per image} between onnxruntime on `path` and eager ExportGraph(model) for
+    uint8 N×3×H×W BGR `images`; times are medians of 3 one-image runs after a warm-up."""
     runtime = optional_import("onnxruntime", "onnxruntime")
     session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits, label = session.run(["logits", "label"], {"image": images.numpy()})
@@ -394,5 +394,6 @@ def compare_onnx(path, model, images):
             run()
             times.append(time.perf_counter() - start)
         seconds.append(statistics.median(times[1:]))
-    return (float((label == eager_label.numpy()).mean()), float(np.abs(logits - eager_logits.numpy()).max()),
-            *seconds)
+    return {"agreement": float((label == eager_label.numpy()).mean()), "runtime_s": seconds[0], "eager_s": seconds[1],
+            "max_difference": float(np.abs(logits - eager_logits.numpy()).max()),
+            "max_logit": float(eager_logits.abs().max())}

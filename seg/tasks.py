@@ -319,15 +319,16 @@ def export_task(config, load_section=None):
     model = model_with_weights(config, torch.device("cpu"), print).eval()
     evaluate.export_onnx(model, hw, path)
     images = evaluate.export_check_images(data.list_images(config["input"])[:4] if config["input"] else [], hw)
-    agreement, difference, runtime_s, eager_s = evaluate.compare_onnx(path, model, images)
+    check = evaluate.compare_onnx(path, model, images)
     print(f"wrote {path}: image uint8 N×3×{hw[0]}×{hw[1]} BGR -> logits, label; onnxruntime vs seg on {len(images)} "
-          f"images: labels agree on {100 * agreement:.4f}% of pixels, max |Δlogit| {difference:.2e}; one image on "
-          f"this CPU ({torch.get_num_threads()} threads): onnxruntime {runtime_s * 1e3:.0f} ms, seg eager "
-          f"{eager_s * 1e3:.0f} ms")
-    if agreement < 0.999:
-        raise UserError(f"{path}: onnxruntime's labels agree with seg's on only {100 * agreement:.3f}% of pixels "
-                        f"(below 99.9%); the file is not a faithful export, do not deploy it")
-    return agreement, difference, runtime_s, eager_s
+          f"images: labels agree on {100 * check['agreement']:.4f}% of pixels, max |Δlogit| "
+          f"{check['max_difference']:.2e} (logits up to {check['max_logit']:.2e}); one image on this CPU "
+          f"({torch.get_num_threads()} threads): onnxruntime {check['runtime_s'] * 1e3:.0f} ms, seg eager "
+          f"{check['eager_s'] * 1e3:.0f} ms")
+    if check["agreement"] < 0.999:
+        raise UserError(f"{path}: onnxruntime's labels agree with seg's on only {100 * check['agreement']:.3f}% of "
+                        f"pixels (below 99.9%); the file is not a faithful export, do not deploy it")
+    return check
 
 
 def demo_task(config, load_section=None):
