@@ -71,8 +71,11 @@ def make_scaler(device_type, amp, loss_scale):
     """torch.amp.GradScaler, enabled for fp16 only (elsewhere its calls pass through). A static scale is one
     that never grows; train_one_step undoes the halving GradScaler applies after an overflow."""
     dynamic = loss_scale == "dynamic"
-    return torch.amp.GradScaler(device_type, init_scale=2.0**16 if dynamic else float(loss_scale),
-                                growth_interval=2000 if dynamic else STATIC_SCALE, enabled=amp == "fp16")
+    options = {"init_scale": 2.0**16 if dynamic else float(loss_scale), "enabled": amp == "fp16",
+               "growth_interval": 2000 if dynamic else STATIC_SCALE}
+    if device_type == "npu":  # spec npu.md §4: torch.amp's "npu" scaler needs torch >= 2.3; this one every 2.x
+        return torch.npu.amp.GradScaler(**options)
+    return torch.amp.GradScaler(device_type, **options)
 
 
 def scaler_state(scaler):
