@@ -172,8 +172,9 @@ def train_task(config, load_section=None):
                   (torch_device, rank, world_size, board))
     if board is not None:
         board.close()
-    if meter.summary(world_size):
-        say(meter.summary(world_size), flush=True)
+    summary = meter.summary(world_size)
+    if summary:
+        say(summary, flush=True)
     if config["measure_pipeline"] and rank == 0:
         print(bench.pipeline_report(dataset, model.size_divisibility, config["data"]["workers"]))
     dist.cleanup()
