@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from seg import colour, data, dist, files, train, transforms
+from seg import amp, data, dist, files, train, transforms
 
 # Dense peak TFLOP/s by (device-name substring, precision), first match wins: NVIDIA H100 (SXM, PCIe; "with sparsity"
 # is twice these), H200 (H100 SXM compute) and A100 datasheets, Ascend 910 launch figure; else set bench.peak_tflops.
@@ -110,8 +110,8 @@ def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, 
     model = build_model().to(torch_device, memory_format=memory_format)
     runner = torch.compile(model) if use_compile else model
     optimizer = make_optimizer(model)
-    scaler = train.make_scaler(torch_device.type, amp_mode, loss_scale)
-    autocast = functools.partial(train.autocast_context, torch_device.type, amp_mode)
+    scaler = amp.make_scaler(torch_device.type, amp_mode, loss_scale)
+    autocast = amp.autocast_for(torch_device.type, amp_mode)
     batches = []  # a training batch and one inference image: random uint8 images, labels (10% ignore), full hw
     for batch_seed, size, hw in ((0, options["batch_size"], options["crop_hw"]), (1, 1, options["eval_hw"])):
         generator = torch.Generator().manual_seed(batch_seed)
@@ -136,8 +136,8 @@ def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, 
 def bench_combination(make_workload, options, torch_device, flops, peaks, amp_mode, channels_last, use_compile):
     """One row of the matrix: times, memory, TFLOP/s and MFU (None: unknown here), or why it was skipped / failed."""
     row = {"amp": amp_mode, "channels_last": channels_last, "compile": use_compile, "status": "ok", "note": ""}
-    if reason := ("channels_last: torch_npu supports only contiguous_format (spec/npu.md §8)" if channels_last
-                  and torch_device.type == "npu" else dist.check_amp_supported(torch_device.type, amp_mode)):
+    if reason := ("channels_last: torch_npu supports only contiguous_format " if channels_last
+                  and torch_device.type == "npu" else amp.unsupported(torch_device.type, amp_mode)):
         return {**row, "status": "skipped", "note": reason}
     try:
         calls = make_workload(amp_mode, channels_last, use_compile)[1:]
@@ -166,7 +166,7 @@ def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, out
                 loss_scale="dynamic", num_classes=21, command=None, log=functools.partial(print, flush=True)):
     """Run the amp × channels_last × compile matrix of options (the [bench] table); build_model() -> a fresh CPU
     nn.Module, make_optimizer(model), loss_fn(outputs, label) -> loss dict. Returns the result (also on disk)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if dist.launch_ranks()[2] > 1:
         raise files.UserError(f"[{title}] is a one-process benchmark; run it without torchrun")
     make_workload = functools.partial(workload, build_model, make_optimizer, loss_fn, options, torch_device, seed,
                                       loss_scale, num_classes)
@@ -200,11 +200,11 @@ def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, out
 
 
 def pipeline_row(dataset, read, params, count, options, jitter_in_loader, torch_device):
-    """Per-image ms of STAGES (the sampler's own calls and draws, timed) and of colour.apply_jitter on the device."""
+    """Per-image ms of STAGES (the sampler's own calls and draws, timed) and of apply_jitter on the device."""
     warmup, steps, batch_size = options["warmup"], options["steps"], options["batch_size"]
     plan, hue_high = transforms.CROP_PLANS[dataset]
-    colour.apply_jitter(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=torch_device),
-                        torch.zeros(1, colour.JITTER_SIZE, dtype=torch.int16, device=torch_device))  # tables
+    transforms.apply_jitter(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=torch_device),
+                        torch.zeros(1, transforms.JITTER_SIZE, dtype=torch.int16, device=torch_device))  # tables
     samples = []
     for position in range(warmup + steps):
         if position in (0, warmup):  # the warm-up samples' times are thrown away
@@ -215,11 +215,11 @@ def pipeline_row(dataset, read, params, count, options, jitter_in_loader, torch_
         start = time.perf_counter()
         hw, window, flip, label = plan(rng, label, **params)
         totals["crop_choice"] += (planned := time.perf_counter()) - start
-        image = colour.planar_view(transforms.resize_image_window(image, hw, window, flip))
+        image = transforms.planar_view(transforms.resize_image_window(image, hw, window, flip))
         totals["resize"] += (resized := time.perf_counter()) - planned
-        jitter = colour.draw_jitter(rng, hue_high)
+        jitter = transforms.draw_jitter(rng, hue_high)
         if jitter_in_loader:
-            image, jitter = colour.jittered(image, jitter), None
+            image, jitter = transforms.jittered(image, jitter), None
         totals["colour"] += time.perf_counter() - resized
         samples.append((image, label, jitter))
         if len(samples) == batch_size or position == warmup + steps - 1:
@@ -228,7 +228,7 @@ def pipeline_row(dataset, read, params, count, options, jitter_in_loader, torch_
             totals["collate"] += time.perf_counter() - start
             if not jitter_in_loader:
                 batch = data.to_device(batch, torch_device)
-                totals["device_colour"] += time_calls(lambda: colour.apply_jitter(batch["image"], batch["jitter"]),
+                totals["device_colour"] += time_calls(lambda: transforms.apply_jitter(batch["image"], batch["jitter"]),
                                                       torch_device, 0, 1)[0]
     total = sum(totals[stage] for stage in STAGES)
     return {"dataset": dataset, "jitter_on": "loader" if jitter_in_loader else "device",
@@ -299,7 +299,7 @@ def data_bench(recipes, options, torch_device, output_dir, command=None, image_h
         *row["image_hw"], row["image_format"], row["image_bytes_mean"] / 1e3)} for row in result["rows"]]
     table = markdown_table(shown, DATA_COLUMNS) + (
         "\n\nStage columns are milliseconds per image in the worker. \"device colour\": milliseconds per image "
-        f"of colour.apply_jitter on {result['jitter_device']} (one thread on a CPU), outside the worker.")
+        f"of transforms.apply_jitter on {result['jitter_device']} (one thread on a CPU), outside the worker.")
     write_outputs(result, table, output_dir, "data_bench", "data pipeline, one worker",
                   f"data_bench: one worker, {result['device']}, torch {result['torch']}", log)
     return result

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seg import dist
 from seg.files import UserError, write_atomic
 
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pth")
@@ -36,6 +37,16 @@ def to_cpu(obj):
 def save_atomic(obj, path):
     """torch.save `obj` (tensors moved to the CPU) atomically: `path` is the old file or the complete new one."""
     write_atomic(path, functools.partial(torch.save, to_cpu(obj)))
+
+
+def save_checkpoint(state, output_dir, rank, log=print):
+    """Rank 0 writes the training `state` to <output_dir>/iter_NNNNNNN.pth (its iteration), atomically; every rank
+    waits for it, so none runs ahead of a checkpoint that may be resumed from."""
+    if rank == 0:
+        path = Path(output_dir) / f"iter_{state['iteration']:07d}.pth"
+        save_atomic(state, path)
+        log(f"saved {path}", flush=True)
+    dist.barrier()
 
 
 def checkpoints_newest_first(output_dir):
@@ -170,7 +181,8 @@ def restricted_unpickle(path):
     return data
 
 
-# caffe2 blob name -> detectron2 name, re.sub in this order (pointrend spec §8, steps 1-6):
+# caffe2 blob name -> detectron2 name, re.sub in this order (steps 1-6 of convert_basic_c2_names in detectron2
+# `detectron2/checkpoint/c2_model_loading.py`):
 # `res4_22_branch2b_bn_running_var` -> `res4.22.conv2.norm.running_var`, `conv1_w` -> `stem.conv1.weight`.
 C2_RENAMES = ((r"\Apred_([bw])\Z", r"linear_\1"), ("_", "."), (r"\.b$", ".bias"), (r"\.w$", ".weight"),
               (r"bn\.(s|gamma)$", "norm.weight"), (r"bn\.(bias|beta)$", "norm.bias"),

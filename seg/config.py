@@ -135,12 +135,13 @@ def apply_overrides(config, overrides, model_defaults):
     return config
 
 
-def load_config(path, section, overrides=(), model_defaults_for=lambda name: {}, stored_config_for=lambda path: None):
+def load_config(path, section, overrides=(), model_defaults_for=lambda name: {}, stored_config_for=lambda path: None,
+                log=print):
     """The fully resolved, checked config of one section with command-line overrides applied.
 
     model_defaults_for(name) returns the builder's keyword defaults for model `name`; they fill the
     [model] table so that --show prints every value the run uses. Every section of the file is
-    checked, so a typo anywhere is caught before a long run starts.
+    checked, so a typo anywhere is caught before a long run starts. log(line) reports what a checkpoint carried.
     """
     sections = load_toml(path)
     if BASE not in sections:
@@ -152,7 +153,7 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
     config = resolve_section(sections, section, path)
     model_name = config.get("model", {}).get("name", "")
     config = carry_from_checkpoint(config, apply_overrides(copy.deepcopy(config), overrides,
-                                                           model_defaults_for(model_name)), stored_config_for)
+                                                           model_defaults_for(model_name)), stored_config_for, log)
     config = apply_overrides(config, overrides, model_defaults_for(config.get("model", {}).get("name", "")))
     if not model_name:
         return config
@@ -172,7 +173,7 @@ CARRIED_DATA = ("dataset", "root", "val_splits", "classes", "palette", "label_su
                 "test_scale")
 
 
-def carry_from_checkpoint(config, overridden, stored_config_for):
+def carry_from_checkpoint(config, overridden, stored_config_for, log=print):
     """When `weights` (after the overrides) is a seg checkpoint of an evaluate, predict, export or train task, the
     section's model table, dataset and test size become the ones it was trained with; overrides still apply after.
     stored_config_for(path) -> the stored config or None (mmseg/detectron2 files keep the section's)."""
@@ -183,9 +184,8 @@ def carry_from_checkpoint(config, overridden, stored_config_for):
     keys = [key for key in CARRIED_DATA if key in stored.get("data", {})]  # older checkpoints lack some
     config = {**config, "model": copy.deepcopy(stored["model"]),
               "data": {**config["data"], **{key: copy.deepcopy(stored["data"][key]) for key in keys}}}
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{overridden['weights']}: took model, {', '.join('data.' + key for key in keys)} from the checkpoint "
-              f"(command-line overrides win)")
+    log(f"{overridden['weights']}: took model, {', '.join('data.' + key for key in keys)} from the checkpoint "
+        f"(command-line overrides win)")
     return config
 
 
@@ -288,10 +288,15 @@ def validate(config):
 
 
 def check_writable_folder(folder, key):
-    """Make `folder` if needed and check a file can be created in it; UserError naming the key otherwise."""
+    """Check that `folder` can be made and written: its nearest existing ancestor is a folder in which a file can be
+    created (an unnamed temporary one, gone at once). Creates nothing; UserError naming the key otherwise."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(20, f"{existing} is not a folder")
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         raise UserError(f"{key} = {folder}: cannot write there ({error.strerror or error}); choose another {key}") \
             from None

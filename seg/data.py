@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from seg import colour
+from seg import transforms
 from seg.files import IGNORE_INDEX, IMAGE_EXTENSIONS, UserError, check_same_size, read_image_bgr, read_label
 
 VOC_CLASSES = (
@@ -30,8 +30,9 @@ CITYSCAPES_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 1
                       (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
                       (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
 # cityscapesScripts helpers/labels.py: the label ids of train ids 0..18 (the evaluated classes); all else is ignored
-CITYSCAPES_ID_TO_TRAINID = np.full(256, IGNORE_INDEX, np.uint8)
-CITYSCAPES_ID_TO_TRAINID[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
+CITYSCAPES_TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+CITYSCAPES_ID_TO_TRAINID = np.array([CITYSCAPES_TRAIN_LABEL_IDS.index(label_id) if label_id in CITYSCAPES_TRAIN_LABEL_IDS
+                                     else IGNORE_INDEX for label_id in range(256)], np.uint8)
 LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
                "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`",
                "folder": "; label maps hold class indices (255 = ignore; with data.reduce_zero_label 0 is ignored and "
@@ -157,7 +158,7 @@ def check_items(items, num_classes, hint="", reduce_zero_label=False, workers=1)
 
 class TrainDataset(EvalDataset):
     """Keys are (index, stream position) from InfiniteShardedSampler; a sample is (image, label, jitter): jittered
-    here (numpy) and jitter None with jitter_in_loader, else the parameters for the device (colour.apply_jitter)."""
+    here (numpy) and jitter None with jitter_in_loader, else the parameters for the device (transforms.apply_jitter)."""
 
     def __init__(self, items, sample_fn, num_classes, seed, hint="", reader=None, jitter_in_loader=True,
                  reduce_zero_label=False):
@@ -166,7 +167,7 @@ class TrainDataset(EvalDataset):
 
     def __getitem__(self, key):
         image, label, jitter = self.sample_fn(np.random.default_rng([self.seed, key[1]]), *self.load(key[0]))
-        return (colour.jittered(image, jitter), label, None) if self.jitter_in_loader else (image, label, jitter)
+        return (transforms.jittered(image, jitter), label, None) if self.jitter_in_loader else (image, label, jitter)
 
 
 class InfiniteShardedSampler(torch.utils.data.Sampler):
@@ -198,7 +199,7 @@ def pad_to(size, divisor):
 def collate(samples, divisor=1, min_hw=(0, 0)):
     """[(image uint8 H×W×3, label uint8 H×W[, jitter or None])] -> batch padded bottom/right to ≥ min_hw and a multiple
     of divisor: "image" uint8 N×3×H×W (padding 0, re-zeroed after normalising), "label" uint8 N×H×W (padding 255, int64
-    on the device: 8× fewer bytes to copy), "hw" int64 N×2 valid sizes, "jitter" int16 N×colour.JITTER_SIZE."""
+    on the device: 8× fewer bytes to copy), "hw" int64 N×2 valid sizes, "jitter" int16 N×JITTER_SIZE (transforms)."""
     height, width = (pad_to(max(min_hw[d], *(sample[0].shape[d] for sample in samples)), divisor) for d in (0, 1))
     images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
     labels = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.uint8)

@@ -43,24 +43,23 @@ def resolve_device_type(device):
     return device
 
 
-def check_amp_supported(device_type, amp):
-    """An error message when the device cannot run this precision, else None. torch silently disables
-    autocast for an unsupported dtype (a 910A asked for bf16 runs fp32), so the trainer asks first."""
-    if amp != "bf16":
-        return None
-    if device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "this CUDA GPU does not support bf16; use amp = \"fp16\""
-    if device_type == "npu" and not torch.npu.is_bf16_supported():
-        return "this Ascend chip (910A family) has no bf16; use amp = \"fp16\" with loss_scale = 128 or 512"
-    return None
+def launch_ranks():
+    """(rank, local rank, world size) the launcher gave this process: torchrun's RANK, LOCAL_RANK, WORLD_SIZE, or
+    (0, 0, 1) without one. The only reader of the launcher's environment."""
+    return tuple(int(os.environ.get(key, default)) for key, default in
+                 (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")))
+
+
+def print_on_rank0(*args, **kwargs):
+    """print() on the launch's rank 0 only (usable before the process group exists)."""
+    if launch_ranks()[0] == 0:
+        print(*args, **kwargs)
 
 
 def setup(device="auto"):
     """Initialise the process group when launched by torchrun. Returns (torch.device, rank, world_size)."""
     device_type = resolve_device_type(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank, world_size = launch_ranks()
     torch_device = torch.device("cpu")
     if device_type != "cpu":
         # set the device before the process group: hccl's barrier uses the current device
@@ -76,6 +75,10 @@ def setup(device="auto"):
 
 def is_distributed():
     return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def rank():
+    return torch_dist.get_rank() if is_distributed() else 0
 
 
 def world_size():

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import glob
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -26,6 +27,14 @@ MAGIC, VERSION, HEADER_BYTES, ALIGN = b"SEGCACHE1", 1, 64, 64  # decoded-image c
 
 class UserError(Exception):
     """A mistake the user can fix; the message names the file or key and says what to do (run.py exits 2)."""
+
+
+def optional_import(name, pip):
+    """Import an optional dependency, or UserError naming the pip command that installs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"this needs the optional package {name}: pip install {pip}") from None
 
 
 def write_atomic(path, write):

@@ -1,7 +1,7 @@
 """PointRend semantic segmentation (detectron2 SemanticFPN + PointRend, R101-FPN, Cityscapes); state-dict names and
-shapes equal detectron2's (spec/checkpoint_keys/detectron2_pointrend_r101_fpn.txt). Point maths uses gathers instead of
-F.grid_sample, so the loss path stays on the device (the Ascend port ran grid_sample on the host) and autograd flows
-through the bilinear weights. Coordinates are (x, y) in [0, 1] of the padded input; pixel centres sit at
+shapes equal detectron2's (tests/data/checkpoint_keys/detectron2_pointrend_r101_fpn.txt). Point maths uses gathers
+instead of F.grid_sample, so the loss path stays on the device (the Ascend port ran grid_sample on the host) and
+autograd flows through the bilinear weights. Coordinates are (x, y) in [0, 1] of the padded input; pixel centres sit at
 ((i + 0.5)/W, (j + 0.5)/H), as for grid_sample with align_corners=False."""
 import torch
 import torch.nn as nn
@@ -70,8 +70,8 @@ def uncertainty(logits):
 @torch.no_grad()
 def uncertain_point_coords_with_randomness(coarse_logits, num_points, oversample_ratio=3, importance_sample_ratio=0.75,
                                            generator=None):
-    """Training points (spec §3.3): the int(β·P) most uncertain of int(k·P) uniform candidates (uncertainty of
-    the interpolated logits, as detectron2), then P − int(β·P) fresh uniform points. coarse_logits: N×C×h×w ->
+    """Training points (detectron2 `projects/PointRend/point_rend/point_features.py`): the int(β·P) most uncertain
+    of int(k·P) uniform candidates (uncertainty of the interpolated logits, as detectron2), then P − int(β·P) fresh uniform points. coarse_logits: N×C×h×w ->
     N×P×2 in [0, 1), important first. generator: a torch.Generator on its device or None."""
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
         raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, "
@@ -136,8 +136,8 @@ class Upsample2x(nn.Module):
 
 
 class SemSegFPNHead(nn.Module):
-    """Coarse head (spec §2.4): per level, max(1, log2(stride/4)) conv-GN-ReLU layers, each + ×2 upsampling
-    except at stride 4; branches summed, then a 1×1 predictor. {"p2".."p5"} -> N×num_classes×H/4×W/4 logits."""
+    """Coarse head (detectron2 `detectron2/modeling/meta_arch/semantic_seg.py` SemSegFPNHead): per level,
+    max(1, log2(stride/4)) conv-GN-ReLU layers, each + ×2 upsampling except at stride 4; branches summed, then a 1×1 predictor. {"p2".."p5"} -> N×num_classes×H/4×W/4 logits."""
 
     def __init__(self, num_classes=19, in_channels=256, channels=128, num_groups=32):
         super().__init__()
@@ -156,8 +156,8 @@ class SemSegFPNHead(nn.Module):
 
 
 class StandardPointHead(nn.Module):
-    """Per-point MLP (spec §2.5) as 1×1 Conv1d: concat(fine N×F×P, coarse N×C×P) -> 3×(fc + ReLU) -> predictor
-    -> N×num_classes×P."""
+    """Per-point MLP (detectron2 `projects/PointRend/point_rend/point_head.py` StandardPointHead) as 1×1 Conv1d:
+    concat(fine N×F×P, coarse N×C×P) -> 3×(fc + ReLU) -> predictor -> N×num_classes×P."""
 
     def __init__(self, num_classes=19, fine_channels=256, channels=256):
         super().__init__()
@@ -178,8 +178,9 @@ class StandardPointHead(nn.Module):
 
 
 class PointRendSemSegHead(nn.Module):
-    """Coarse head + point head, with the point-selection settings of spec §1.1: `train_points` (num_points,
-    oversample_ratio, importance_sample_ratio) and `subdivision` (steps, num_points)."""
+    """Coarse head + point head, with the point-selection settings of detectron2's
+    `pointrend_semantic_R_101_FPN_1x_cityscapes.yaml`: `train_points` (num_points, oversample_ratio,
+    importance_sample_ratio) and `subdivision` (steps, num_points)."""
 
     def __init__(self, coarse_sem_seg_head, point_head, train_points, subdivision):
         super().__init__()
@@ -194,7 +195,8 @@ class PointRendSemSegHead(nn.Module):
         if not self.training:
             return {"seg": subdivision_inference(coarse, features["p2"], self.point_head, *self.subdivision)}
         coords = uncertain_point_coords_with_randomness(coarse, *self.train_points)
-        # coarse is not detached: the point loss trains the coarse head and backbone too (spec §3.4)
+        # coarse is not detached: the point loss trains the coarse head and backbone too (as detectron2's
+        # point_rend/semantic_seg.py)
         point_logits = self.point_head(point_sample(features["p2"], coords), point_sample(coarse, coords))
         return {"coarse": coarse, "point_logits": point_logits, "point_coords": coords}
 

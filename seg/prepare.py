@@ -1,5 +1,6 @@
 """Dataset preparation: VOC12aug labels from SBD, Cityscapes trainIds, and small generated demo datasets. Files are
-written atomically, so a rerun skips what an interrupted one finished. Layouts (spec pspnet.md §4, pointrend.md §4):
+written atomically, so a rerun skips what an interrupted one finished. Layouts (mmseg `docs/dataset_prepare.md`,
+cityscapesScripts' README):
     data/VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, SegmentationClassAug, ImageSets/Segmentation/*.txt}
     data/VOCdevkit/VOCaug/dataset/{cls/*.mat, train.txt, val.txt}     # SBD benchmark_RELEASE/dataset
     cityscapes/{leftImg8bit, gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_*}.png
@@ -76,7 +77,7 @@ def prepare_voc_aug(voc_root, sbd_root, log=print, workers=4):
         raise UserError(f"no .mat files in {sbd_root / 'cls'}. {_SBD_HINT}")
     voc_train, voc_val = set(read_split(split_folder / "train.txt")), set(read_split(split_folder / "val.txt"))
     sbd_all = set(read_split(sbd_root / "train.txt") + read_split(sbd_root / "val.txt"))
-    # as mmseg's voc_aug.py builds them (spec §4.2), sorted so reruns give identical files
+    # as mmseg's `tools/convert_datasets/voc_aug.py` builds them, sorted so reruns give identical files
     aug, trainaug = sorted(sbd_all - (voc_train | voc_val)), sorted((voc_train | sbd_all) - voc_val)
     unlabelled = sorted(set(aug) - {mat.stem for mat in mats})
     if unlabelled:
@@ -128,7 +129,8 @@ def _check_cityscapes_images(root, split):
 
 def prepare_cityscapes(root, workers=4, log=print):
     """Write gtFine/*/<city>/*_gtFine_labelTrainIds.png beside each *_gtFine_labelIds.png, in parallel, with the classes
-    of cityscapesScripts' createTrainIdLabelImgs.py (spec pointrend.md §6.6), skipping targets newer than their source.
+    of cityscapesScripts' createTrainIdLabelImgs.py (its `helpers/labels.py` table), skipping targets newer than
+    their source.
     A train/val image without a labelIds file: UserError. Returns counts {train, val (images), converted, skipped}."""
     root = Path(root)
     _require(_CITYSCAPES_HINT, root, root / "gtFine", root / "leftImg8bit")

@@ -1,5 +1,5 @@
 """PSPNet (mmseg 0.10.0 R50-D8): ResNetV1c backbone, pyramid pooling head, auxiliary FCN head. Module names are
-mmseg's: `state_dict()` equals spec/checkpoint_keys/mmseg_pspnet_r50_d8.txt key for key."""
+mmseg's: `state_dict()` equals tests/data/checkpoint_keys/mmseg_pspnet_r50_d8.txt key for key."""
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,6 +1,6 @@
 """Backbones: input normalisation, ResNetV1c (PSPNet) and MSRA ResNet + FPN (PointRend). Module names follow the
 reference checkpoints, so their weights load without renaming: mmcv's for ResNetV1c (`stem.0`, `layer1.0.downsample.1`),
-detectron2's for the MSRA ResNet and FPN (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`); see spec/checkpoint_keys/.
+detectron2's for the MSRA ResNet and FPN (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`); see tests/data/checkpoint_keys/.
 Reduced widths/blocks (a CPU demo) run exactly the same code as the full models."""
 import torch
 import torch.nn.functional as F

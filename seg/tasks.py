@@ -1,17 +1,16 @@
-"""The task layer, the only code that reads a resolved config: each task turns it into objects once (device,
-model with its weights, datasets, loaders, optimizer, scaler, autocast) and hands plain values to the modules
-below. run.py calls TASKS[config["task"]](config, load_section).
+"""The task layer, the only code that reads a resolved config: each task turns it into objects (device, model with
+its weights, datasets, loaders, optimizer, scaler, autocast, callbacks) and hands them to the module that does the
+work: seg/train.py trains, seg/evaluate.py evaluates, seg/predict.py predicts and exports.
+run.py calls TASKS[config["task"]](config, load_section).
 """
 import functools
 import inspect
-import json
 import os
-import sys
-import time
 
 import torch
 
-from seg import bench, checkpoint, data, dist, evaluate, files, pointrend, prepare, pspnet, resnet, train, transforms
+from seg import (amp, bench, checkpoint, data, dist, evaluate, files, losses, metrics, pointrend, predict, prepare, pspnet,
+                 resnet, train, transforms)
 from seg.files import UserError
 
 MODELS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
@@ -34,15 +33,13 @@ def build_model(model_table):
 
 def loss_function(config):
     """outputs, label -> dict of losses, for the configured model."""
-    if config["model"]["name"] == "pspnet":
-        return functools.partial(train.pspnet_losses, **config["loss"])
-    return train.pointrend_losses
+    return losses.loss_function(config["model"]["name"], config["loss"])
 
 
 def start(config):
     """(torch.device, rank, world size, print on rank 0) after setting up the process group and seed."""
     torch_device, rank, world_size = dist.setup(config["device"])
-    message = dist.check_amp_supported(torch_device.type, config["amp"])
+    message = amp.unsupported(torch_device.type, config["amp"])
     if message:
         raise UserError(f"amp = \"{config['amp']}\": {message}")
     torch.manual_seed(config["seed"] + rank)
@@ -65,7 +62,7 @@ def model_with_weights(config, torch_device, log):
 
 
 def autocast_of(config, torch_device):
-    return functools.partial(train.autocast_context, torch_device.type, config["amp"])
+    return amp.autocast_for(torch_device.type, config["amp"])
 
 
 def dataset_info(config):
@@ -74,7 +71,7 @@ def dataset_info(config):
     cfg, info = config["data"], data.dataset_info(config["data"]["dataset"])
     if cfg["dataset"] == "folder":
         info["list"] = functools.partial(data.folder_items, label_suffix=cfg["label_suffix"])
-    info["palette"], info["classes"] = evaluate.palette_and_names(cfg["palette"] or info["palette"],
+    info["palette"], info["classes"] = predict.palette_and_names(cfg["palette"] or info["palette"],
                                                                   cfg["classes"] or info["classes"],
                                                                   config["model"]["num_classes"])
     return info
@@ -147,29 +144,41 @@ def training_pad_hw(config):
 
 
 def train_task(config, load_section=None):
+    """Train `iterations` steps (resume: from this output_dir's newest checkpoint); returns the trained model."""
     for key in ("train_splits", "val_splits")[: 1 + bool(config["eval_interval"] or config["final_eval"])]:
         split_items(config, key, cache=False)
     torch_device, rank, world_size, say = start(config)
+    batch_size = config["data"]["batch_size"]
+    if batch_size % world_size:
+        raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes")
     os.makedirs(config["output_dir"], exist_ok=True)
     model = dist.convert_sync_batchnorm(model_with_weights(config, torch_device, say), torch_device.type,
                                         config["sync_bn"])
     optimizer = train.build_optimizer(model, **config["optimizer"])
-    scaler = train.make_scaler(torch_device.type, config["amp"], config["loss_scale"])
+    scaler = amp.make_scaler(torch_device.type, config["amp"], config["loss_scale"])
     first = train.resume(model, optimizer, scaler, config["output_dir"], config["iterations"], config["seed"], rank,
                          say) if config["resume"] else 0
-    batch_size = config["data"]["batch_size"]
-    if batch_size % world_size:
-        raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes")
-    dataset = train_dataset(config, jitter_in_loader(config, torch_device.type))
-    per_device = batch_size // world_size
+    dataset, per_device = train_dataset(config, jitter_in_loader(config, torch_device.type)), batch_size // world_size
     loader = data.train_loader(dataset, per_device, rank, world_size, config["seed"], config["data"]["workers"],
                                torch_device.type != "cpu", start=first * per_device, divisor=model.size_divisibility,
                                min_hw=training_pad_hw(config))
     runner = train.speedups(model, torch_device, config["channels_last"], config["compile"], say)
-    meter = train.Meter(batch_size, torch_device)
-    board = train.tensorboard(config["output_dir"], say) if rank == 0 else None
-    training_loop(config, runner, model, optimizer, scaler, data.prefetch(loader, torch_device), first, meter,
-                  (torch_device, rank, world_size, board))
+    board = metrics.tensorboard(config["output_dir"], say) if rank == 0 else None
+    step = {"loss_fn": loss_function(config), "optimizer": optimizer, "scaler": scaler, "seed": config["seed"],
+            "autocast": autocast_of(config, torch_device), "norm_eval": config["norm_eval"], "rank": rank,
+            "lr_at": functools.partial(train.lr_at, base_lr=config["optimizer"]["lr"], schedule=config["schedule"],
+                                       total=config["iterations"])}
+    intervals = {"log": config["log_interval"], "checkpoint": config["checkpoint_interval"],
+                 "eval": config["eval_interval"], "final_eval": config["final_eval"]}
+    hooks = {"say": say, "log": functools.partial(metrics.log_record, output_dir=config["output_dir"], rank=rank,
+                                                  board=board),
+             "checkpoint": lambda iteration: checkpoint.save_checkpoint(
+                 train.training_state(model, optimizer, scaler, iteration, config), config["output_dir"], rank, say),
+             "evaluate": evaluation(config, model, torch_device, board) if config["eval_interval"] or
+             config["final_eval"] else None}
+    meter = metrics.Meter(batch_size, torch_device)
+    train.train(runner, data.prefetch(loader, torch_device), step, range(first + 1, config["iterations"] + 1),
+                intervals, hooks, meter)
     if board is not None:
         board.close()
     summary = meter.summary(world_size)
@@ -178,73 +187,31 @@ def train_task(config, load_section=None):
     if config["measure_pipeline"] and rank == 0:
         print(bench.pipeline_report(dataset, model.size_divisibility, config["data"]["workers"]))
     dist.cleanup()
+    return model
 
 
-def training_loop(config, runner, model, optimizer, scaler, batches, first, meter, place):
-    """Iterations first+1 .. iterations: step, then on their intervals log, checkpoint and evaluate."""
-    torch_device, rank, world_size, board = place
-    total, loss_fn, autocast = config["iterations"], loss_function(config), autocast_of(config, torch_device)
-    for iteration in range(first + 1, total + 1):
-        runner.train()
-        train.set_norm_eval(runner, config["norm_eval"])
-        for group in optimizer.param_groups:
-            group["lr"] = train.lr_at(iteration - 1, config["optimizer"]["lr"], config["schedule"], total)
-        fetched = time.perf_counter()
-        batch = train.on_device(next(batches))
-        losses, applied = train.train_one_step(runner, batch, loss_fn, optimizer, scaler, autocast)
-        meter.add(losses, time.perf_counter() - fetched)
-        if not applied and rank == 0:
-            print(f"iter {iteration}: fp16 gradients overflowed, step skipped; loss scale now {scaler.get_scale():g}")
-        end = iteration == total
-        if iteration % config["log_interval"] == 0 or end:
-            record = meter.read(iteration, total, optimizer.param_groups[0]["lr"])
-            train.log_record(record, config["output_dir"], rank, board)
-        with meter.paused():  # checkpoints and evaluations are not training time
-            if train.every(config["checkpoint_interval"], iteration, end):
-                save_checkpoint(config, model, optimizer, scaler, iteration, rank)
-                train.reseed(config["seed"], rank, iteration)
-            if train.every(config["eval_interval"], iteration, end and config["final_eval"]):
-                evaluate_and_report(config, model, torch_device, rank, world_size, iteration, board)
-
-
-def save_checkpoint(config, model, optimizer, scaler, iteration, rank):
-    """Model, optimizer, scaler, iteration and the resolved config; rank 0 writes, atomically."""
-    if rank == 0:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": train.scaler_state(scaler), "iteration": iteration, "config": config}
-        path = os.path.join(config["output_dir"], f"iter_{iteration:07d}.pth")
-        checkpoint.save_atomic(state, path)
-        print(f"saved {path}", flush=True)
-    dist.barrier()
-
-
-def evaluate_and_report(config, model, torch_device, rank, world_size, iteration=None, board=None):
-    """Evaluate on the val split; rank 0 prints the table, writes eval.json (and TensorBoard scalars and a few
-    panels to `board`). The global CPU generator is left as it was: evaluating never changes training."""
+def evaluation(config, model, torch_device, board=None):
+    """evaluate(iteration=None) -> scores of `model` on the val split: rank 0 prints the table and writes eval.json,
+    a metrics.jsonl line (and TensorBoard scalars and three panels to `board`). The global CPU generator is left as
+    it was: evaluating never changes training."""
     dataset, info = eval_dataset(config)
+    rank, world_size = dist.rank(), dist.world_size()
     loader = data.eval_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu",
                               evaluate.collate_views)
-    progress = evaluate.progress_lines(len(loader), max(10, len(loader) // 10), print) if rank == 0 else None
-    with torch.random.fork_rng(devices=[]):
-        matrix = evaluate.confusion_over(model, loader, torch_device, config["model"]["num_classes"],
-                                         autocast_of(config, torch_device), config["test"], progress)
-    result = evaluate.metrics_from_confusion(matrix)
-    if rank == 0:
-        classes = info["classes"]
-        where = f" at iteration {iteration}" if iteration else ""
-        print(f"evaluation on {len(dataset)} images{where}:\n{evaluate.format_table(result, classes)}", flush=True)
-        record = {"iteration": iteration, "test": config["test"], "classes": classes, **result}
-        files.write_text_atomic(json.dumps(record, indent=1), os.path.join(config["output_dir"], "eval.json"))
-        with open(os.path.join(config["output_dir"], "metrics.jsonl"), "a") as handle:
-            handle.write(json.dumps({key: record[key] for key in ("iteration", "aAcc", "mIoU", "mAcc")}) + "\n")
-    if board is not None:
-        scalars = {**{key: result[key] for key in ("aAcc", "mIoU", "mAcc")},
-                   **{f"IoU/{name}": iou for name, iou in zip(info["classes"], result["IoU"])}}
-        for key, value in scalars.items():
-            board.add_scalar(f"val/{key}", value, iteration)
-        for stem, picture in panels_of(config, model, torch_device, 3):
+
+    def run(iteration=None):
+        progress = metrics.progress_lines(len(loader), max(10, len(loader) // 10), print) if rank == 0 else None
+        with torch.random.fork_rng(devices=[]):
+            matrix = evaluate.confusion_over(model, loader, torch_device, config["model"]["num_classes"],
+                                             autocast_of(config, torch_device), config["test"], progress)
+        result = metrics.metrics_from_confusion(matrix)
+        if rank == 0:
+            metrics.report_evaluation(result, info["classes"], len(dataset),
+                                      {"iteration": iteration, "test": config["test"]}, config["output_dir"], board)
+        for stem, picture in panels_of(config, model, torch_device, 3) if board is not None else ():
             board.add_image(f"val/{stem}", picture, iteration, dataformats="HWC")
-    return result
+        return result
+    return run
 
 
 def evaluate_task(config, load_section=None):
@@ -253,7 +220,7 @@ def evaluate_task(config, load_section=None):
     torch_device, rank, world_size, say = start(config)
     os.makedirs(config["output_dir"], exist_ok=True)
     model = model_with_weights(config, torch_device, say)
-    result = evaluate_and_report(config, model, torch_device, rank, world_size)
+    result = evaluation(config, model, torch_device)()
     if rank == 0 and config["save_predictions"] > 0:
         save_predictions(config, model, torch_device)
     dist.cleanup()
@@ -263,8 +230,8 @@ def evaluate_task(config, load_section=None):
 def panels_of(config, model, torch_device, count):
     """[(stem, photo | truth | prediction picture)] of the first `count` val images, predicted as evaluation does."""
     dataset, info = eval_dataset(config)
-    return evaluate.prediction_panels(model, dataset, count, info["palette"], info["classes"], config["test"],
-                                      config["data"]["test_scale"], autocast_of(config, torch_device))
+    return predict.prediction_panels(model, dataset, count, info["palette"], info["classes"], config["test"],
+                                     config["data"]["test_scale"], autocast_of(config, torch_device))
 
 
 def save_predictions(config, model, torch_device):
@@ -272,7 +239,7 @@ def save_predictions(config, model, torch_device):
     folder = os.path.join(config["output_dir"], "predictions")
     panels = panels_of(config, model, torch_device, config["save_predictions"])
     for stem, picture in panels:
-        evaluate.write_png(os.path.join(folder, f"{stem}.png"), picture)
+        predict.write_png(os.path.join(folder, f"{stem}.png"), picture)
     print(f"wrote {len(panels)} colour-coded predictions to {folder}")
 
 
@@ -288,24 +255,10 @@ def predict_task(config, load_section=None):
     torch_device, rank, world_size, say = start(config)
     model = model_with_weights(config, torch_device, say).eval()
     info = dataset_info(config)
-    test, autocast, jobs = config["test"], autocast_of(config, torch_device), jobs[rank::world_size]
-    written = told = 0
-    for number, (path, stem) in enumerate(jobs, 1):
-        begin = time.perf_counter()
-        try:
-            image = files.read_image_bgr(path, upright=True)
-        except UserError as error:
-            print(f"warning: skipping {path}: {error}", file=sys.stderr, flush=True)
-            continue
-        label, slide = evaluate.predict_label(model, image, test, config["data"]["test_scale"], autocast)
-        if slide and not told:
-            told = True
-            say(f"note: images whose test-resized long side exceeds test.max_size = {test['max_size']} run in slide "
-                f"mode (test.crop_hw = {test['crop_hw']}, test.stride_hw = {test['stride_hw']})")
-        evaluate.write_prediction(config["output"], stem, image[:, :, ::-1], label, info["palette"], info["classes"])
-        written += 1
-        print(f"{number}/{len(jobs)} {os.path.basename(path)} {image.shape[0]}x{image.shape[1]} "
-              f"{(time.perf_counter() - begin) * 1000:.0f} ms", flush=True)
+    inference = {"test": config["test"], "test_scale": config["data"]["test_scale"],
+                 "autocast": autocast_of(config, torch_device)}
+    written = predict.predict_files(model, jobs[rank::world_size], config["output"], inference,
+                                    (info["palette"], info["classes"]), say)
     dist.cleanup()
     if jobs and not written:
         raise UserError(f"input={config['input']}: none of its {len(jobs)} files could be read as an image")
@@ -316,37 +269,23 @@ def predict_task(config, load_section=None):
 def export_task(config, load_section=None):
     """`weights` as an ONNX file at `output`, then run in onnxruntime on a few images (`input`, resized to
     export.hw, or generated ones) against seg's own prediction: exit 2 below 99.9% label agreement."""
-    hw, path = tuple(config["export"]["hw"]), config["output"]
     model = model_with_weights(config, torch.device("cpu"), print).eval()
-    evaluate.export_onnx(model, hw, path)
-    images = evaluate.export_check_images(data.list_images(config["input"])[:4] if config["input"] else [], hw)
-    check = evaluate.compare_onnx(path, model, images)
-    print(f"wrote {path}: image uint8 N×3×{hw[0]}×{hw[1]} BGR -> logits, label; onnxruntime vs seg on {len(images)} "
-          f"images: labels agree on {100 * check['agreement']:.4f}% of pixels, max |Δlogit| "
-          f"{check['max_difference']:.2e} (logits up to {check['max_logit']:.2e}); one image on this CPU "
-          f"({torch.get_num_threads()} threads): onnxruntime {check['runtime_s'] * 1e3:.0f} ms, seg eager "
-          f"{check['eager_s'] * 1e3:.0f} ms")
-    if check["agreement"] < 0.999:
-        raise UserError(f"{path}: onnxruntime's labels agree with seg's on only {100 * check['agreement']:.3f}% of "
-                        f"pixels (below 99.9%); the file is not a faithful export, do not deploy it")
-    return check
+    return predict.export_and_check(model, tuple(config["export"]["hw"]), config["output"],
+                                    data.list_images(config["input"])[:4] if config["input"] else [])
 
 
 def demo_task(config, load_section=None):
     """Generate the demo data (local rank 0 of each node; the others wait at a barrier), train, evaluate, and
-    write colour-coded predictions from the final weights."""
-    start(config)
+    write colour-coded predictions from the model it trained."""
+    _, rank, _, _ = start(config)
     root = os.path.join(config["data_root"], config["data"]["root"])
     generate = prepare.make_demo_voc if config["data"]["dataset"] == "voc" else prepare.make_demo_cityscapes
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if dist.launch_ranks()[1] == 0:
         generate(root)
     dist.barrier()
-    train_task(config)
-    if int(os.environ.get("RANK", "0")) == 0 and config["save_predictions"]:
-        model = build_model(config["model"])
-        state = checkpoint.load_training_state(checkpoint.latest_checkpoint(config["output_dir"]))
-        model.load_state_dict(state["model"])
-        save_predictions(config, model, torch.device("cpu"))
+    model = train_task(config)
+    if rank == 0 and config["save_predictions"]:
+        save_predictions(config, model, next(model.parameters()).device)
 
 
 def bench_task(config, load_section=None):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import run
-from seg import bench, colour, config, data, tasks, train, transforms
+from seg import amp, bench, config, data, losses, tasks, train, transforms
 from seg.pointrend import build_pointrend
 from seg.pspnet import build_pspnet
 
@@ -51,7 +51,7 @@ def conv_forward_flops(model, image, hw):
 def test_pspnet_bench_writes_the_matrix(tmp_path):
     options = {**BENCH, "crop_hw": [32, 32], "eval_hw": [24, 40], "amp": ["off", "bf16"], "peak_tflops": 2.0}
     result = bench.model_bench(lambda: build_pspnet(**TINY_PSPNET), sgd,
-                               lambda outputs, label: train.pspnet_losses(outputs, label, "all", 0.4), options,
+                               lambda outputs, label: losses.pspnet_losses(outputs, label, "all", 0.4), options,
                                torch.device("cpu"), str(tmp_path), "pspnet_bench", log=lambda *a: None)
     assert json.loads((tmp_path / "bench.json").read_text()) == result
     assert result["section"] == "pspnet_bench" and result["model"] == "pspnet"
@@ -91,7 +91,7 @@ def test_pointrend_bench_and_recorded_failures(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", failing_compile)
     options = {**BENCH, "crop_hw": [64, 64], "eval_hw": [64, 96], "amp": ["off"], "channels_last": [False],
                "compile": [False, True]}
-    result = bench.model_bench(lambda: build_pointrend(**TINY_POINTREND), sgd, train.pointrend_losses, options,
+    result = bench.model_bench(lambda: build_pointrend(**TINY_POINTREND), sgd, losses.pointrend_losses, options,
                                torch.device("cpu"), str(tmp_path), "pointrend_bench", num_classes=19,
                                command="pytest", log=lambda *a: None)
     ok, failed = result["rows"]
@@ -167,7 +167,7 @@ def test_timed_stages_are_the_sampler(recipe, jitter_in_loader, monkeypatch):
         reference_rng = default_rng([0, position])
         expected = transforms.TRAIN_SAMPLERS[recipe["dataset"]](reference_rng, image, label, **recipe["params"])
         if jitter_in_loader:
-            expected = (colour.jittered(expected[0], expected[2]), expected[1], None)
+            expected = (transforms.jittered(expected[0], expected[2]), expected[1], None)
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
         assert (got[2] is None) == jitter_in_loader
@@ -265,18 +265,18 @@ def test_compiled_model_matches_eager():
 def test_a_training_step_never_synchronises_with_the_cuda_device(build, section, amp_mode):
     """Issue #5: no host synchronisation in the training loop outside log steps (bf16 / fp32; the fp16 loss
     scaler reads one overflow flag per step by design). Covers on_device (jitter + label widening) too."""
-    from seg import colour, data, tasks, train
+    from seg import transforms, data, tasks, train
 
     model = build().cuda().train()
     optimizer = train.build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4, weight_decay_norm=0.0)
     loss_fn = tasks.loss_function(load(section))
     rng = np.random.default_rng(0)
     samples = [(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), rng.integers(0, 5, (64, 96), dtype=np.uint8),
-                colour.draw_jitter(rng, 19)) for _ in range(2)]
+                transforms.draw_jitter(rng, 19)) for _ in range(2)]
     host = data.collate(samples, divisor=32)
     host = {key: value.pin_memory() for key, value in host.items()}
-    autocast = lambda: train.autocast_context("cuda", amp_mode)  # noqa: E731
-    scaler = train.make_scaler("cuda", amp_mode, "dynamic")
+    autocast = lambda: amp.autocast_context("cuda", amp_mode)  # noqa: E731
+    scaler = amp.make_scaler("cuda", amp_mode, "dynamic")
     for step in range(2):  # the first step allocates, autotunes and copies the jitter tables
         if step == 1:
             torch.cuda.synchronize()

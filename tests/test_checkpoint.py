@@ -1,6 +1,6 @@
 """seg/checkpoint.py: safe reading of every weights format, name conversion, load reports and atomic saves.
 
-Synthetic files carry the published key names and shapes (../shared/spec/checkpoint_keys) with random values;
+Synthetic files carry the published key names and shapes (tests/data/checkpoint_keys) with random values;
 they are loaded into the real models (built on the meta device, then zero-filled: no init cost) and compared
 tensor by tensor against the names the reference tools use.
 """
@@ -26,17 +26,15 @@ from seg.checkpoint import (convert_c2_names, latest_checkpoint, latest_loadable
                             restricted_unpickle, save_atomic)
 from seg.files import UserError
 
-KEYS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "checkpoint_keys"
+KEYS_DIR = Path(__file__).resolve().parent / "data" / "checkpoint_keys"  # the published files' key lists
 MMSEG_KEYS = "mmseg_pspnet_r50_d8.txt"
 D2_KEYS = "detectron2_pointrend_r101_fpn.txt"
 
 
 # ------------------------------------------------------------------------------------------- helpers
 def reference_shapes(filename):
-    """{key: shape} of a published state_dict; skips the test when the spec folder is absent."""
+    """{key: shape} of a published state_dict, from tests/data/checkpoint_keys."""
     path = KEYS_DIR / filename
-    if not path.is_file():
-        pytest.skip(f"reference key list {path} not found (expected ../shared/spec/checkpoint_keys beside the repo)")
     rows = [line.split("\t") for line in path.read_text().splitlines() if line and not line.startswith("#")]
     return {key: tuple(int(n) for n in re.findall(r"\d+", shape)) for key, shape in rows}
 

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from seg import config, tasks, train
+from seg import amp, config, tasks, train
 from seg.files import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,13 +121,13 @@ def step(scaler, factors, lr=1.0):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = lambda outputs, label: {"loss": outputs["seg"].sum()}  # noqa: E731
     batch = {"image": torch.tensor(factors), "hw": None, "label": None}
-    _, applied = train.train_one_step(model, batch, loss_fn, optimizer, scaler, lambda: train.autocast_context("cpu", "off"))
+    _, applied = train.train_one_step(model, batch, loss_fn, optimizer, scaler, lambda: amp.autocast_context("cpu", "off"))
     return model.parameter.detach(), applied
 
 
 @pytest.mark.parametrize("loss_scale", ["dynamic", 128])
 def test_scaler_skips_step_with_inf_gradients(loss_scale):
-    scaler = train.make_scaler("cpu", "fp16", loss_scale)
+    scaler = amp.make_scaler("cpu", "fp16", loss_scale)
     before = scaler.get_scale()
     parameter, applied = step(scaler, [1.0, float("inf"), 1.0])
     assert not applied
@@ -137,21 +137,21 @@ def test_scaler_skips_step_with_inf_gradients(loss_scale):
 
 @pytest.mark.parametrize("loss_scale", ["dynamic", 512])
 def test_scaler_applies_unscaled_gradients(loss_scale):
-    scaler = train.make_scaler("cpu", "fp16", loss_scale)
+    scaler = amp.make_scaler("cpu", "fp16", loss_scale)
     parameter, applied = step(scaler, [1.0, 3.0], lr=0.5)
     assert applied and torch.equal(parameter, torch.tensor([1 - 0.5, 1 - 1.5]))
     assert scaler.get_scale() == (2.0**16 if loss_scale == "dynamic" else 512.0)
 
 
 def test_scaler_state_round_trips_and_grows_after_2000_clean_steps():
-    scaler = train.make_scaler("cpu", "fp16", "dynamic")
-    train.load_scaler_state(scaler, {"scale": 1024.0, "dynamic": True, "clean_steps": 1999})
-    assert train.scaler_state(scaler) == {"scale": 1024.0, "dynamic": True, "clean_steps": 1999}
+    scaler = amp.make_scaler("cpu", "fp16", "dynamic")
+    amp.load_scaler_state(scaler, {"scale": 1024.0, "dynamic": True, "clean_steps": 1999})
+    assert amp.scaler_state(scaler) == {"scale": 1024.0, "dynamic": True, "clean_steps": 1999}
     _, applied = step(scaler, [1.0, 2.0])
-    assert applied and train.scaler_state(scaler) == {"scale": 2048.0, "dynamic": True, "clean_steps": 0}
-    static = train.make_scaler("cpu", "fp16", 128)
-    assert train.scaler_state(static)["dynamic"] is False
-    assert train.scaler_state(train.make_scaler("cpu", "bf16", "dynamic")) is None
+    assert applied and amp.scaler_state(scaler) == {"scale": 2048.0, "dynamic": True, "clean_steps": 0}
+    static = amp.make_scaler("cpu", "fp16", 128)
+    assert amp.scaler_state(static)["dynamic"] is False
+    assert amp.scaler_state(amp.make_scaler("cpu", "bf16", "dynamic")) is None
 
 
 def test_bf16_training_step_on_cpu():
@@ -160,7 +160,7 @@ def test_bf16_training_step_on_cpu():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
     before = [p.detach().clone() for p in model.parameters()]
-    with train.autocast_context("cpu", "bf16"):
+    with amp.autocast_context("cpu", "bf16"):
         out = model(x)
     assert out.dtype == torch.bfloat16
     loss = torch.nn.functional.cross_entropy(out.float(), y)
@@ -168,4 +168,4 @@ def test_bf16_training_step_on_cpu():
     optimizer.step()
     assert math.isfinite(loss.item())
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    assert not train.make_scaler("cpu", "bf16", "dynamic").is_enabled()
+    assert not amp.make_scaler("cpu", "bf16", "dynamic").is_enabled()

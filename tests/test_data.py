@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import run
-from seg import colour, config, data, files, prepare, tasks, train
+from seg import config, data, files, prepare, tasks, train, transforms
 from seg.files import UserError
 
 
@@ -184,8 +184,8 @@ def test_collate_pads_to_at_least_min_hw_like_mmseg_pad():
 
 
 def test_collate_stacks_jitter_parameters_and_refuses_a_mix():
-    a = (np.zeros((3, 5, 3), np.uint8), np.ones((3, 5), np.uint8), np.full(colour.JITTER_SIZE, 1, np.int16))
-    b = (np.zeros((4, 2, 3), np.uint8), np.ones((4, 2), np.uint8), np.full(colour.JITTER_SIZE, 2, np.int16))
+    a = (np.zeros((3, 5, 3), np.uint8), np.ones((3, 5), np.uint8), np.full(transforms.JITTER_SIZE, 1, np.int16))
+    b = (np.zeros((4, 2, 3), np.uint8), np.ones((4, 2), np.uint8), np.full(transforms.JITTER_SIZE, 2, np.int16))
     batch = data.collate([a, b])
     assert batch["jitter"].dtype == torch.int16 and batch["jitter"][:, 0].tolist() == [1, 2]
     with pytest.raises(ValueError, match="every sample"):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seg import config, evaluate, prepare, tasks, train, transforms
+from seg import amp, config, evaluate, metrics, prepare, tasks, transforms
 from seg.files import UserError
 from seg.pointrend import build_pointrend
 from seg.pspnet import build_pspnet
@@ -32,7 +32,7 @@ def small_pointrend():
 
 
 MODELS = {"pspnet": small_pspnet, "pointrend": small_pointrend}
-OFF = lambda: train.autocast_context("cpu", "off")  # noqa: E731
+OFF = lambda: amp.autocast_context("cpu", "off")  # noqa: E731
 
 
 def random_image(height, width, seed=0):
@@ -216,7 +216,7 @@ def test_evaluation_never_synchronises_with_the_cuda_device(name, test):
         with torch.no_grad():
             scores = evaluate.test_time_scores(model, batch["image"].to(device, non_blocking=True), batch["hw"],
                                                (40, 56), test)
-            direct = evaluate.confusion_matrix(scores.argmax(dim=1), batch["label"].to(device, non_blocking=True), 3)
+            direct = metrics.confusion_matrix(scores.argmax(dim=1), batch["label"].to(device, non_blocking=True), 3)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     valid = int((label != 255).sum())
@@ -227,7 +227,7 @@ def test_evaluation_never_synchronises_with_the_cuda_device(name, test):
 # ----------------------------------------------------------------------------------- evaluation end to end
 
 def test_evaluation_with_flip_and_scales_counts_every_pixel(tmp_path):
-    """evaluate_and_report (dataset views, loader, confusion, eval.json, saved panels) against per-image
+    """tasks.evaluation (dataset views, loader, confusion, eval.json, saved panels) against per-image
     test_time_scores and a brute-force count."""
     prepare.make_demo_voc(str(tmp_path / "voc"), n_train=2, n_val=3, size=(48, 64), seed=1)
     cfg = config.load_config(CONFIGS, "pspnet_eval", [
@@ -237,7 +237,8 @@ def test_evaluation_with_flip_and_scales_counts_every_pixel(tmp_path):
                                  TINY_PSPNET.items()]], tasks.builder_defaults)
     os.makedirs(cfg["output_dir"])
     model = small_pspnet(num_classes=5)
-    result = tasks.evaluate_and_report(cfg, model, torch.device("cpu"), 0, 1)
+    result = tasks.evaluation(cfg, model, torch.device("cpu"))()
+    model.eval()  # evaluation leaves the model's modes as it found them
     matrix = np.zeros((5, 5), np.int64)
     dataset, _ = tasks.eval_dataset(cfg)
     for views, label in dataset:
@@ -247,7 +248,7 @@ def test_evaluation_with_flip_and_scales_counts_every_pixel(tmp_path):
         for truth, guess in zip(label.ravel(), pred.ravel()):
             if truth != 255:
                 matrix[truth, guess] += 1
-    expected = evaluate.metrics_from_confusion(torch.from_numpy(matrix))
+    expected = metrics.metrics_from_confusion(torch.from_numpy(matrix))
     assert result["aAcc"] == pytest.approx(expected["aAcc"]) and result["IoU"] == pytest.approx(expected["IoU"],
                                                                                               nan_ok=True)
     record = json.loads((tmp_path / "out" / "eval.json").read_text())

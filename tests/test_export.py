@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg import checkpoint, evaluate, train
+from seg import amp, checkpoint, evaluate, predict
 from seg.files import UserError
 from seg.pointrend import build_pointrend
 from seg.pspnet import build_pspnet
@@ -36,11 +36,11 @@ def test_onnxruntime_equals_eager_seg(tmp_path, name):
     model, path = model_of(name), tmp_path / f"{name}.onnx"
     other_size = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     test = {"mode": "whole", "flip": False, "scales": [1.0], "max_size": 4096}
-    autocast = lambda: train.autocast_context("cpu", "off")  # noqa: E731
-    before, _ = evaluate.predict_label(model, other_size, test, (90, 60), autocast)
-    evaluate.export_onnx(model, (64, 96), path)
+    autocast = lambda: amp.autocast_context("cpu", "off")  # noqa: E731
+    before, _ = predict.predict_label(model, other_size, test, (90, 60), autocast)
+    predict.export_onnx(model, (64, 96), path)
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, 64, 96), dtype=np.uint8))
-    check = evaluate.compare_onnx(path, model, images)
+    check = predict.compare_onnx(path, model, images)
     assert check["runtime_s"] > 0 and check["eager_s"] > 0 and check["max_logit"] > 0
     assert check["agreement"] >= 0.999 and check["max_difference"] < 1e-4
     with torch.no_grad():  # an independent eager reference: the inference path evaluation uses
@@ -52,9 +52,9 @@ def test_onnxruntime_equals_eager_seg(tmp_path, name):
     assert logits.shape == (3, 5, 64, 96) and label.dtype == np.int64
     np.testing.assert_allclose(logits, reference.numpy(), atol=1e-4, rtol=0)
     assert (label == reference.argmax(dim=1).numpy()).mean() >= 0.999
-    after, _ = evaluate.predict_label(model, other_size, test, (90, 60), autocast)
+    after, _ = predict.predict_label(model, other_size, test, (90, 60), autocast)
     np.testing.assert_array_equal(before, after)
-    assert evaluate.is_seg_onnx(path) and not evaluate.is_seg_onnx(__file__)
+    assert predict.is_seg_onnx(path) and not predict.is_seg_onnx(__file__)
 
 
 def readme_snippet():
@@ -88,4 +88,4 @@ def test_export_command_and_the_readme_snippet(tmp_path):
 def test_missing_onnxruntime_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(UserError, match="pip install onnxruntime"):
-        evaluate.compare_onnx("x.onnx", None, None)
+        predict.compare_onnx("x.onnx", None, None)

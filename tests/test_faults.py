@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from seg import checkpoint, config, tasks, train
+from seg import checkpoint, config, metrics, tasks
 from seg.files import UserError
 
 from test_train_e2e import CONFIGS, ROOT, assert_same_weights, final_weights, overrides
@@ -70,7 +70,7 @@ def test_non_finite_losses_stop_naming_the_checkpoint_to_resume_from(tmp_path, v
     checkpoint.save_atomic({"model": {}, "iteration": 20}, str(tmp_path / "iter_0000020.pth"))
     record = {"iteration": 23, "total": 100, "loss_seg": 0.5, "loss_aux": value, "lr": 0.01}
     with pytest.raises(UserError, match=r"not finite.*iter_0000020\.pth.*resume=true"):
-        train.log_record(record, str(tmp_path), 0)
+        metrics.log_record(record, str(tmp_path), 0)
     assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 

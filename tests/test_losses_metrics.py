@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from seg import evaluate, train
+from seg import losses, metrics
 
 
 def reference_cross_entropy(logits, label, average):
@@ -35,7 +35,7 @@ def test_pixel_cross_entropy_matches_reference(n, c, h, w, ignore_share, average
     logits = torch.randn(n, c, h, w, generator=generator) * 3
     label = torch.randint(0, c, (n, h, w), generator=generator)
     label[torch.rand(n, h, w, generator=generator) < ignore_share] = 255
-    got = train.pixel_cross_entropy(logits, label, average)
+    got = losses.pixel_cross_entropy(logits, label, average)
     assert not torch.isnan(got)
     assert math.isclose(float(got), reference_cross_entropy(logits, label, average), rel_tol=1e-5, abs_tol=1e-6)
 
@@ -45,7 +45,7 @@ def test_pspnet_losses_resize_logits_to_label_and_weight_aux():
     seg, aux = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)
     label = torch.randint(0, 4, (2, 12, 12), generator=generator)
     label[:, :2] = 255
-    got = train.pspnet_losses({"seg": seg, "aux": aux}, label, "all", 0.4)
+    got = losses.pspnet_losses({"seg": seg, "aux": aux}, label, "all", 0.4)
     up = lambda x: torch.nn.functional.interpolate(x, size=(12, 12), mode="bilinear", align_corners=False)
     expected_seg = reference_cross_entropy(up(seg), label, "all")
     expected_aux = 0.4 * reference_cross_entropy(up(aux), label, "all")
@@ -75,8 +75,8 @@ def test_metrics_equal_brute_force(num_classes, size, seed):
     label[rng.random(size) < 0.2] = 255
     label[0] = 0  # at least one valid pixel
     pred = rng.integers(0, num_classes, size)
-    matrix = evaluate.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(label), num_classes)
-    got = evaluate.metrics_from_confusion(matrix)
+    matrix = metrics.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(label), num_classes)
+    got = metrics.metrics_from_confusion(matrix)
     a_acc, m_iou, m_acc, iou, acc = brute_force_metrics(pred, label, num_classes)
     assert math.isclose(got["aAcc"], a_acc, rel_tol=1e-12)
     assert math.isclose(got["mIoU"], m_iou, rel_tol=1e-12)
@@ -109,7 +109,7 @@ def test_confusion_matrix_equals_brute_force_count(num_classes, shape, ignore_sh
     if transposed:  # non-contiguous views, as a slice of a batch would be
         pred_tensor, label_tensor = pred_tensor.transpose(0, -1), label_tensor.transpose(0, -1)
         pred, label = pred.swapaxes(0, -1), label.swapaxes(0, -1)
-    got = evaluate.confusion_matrix(pred_tensor, label_tensor, num_classes)
+    got = metrics.confusion_matrix(pred_tensor, label_tensor, num_classes)
     assert got.dtype == torch.int64 and got.shape == (num_classes, num_classes)
     np.testing.assert_array_equal(got.numpy(), brute_force_confusion(pred, label, num_classes))
 
@@ -123,30 +123,30 @@ def test_confusion_matrix_on_cuda_equals_cpu_without_a_host_sync(label_dtype):
     label = label.to(label_dtype)
     pred = torch.randint(0, 21, label.shape, generator=generator)
     on_device = [tensor.pin_memory().to("cuda", non_blocking=True) for tensor in (pred, label)]
-    evaluate.confusion_matrix(*on_device, 21)  # warm-up: lazy CUDA initialisation may synchronise
+    metrics.confusion_matrix(*on_device, 21)  # warm-up: lazy CUDA initialisation may synchronise
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = evaluate.confusion_matrix(*on_device, 21)
+        got = metrics.confusion_matrix(*on_device, 21)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(got.cpu(), evaluate.confusion_matrix(pred, label, 21))
+    assert torch.equal(got.cpu(), metrics.confusion_matrix(pred, label, 21))
 
 
 def test_confusion_matrices_of_shards_add_up():
     rng = np.random.default_rng(0)
     pred, label = torch.from_numpy(rng.integers(0, 5, 1000)), torch.from_numpy(rng.integers(0, 5, 1000))
     label[::7] = 255
-    whole = evaluate.confusion_matrix(pred, label, 5)
-    halves = evaluate.confusion_matrix(pred[:400], label[:400], 5) + evaluate.confusion_matrix(pred[400:], label[400:], 5)
+    whole = metrics.confusion_matrix(pred, label, 5)
+    halves = metrics.confusion_matrix(pred[:400], label[:400], 5) + metrics.confusion_matrix(pred[400:], label[400:], 5)
     assert torch.equal(whole, halves)
     assert int(whole.sum()) == int((label != 255).sum())
 
 
 def test_hand_worked_metrics():
     # gt: [0,0,1,1], pred: [0,1,1,1] -> I=[1,2], P=[1,3], L=[2,2], U=[2,3]
-    matrix = evaluate.confusion_matrix(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 1]), 3)
-    got = evaluate.metrics_from_confusion(matrix)
+    matrix = metrics.confusion_matrix(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 1]), 3)
+    got = metrics.metrics_from_confusion(matrix)
     assert got["aAcc"] == 0.75
     assert math.isclose(got["mIoU"], (1 / 2 + 2 / 3) / 2)  # class 2 absent everywhere: NaN, skipped
     assert math.isclose(got["mAcc"], (1 / 2 + 1) / 2)

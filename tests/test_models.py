@@ -18,8 +18,9 @@ from seg.resnet import (BottleneckMSRA, BottleneckV1c, FrozenBatchNorm2d, build_
                         build_resnet_v1c, normalize_and_pad)
 
 REPO = Path(__file__).resolve().parents[1]
-# the reference key lists ship in ../shared beside the repository (as in CI)
-KEYS_DIR = REPO.parent / "shared" / "spec" / "checkpoint_keys"
+# key names and shapes of the published checkpoints (mmseg's pspnet_r50-d8 VOC12aug file, detectron2's PointRend
+# SemanticFPN R101 Cityscapes file), listed once from those files: test data, kept in the repository
+KEYS_DIR = REPO / "tests" / "data" / "checkpoint_keys"
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 

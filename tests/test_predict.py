@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg import checkpoint, config, data, evaluate, tasks, train
+from seg import amp, checkpoint, config, data, evaluate, predict, tasks
 from seg.files import UserError
 from seg.pspnet import build_pspnet
 
@@ -89,9 +89,9 @@ def test_overlay_blends_colours_at_half_away_from_the_legend(tmp_path):
     picture = photo(96, 160, seed=1)
     label = np.zeros((96, 160), np.uint8)
     label[:, 60:110], label[50:, 110:] = 1, 2
-    palette, names = evaluate.palette_and_names(data.VOC_PALETTE, data.VOC_CLASSES, 3)
-    evaluate.write_prediction(str(tmp_path), "scene", picture, label, palette, names)
-    _, box = evaluate.overlay(picture, label, palette, names)
+    palette, names = predict.palette_and_names(data.VOC_PALETTE, data.VOC_CLASSES, 3)
+    predict.write_prediction(str(tmp_path), "scene", picture, label, palette, names)
+    _, box = predict.overlay(picture, label, palette, names)
     with Image.open(tmp_path / "scene_overlay.jpg") as saved:
         assert saved.format == "JPEG" and saved.size == (160, 96)
         written = np.asarray(saved.convert("RGB")).astype(np.int32)
@@ -106,7 +106,7 @@ def test_overlay_blends_colours_at_half_away_from_the_legend(tmp_path):
 
 
 def test_classes_beyond_the_palette_get_colours_and_names():
-    palette, names = evaluate.palette_and_names(data.CITYSCAPES_PALETTE, data.CITYSCAPES_CLASSES, 21)
+    palette, names = predict.palette_and_names(data.CITYSCAPES_PALETTE, data.CITYSCAPES_CLASSES, 21)
     assert palette[:19] == [tuple(c) for c in data.CITYSCAPES_PALETTE] and names[19:] == ["class 19", "class 20"]
     assert len(set(palette)) == 21
 
@@ -150,10 +150,10 @@ def test_large_images_switch_to_slide_mode_once(tmp_path, weights, capsys):
     assert capsys.readouterr().out.count("slide mode") == 1
     model = loaded_model(weights)
     picture = np.asarray(Image.open(tmp_path / "b.png"))
-    off = lambda: train.autocast_context("cpu", "off")  # noqa: E731
-    slide_label, slid = evaluate.predict_label(model, picture[:, :, ::-1], {**cfg["test"], "mode": "slide",
+    off = lambda: amp.autocast_context("cpu", "off")  # noqa: E731
+    slide_label, slid = predict.predict_label(model, picture[:, :, ::-1], {**cfg["test"], "mode": "slide",
                                                                            "max_size": 10**6}, (96, 36), off)
-    whole_label, _ = evaluate.predict_label(model, picture[:, :, ::-1], {**cfg["test"], "max_size": 10**6}, (96, 36),
+    whole_label, _ = predict.predict_label(model, picture[:, :, ::-1], {**cfg["test"], "max_size": 10**6}, (96, 36),
                                             off)
     assert slid is False and not np.array_equal(slide_label, whole_label)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "b.png")), slide_label)

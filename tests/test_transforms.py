@@ -1,4 +1,4 @@
-"""Tests for seg/transforms.py and seg/colour.py: every value is checked against a brute-force formula, Pillow,
+"""Tests for seg/transforms.py and seg/transforms.py: every value is checked against a brute-force formula, Pillow,
 colorsys, a per-pixel transcription of the reference code, or an invariant."""
 
 import colorsys
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from seg import colour as C, transforms as T
+from seg import transforms as T
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -96,7 +96,7 @@ def per_pixel(function, image):
 
 def reference_jitter(rng, image, hue_high):
     """mmseg PhotoMetricDistortion / detectron2 ColorAugSSD as written upstream (per-pixel cv2 stand-ins),
-    drawing from rng in the order seg.colour.draw_jitter documents."""
+    drawing from rng in the order seg.transforms.draw_jitter documents."""
     def convert(x, alpha=1, beta=0):
         return np.clip(x.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(np.uint8)
 
@@ -130,21 +130,21 @@ def resize_label(label, hw, rule):
 
 def bgr_to_hsv(image):
     """H×W×3 uint8 BGR -> HSV (cv2.COLOR_BGR2HSV) from colour's tables, read as _hsv_round_trip reads them."""
-    b, g, r = C.planes_of(image)
+    b, g, r = T.planes_of(image)
     v = np.maximum(np.maximum(b, g), r)
-    s = C._S_OF_MAX_MIN.take(C._key(v, np.minimum(np.minimum(b, g), r)))
-    return np.stack([C._hue(b, g, r), s, v], axis=-1)
+    s = T._S_OF_MAX_MIN.take(T._key(v, np.minimum(np.minimum(b, g), r)))
+    return np.stack([T._hue(b, g, r), s, v], axis=-1)
 
 
 def hsv_to_bgr(hsv):
     """H×W×3 uint8 HSV (H >= 180 wraps) -> BGR (cv2.COLOR_HSV2BGR) with colour's _to_bgr and tables."""
-    h, s, v = C.planes_of(hsv)
-    return np.ascontiguousarray(C.planar_view(C._to_bgr(h, C._key(h, s), v, C._LOW_OF_S_V.take(C._key(s, v)))))
+    h, s, v = T.planes_of(hsv)
+    return np.ascontiguousarray(T.planar_view(T._to_bgr(h, T._key(h, s), v, T._LOW_OF_S_V.take(T._key(s, v)))))
 
 
 def jitter(rng, image, hue_high):
     """Draw and apply a colour jitter (what a sampler draws and the loader applies)."""
-    return C.jittered(image, C.draw_jitter(rng, hue_high))
+    return T.jittered(image, T.draw_jitter(rng, hue_high))
 
 
 def random_image(rng, h, w):
@@ -392,8 +392,8 @@ def test_cityscapes_draw_frequencies(monkeypatch):
 def test_sampler_jitter_parameters_are_the_last_draws(dataset, hue_high, monkeypatch):
     """The sampler returns the unjittered crop and parameters drawn last from its rng, with the hue range of
     its reference (mmseg [-18, 17], detectron2 [-18, 18])."""
-    states, real = [], C.draw_jitter
-    monkeypatch.setattr(C, "draw_jitter",
+    states, real = [], T.draw_jitter
+    monkeypatch.setattr(T, "draw_jitter",
                         lambda rng, high: states.append((copy.deepcopy(rng), high)) or real(rng, high))
     image, label = random_image(np.random.default_rng(6), 30, 60), np.zeros((30, 60), np.uint8)
     sampler, small = (T.voc_train_sample, VOC_SMALL) if dataset == "voc" else (T.cityscapes_train_sample, CITY_SMALL)
@@ -401,7 +401,7 @@ def test_sampler_jitter_parameters_are_the_last_draws(dataset, hue_high, monkeyp
         rng = np.random.default_rng(seed)
         _, _, jitter = sampler(rng, image, label, **small)
         before, high = states[-1]
-        assert high == hue_high and jitter.dtype == np.int16 and jitter.shape == (C.JITTER_SIZE,)
+        assert high == hue_high and jitter.dtype == np.int16 and jitter.shape == (T.JITTER_SIZE,)
         np.testing.assert_array_equal(jitter, real(before, high))
         assert before.bit_generator.state == rng.bit_generator.state  # nothing drawn after the jitter
 
@@ -440,8 +440,8 @@ def test_sampler_is_plan_then_window_resize_then_jitter_draw(dataset, h, w, seed
     assert 0 <= y0 <= hw[0] - height and 0 <= x0 <= hw[1] - width
     full = resize_label(label, hw, rule)[y0:y0 + height, x0:x0 + width]
     np.testing.assert_array_equal(crop_label, full[:, ::-1] if flip else full)
-    staged = (C.planar_view(T.resize_image_window(image, hw, (y0, x0, height, width), flip)), crop_label,
-              C.draw_jitter(staged_rng, hue_high))
+    staged = (T.planar_view(T.resize_image_window(image, hw, (y0, x0, height, width), flip)), crop_label,
+              T.draw_jitter(staged_rng, hue_high))
     sampled = T.TRAIN_SAMPLERS[dataset](sampler_rng, image, label, **options)
     assert len(sampled) == len(staged)
     for got, expected in zip(sampled, staged):
@@ -459,7 +459,7 @@ def test_flip_twice_is_identity(nearest_src):
 
     def hflip(image, label):
         window = (0, 0) + label.shape
-        return (np.ascontiguousarray(C.planar_view(T.resize_image_window(image, label.shape, window, flip=True))),
+        return (np.ascontiguousarray(T.planar_view(T.resize_image_window(image, label.shape, window, flip=True))),
                 T.resize_label_window(label, label.shape, window, nearest_src, flip=True))
     flipped = hflip(image, label)
     np.testing.assert_array_equal(flipped[0][:, 0], image[:, -1])
@@ -493,7 +493,7 @@ def test_hsv_round_trip_is_close_to_identity():
     """The fused round trip a jitter step computes (_hsv_round_trip, S and H unchanged) equals the two
     conversions above, and is close to the identity."""
     def round_trip(image):
-        return C.planar_view(C._hsv_round_trip(C.planes_of(image)))
+        return T.planar_view(T._hsv_round_trip(T.planes_of(image)))
     image = random_image(np.random.default_rng(11), 100, 100)
     np.testing.assert_array_equal(round_trip(image), hsv_to_bgr(bgr_to_hsv(image)))
     error = np.abs(round_trip(image).astype(int) - image)
@@ -506,8 +506,8 @@ def test_hsv_round_trip_is_close_to_identity():
 @pytest.mark.parametrize("hue_high", [18, 19])  # mmseg PhotoMetricDistortion, detectron2 ColorAugSSD
 def test_jitter_matches_reference_transcription(hue_high):
     # it never sees the label: parameters come from the rng alone and apply to the image alone
-    assert list(inspect.signature(C.draw_jitter).parameters) == ["rng", "hue_high"]
-    assert list(inspect.signature(C.jittered).parameters) == ["image", "params"]
+    assert list(inspect.signature(T.draw_jitter).parameters) == ["rng", "hue_high"]
+    assert list(inspect.signature(T.jittered).parameters) == ["image", "params"]
     image = random_image(np.random.default_rng(12), 6, 9)
     for seed in range(24):
         out = jitter(np.random.default_rng(seed), image, hue_high)
@@ -531,7 +531,7 @@ def test_sampler_rejects_mismatched_label():
 # ------------------------------------------------------------------- colour jitter on the device (torch)
 
 def numpy_jitter(planes, params):
-    return np.stack([C.apply_jitter_planes(p, q) for p, q in zip(planes, params)])
+    return np.stack([T.apply_jitter_planes(p, q) for p, q in zip(planes, params)])
 
 
 @SETTINGS
@@ -539,18 +539,18 @@ def numpy_jitter(planes, params):
 def test_device_jitter_equals_the_loader_jitter(count, h, w, seed, hue_high):
     rng = np.random.default_rng(seed)
     planes = rng.integers(0, 256, (count, 3, h, w), dtype=np.uint8)
-    params = np.stack([C.draw_jitter(rng, hue_high) for _ in range(count)])
-    got = C.apply_jitter(torch.from_numpy(planes), torch.from_numpy(params))
+    params = np.stack([T.draw_jitter(rng, hue_high) for _ in range(count)])
+    got = T.apply_jitter(torch.from_numpy(planes), torch.from_numpy(params))
     assert got.dtype == torch.uint8 and got.shape == planes.shape
     np.testing.assert_array_equal(got.numpy(), numpy_jitter(planes, params))
 
 
 def all_steps(rng, shift):
     """Parameters with every step on: brightness+contrast, saturation, the given hue shift, contrast."""
-    params = C.draw_jitter(rng, 19)
-    params[C.PRE] = C._affine_map(rng.uniform(0.5, 1.5), rng.uniform(-32, 32))
-    params[C.SATURATION], params[C.POST] = C._affine_map(rng.uniform(0.5, 1.5), 0), C._affine_map(1.3, 0)
-    params[C.SATURATION_ON], params[C.HUE_ON], params[C.HUE_SHIFT] = 1, 1, shift
+    params = T.draw_jitter(rng, 19)
+    params[T.PRE] = T._affine_map(rng.uniform(0.5, 1.5), rng.uniform(-32, 32))
+    params[T.SATURATION], params[T.POST] = T._affine_map(rng.uniform(0.5, 1.5), 0), T._affine_map(1.3, 0)
+    params[T.SATURATION_ON], params[T.HUE_ON], params[T.HUE_SHIFT] = 1, 1, shift
     return params
 
 
@@ -561,7 +561,7 @@ def test_device_jitter_equals_the_loader_jitter_on_every_green_blue_pair():
     planes = np.stack([np.broadcast_to(b, r.shape), np.broadcast_to(g, r.shape), r]).astype(np.uint8)
     planes = planes.reshape(3, 512, 1024)[None].repeat(3, 0)
     params = np.stack([all_steps(np.random.default_rng(shift + 100), shift) for shift in (-18, 0, 18)])
-    np.testing.assert_array_equal(C.apply_jitter(torch.from_numpy(planes), torch.from_numpy(params)).numpy(),
+    np.testing.assert_array_equal(T.apply_jitter(torch.from_numpy(planes), torch.from_numpy(params)).numpy(),
                                   numpy_jitter(planes, params))
 
 
@@ -569,12 +569,12 @@ def test_device_jitter_equals_the_loader_jitter_on_every_green_blue_pair():
 def test_device_jitter_on_cuda_equals_the_loader_jitter():
     rng = np.random.default_rng(16)
     planes = rng.integers(0, 256, (4, 3, 64, 96), dtype=np.uint8)
-    params = np.stack([all_steps(rng, 7), all_steps(rng, -18)] + [C.draw_jitter(rng, 18) for _ in range(2)])
+    params = np.stack([all_steps(rng, 7), all_steps(rng, -18)] + [T.draw_jitter(rng, 18) for _ in range(2)])
     images, params_cuda = torch.from_numpy(planes).cuda(), torch.from_numpy(params).cuda()
-    C.apply_jitter(images[:1], params_cuda[:1])  # the tables are copied to the GPU once
+    T.apply_jitter(images[:1], params_cuda[:1])  # the tables are copied to the GPU once
     torch.cuda.set_sync_debug_mode("error")  # and no host synchronisation
     try:
-        got = C.apply_jitter(images, params_cuda)
+        got = T.apply_jitter(images, params_cuda)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     np.testing.assert_array_equal(got.cpu().numpy(), numpy_jitter(planes, params))

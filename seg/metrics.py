@@ -1,0 +1,199 @@
+"""What a run measures and writes down: the confusion matrix and the scores derived from it, the evaluation table,
+the training meter (losses, speed, data time), and the records of both in metrics.jsonl, eval.json and TensorBoard.
+
+Scores come from a dataset-level confusion matrix (rows truth, columns prediction) accumulated on the device without
+per-image host reads, then all-reduced; no prediction maps are kept (as torchvision's references/segmentation).
+"""
+import contextlib
+import json
+import math
+import os
+import time
+
+import torch
+
+from seg import checkpoint, dist, files
+from seg.files import IGNORE_INDEX, UserError
+
+
+def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
+    """num_classes×num_classes int64 counts of (label, pred) pairs over pixels whose label is valid.
+
+    pred, label: integer tensors of the same shape, on the same device. Labels outside [0, num_classes) other
+    than ignore_index are rejected by the data loader, not here (a check would read the labels back).
+    No host synchronisation: ignored pixels are not removed (label[valid] would read the number of valid
+    pixels back to size its result) but routed to one extra bin, num_classes², that is dropped at the end.
+    """
+    extra = num_classes * num_classes
+    index = torch.where(label != ignore_index, label.long() * num_classes + pred.long(), extra).reshape(-1)
+    if index.device.type == "npu":
+        # torch_npu lists its scatter kernels for fp16/fp32 only and its bincount for uint8..int64; with every
+        # value below minlength the result has extra + 1 bins
+        counts = torch.bincount(index, minlength=extra + 1)
+    else:
+        # torch.bincount on CUDA reads max(index) back to size its output (a sync per call); adding ones into a
+        # tensor whose size is known up front needs nothing from the device
+        counts = torch.zeros(extra + 1, dtype=torch.int64, device=index.device).index_add_(
+            0, index, index.new_ones(1).expand(index.numel()))
+    return counts[:extra].reshape(num_classes, num_classes)
+
+
+def metrics_from_confusion(matrix):
+    """aAcc, mIoU, mAcc and per-class IoU / Acc as fractions; a class absent from the truth has Acc NaN (and IoU NaN
+    if never predicted either); means skip NaN classes, as mmsegmentation's np.nanmean."""
+    matrix = matrix.double().cpu()
+    intersection, label_area = matrix.diag(), matrix.sum(dim=1)
+    iou = intersection / (label_area + matrix.sum(dim=0) - intersection)  # 0/0 -> NaN, as in mmsegmentation
+    acc = intersection / label_area
+    return {"aAcc": (intersection.sum() / label_area.sum()).item(), "mIoU": torch.nanmean(iou).item(),
+            "mAcc": torch.nanmean(acc).item(), "IoU": iou.tolist(), "Acc": acc.tolist()}
+
+
+def format_table(metrics, class_names):
+    """The per-class IoU/Acc table and the summary line, in percent with 2 decimals."""
+    def percent(value):
+        return "nan" if value != value else f"{100 * value:.2f}"
+    width = max(len(name) for name in class_names)
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"]):
+        lines.append(f"{name:<{width}}  {percent(iou):>6}  {percent(acc):>6}")
+    lines.append(f"aAcc {percent(metrics['aAcc'])}  mIoU {percent(metrics['mIoU'])}  mAcc {percent(metrics['mAcc'])}")
+    return "\n".join(lines)
+
+
+def progress_lines(total, every, log):
+    """progress(done): every `every` images, a line with the count, images/s and ETA (host time: the device may
+    still be working on the last ones)."""
+    start = time.perf_counter()
+
+    def progress(done):
+        if done % every == 0 and done < total:
+            rate = done / (time.perf_counter() - start)
+            log(f"evaluating: {done}/{total} images, {rate:.1f} images/s, ETA {(total - done) / rate:.0f} s",
+                flush=True)
+    return progress
+
+
+class Meter:
+    """Loss sums stay on the device until a log step reads them (one sync); speed counts wall time between
+    log steps minus the spans in paused() (checkpoints, evaluations: as the Ascend timers exclude hooks).
+    Data time is the time the loop waited for its batches. The final figure starts after WARMUP iterations."""
+    WARMUP = 5
+
+    def __init__(self, images_per_step, torch_device):
+        self.images_per_step, self.device = images_per_step, torch_device
+        self.sums, self.count, self.data_time, self.done = {}, 0, 0.0, 0
+        self.tick = time.perf_counter()
+        self.warm = None  # [iterations done, time] once warm
+        self.measured = None  # (iterations, seconds) from the warm start to the latest read
+
+    def add(self, losses, data_time):
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.count, self.data_time, self.done = self.count + 1, self.data_time + data_time, self.done + 1
+        if self.done == self.WARMUP:
+            dist.synchronize(self.device)
+            self.warm = [self.done, time.perf_counter()]
+
+    def read(self, iteration, total, lr):
+        """The log record since the last read: mean loss terms over steps and ranks, lr, speed, ETA, memory."""
+        keys = sorted(self.sums)
+        stacked = dist.all_reduce_sum(torch.stack([self.sums[key].float() for key in keys]))
+        scale = max(self.count, 1) * dist.world_size()
+        dist.synchronize(self.device)
+        now = time.perf_counter()
+        if self.warm is not None and self.done > self.WARMUP:
+            self.measured = (self.done - self.warm[0], now - self.warm[1])
+        speed = self.images_per_step * self.count / (now - self.tick)
+        record = {"iteration": iteration, "total": total, **{k: v / scale for k, v in zip(keys, stacked.tolist())},
+                  "lr": lr, "images_per_s": speed, "data_time_s": self.data_time / max(self.count, 1),
+                  "eta_min": (total - iteration) * self.images_per_step / speed / 60,
+                  "peak_mem_mib": dist.peak_memory_mib(self.device)}
+        self.sums, self.count, self.data_time, self.tick = {}, 0, 0.0, time.perf_counter()
+        return record
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - start
+        self.tick += elapsed
+        if self.warm is not None:
+            self.warm[1] += elapsed
+
+    def summary(self, world_size):
+        """The run's global images/s after the warm-up (None for runs of WARMUP iterations or fewer)."""
+        if self.measured is None:
+            return None
+        rate = self.measured[0] * self.images_per_step / self.measured[1]
+        return (f"done: {self.done} iterations, {rate:.2f} images/s global (after {self.WARMUP} warm-up "
+                f"iterations, {world_size} process(es), batch {self.images_per_step})")
+
+
+def finite(record):
+    return all(math.isfinite(value) for key, value in record.items() if key.startswith("loss"))
+
+
+def tensorboard(output_dir, log):
+    """A SummaryWriter on <output_dir>/tb, or None with one line saying how to get one (an optional package)."""
+    try:
+        import tensorboard  # noqa: F401 - torch.utils.tensorboard needs it
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log("TensorBoard logging is off: pip install tensorboard, then tensorboard --logdir output")
+        return None
+    return SummaryWriter(os.path.join(output_dir, "tb"))
+
+
+def append_record(record, output_dir):
+    """One JSON line in <output_dir>/metrics.jsonl."""
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def log_record(record, output_dir, rank, board=None):
+    """Rank 0 prints the record and appends it to metrics.jsonl (and to TensorBoard); non-finite losses stop the run."""
+    if not finite(record):
+        last = checkpoint.latest_checkpoint(output_dir)
+        where = f"resume from {last} (resume=true) " if last else "restart "
+        raise UserError(f"the loss is not finite (NaN or inf) by iteration {record['iteration']} ({record}); {where}"
+                        f"with a lower optimizer.lr, amp=\"bf16\" or a static loss_scale, or from pretrained weights")
+    if rank != 0:
+        return
+    losses = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
+    print(f"iter {record['iteration']}/{record['total']}  {losses}  lr {record['lr']:.3e}  "
+          f"{record['images_per_s']:.1f} img/s  data {record['data_time_s']:.3f}s  "
+          f"eta {record['eta_min']:.1f} min  mem {record['peak_mem_mib']:.0f} MiB", flush=True)
+    append_record(record, output_dir)
+    for key, value in record.items() if board is not None else ():
+        if key not in ("iteration", "total", "eta_min"):
+            board.add_scalar(f"train/{key}", value, record["iteration"])
+
+
+def report_evaluation(result, classes, images, record, output_dir, board=None):
+    """Print the table of an evaluation over `images` images, write eval.json (`record` plus the scores) and a
+    metrics.jsonl line, and add the scores to TensorBoard; record = {"iteration": int or None, "test": [test]}."""
+    where = f" at iteration {record['iteration']}" if record["iteration"] else ""
+    print(f"evaluation on {images} images{where}:\n{format_table(result, classes)}", flush=True)
+    record = {**record, "classes": classes, **result}
+    files.write_text_atomic(json.dumps(record, indent=1), os.path.join(output_dir, "eval.json"))
+    append_record({key: record[key] for key in ("iteration", "aAcc", "mIoU", "mAcc")}, output_dir)
+    if board is not None:
+        scalars = {**{key: result[key] for key in ("aAcc", "mIoU", "mAcc")},
+                   **{f"IoU/{name}": iou for name, iou in zip(classes, result["IoU"])}}
+        for key, value in scalars.items():
+            board.add_scalar(f"val/{key}", value, record["iteration"])
+
+
+def drop_records_after(path, iteration):
+    """Rewrite metrics.jsonl without the records past `iteration` (and torn lines): a resumed run logs them anew."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                kept += [line] if (json.loads(line).get("iteration") or 0) <= iteration else []
+            except (ValueError, AttributeError):
+                pass
+    files.write_text_atomic("".join(kept), path)
