@@ -126,16 +126,16 @@ def panel(photo, label, prediction, palette, names, min_height=256):
 
 
 @torch.no_grad()
-def prediction_panels(model, dataset, count, palette, names, test, test_scale, autocast):
+def prediction_panels(model, dataset, count, inference, legend):
     """[(stem, panel)] of the first `count` samples of an EvalDataset, predicted as evaluation does (any size:
-    no switch to slide mode). The model's train/eval modes are left as they were."""
-    panels = []
+    no switch to slide mode); inference and legend as for predict_files. The model's modes are left as they were."""
+    panels, test = [], {**inference["test"], "max_size": float("inf")}
     with eval_mode(model):
         for index in range(min(count, len(dataset))):
             image, label = dataset.load(index)
-            prediction, _ = predict_label(model, image, {**test, "max_size": float("inf")}, test_scale, autocast)
+            prediction, _ = predict_label(model, image, test, inference["test_scale"], inference["autocast"])
             stem = os.path.splitext(os.path.basename(dataset.items[index][0]))[0]
-            panels.append((stem, panel(image[:, :, ::-1], label, prediction, palette, names)))
+            panels.append((stem, panel(image[:, :, ::-1], label, prediction, *legend)))
     return panels
 
 

@@ -65,6 +65,12 @@ def autocast_of(config, torch_device):
     return amp.autocast_for(torch_device.type, config["amp"])
 
 
+def inference_options(config, torch_device):
+    """What predicting one photo takes: the [test] table, data.test_scale and the autocast context."""
+    return {"test": config["test"], "test_scale": config["data"]["test_scale"],
+            "autocast": autocast_of(config, torch_device)}
+
+
 def dataset_info(config):
     """The dataset's lister(root, splits), label hint, and the model's class names and palette (data.classes and
     data.palette replace the dataset's own; classes beyond them get names "class k" and fixed colours)."""
@@ -156,8 +162,8 @@ def train_task(config, load_section=None):
                                         config["sync_bn"])
     optimizer = train.build_optimizer(model, **config["optimizer"])
     scaler = amp.make_scaler(torch_device.type, config["amp"], config["loss_scale"])
-    first = train.resume(model, optimizer, scaler, config["output_dir"], config["iterations"], config["seed"], rank,
-                         say) if config["resume"] else 0
+    first = train.resume(model, optimizer, scaler, config["output_dir"], config["iterations"], say,
+                         reseed_with=(config["seed"], rank)) if config["resume"] else 0
     dataset, per_device = train_dataset(config, jitter_in_loader(config, torch_device.type)), batch_size // world_size
     loader = data.train_loader(dataset, per_device, rank, world_size, config["seed"], config["data"]["workers"],
                                torch_device.type != "cpu", start=first * per_device, divisor=model.size_divisibility,
@@ -230,8 +236,8 @@ def evaluate_task(config, load_section=None):
 def panels_of(config, model, torch_device, count):
     """[(stem, photo | truth | prediction picture)] of the first `count` val images, predicted as evaluation does."""
     dataset, info = eval_dataset(config)
-    return predict.prediction_panels(model, dataset, count, info["palette"], info["classes"], config["test"],
-                                     config["data"]["test_scale"], autocast_of(config, torch_device))
+    return predict.prediction_panels(model, dataset, count, inference_options(config, torch_device),
+                                     (info["palette"], info["classes"]))
 
 
 def save_predictions(config, model, torch_device):
@@ -255,10 +261,8 @@ def predict_task(config, load_section=None):
     torch_device, rank, world_size, say = start(config)
     model = model_with_weights(config, torch_device, say).eval()
     info = dataset_info(config)
-    inference = {"test": config["test"], "test_scale": config["data"]["test_scale"],
-                 "autocast": autocast_of(config, torch_device)}
-    written = predict.predict_files(model, jobs[rank::world_size], config["output"], inference,
-                                    (info["palette"], info["classes"]), say)
+    written = predict.predict_files(model, jobs[rank::world_size], config["output"],
+                                    inference_options(config, torch_device), (info["palette"], info["classes"]), say)
     dist.cleanup()
     if jobs and not written:
         raise UserError(f"input={config['input']}: none of its {len(jobs)} files could be read as an image")

@@ -137,9 +137,11 @@ def train(runner, batches, step, iterations, intervals, hooks, meter):
                 hooks["evaluate"](iteration)
 
 
-def resume(model, optimizer, scaler, output_dir, iterations, seed, rank, log):
-    """Load the newest loadable checkpoint of `output_dir` (torn ones are skipped with a warning) and reseed; returns
-    its iteration, or 0 when there is none. Records past it leave metrics.jsonl: the resumed run logs them anew."""
+def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0, 0)):
+    """Load the newest loadable checkpoint of `output_dir` (torn ones are skipped with a warning) and reseed with
+    (seed, rank); returns its iteration, or 0 when there is none. Records past it leave metrics.jsonl (rank 0): the
+    resumed run logs them anew."""
+    seed, rank = reseed_with
     path, state = checkpoint.latest_loadable_checkpoint(output_dir, log=log)
     if path is None:
         log(f"resume = true but {output_dir} holds no loadable checkpoint; starting from scratch")

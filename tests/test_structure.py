@@ -35,8 +35,8 @@ def test_evaluation_and_panels_restore_every_module_mode(tmp_path):
     loader = data.eval_loader(dataset, 0, 1, 0, False, evaluate.collate_views)
     evaluate.confusion_over(model, loader, torch.device("cpu"), 5, amp.autocast_for("cpu", "off"), cfg["test"])
     assert modes(model) == before
-    predict.prediction_panels(model, dataset, 1, info["palette"], info["classes"], cfg["test"],
-                              cfg["data"]["test_scale"], amp.autocast_for("cpu", "off"))
+    inference = {"test": cfg["test"], "test_scale": cfg["data"]["test_scale"], "autocast": amp.autocast_for("cpu", "off")}
+    predict.prediction_panels(model, dataset, 1, inference, (info["palette"], info["classes"]))
     assert modes(model) == before
 
 
