@@ -10,6 +10,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +59,25 @@ def environment(torch_device, command):
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     return {"device": name, "device_type": torch_device.type, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "date": date, "command": command or shlex.join(["python"] + sys.argv)}
+
+
+def run_environment(torch_device, world_size):
+    """environment() plus what a training log records: Python, CUDA/cuDNN or torch_npu/CANN versions, every
+    visible device's name, the world size, and seg's git commit when it runs from a checkout (and git is there)."""
+    found = {**environment(torch_device, None), "python": platform.python_version(), "world_size": world_size}
+    if torch_device.type == "cuda":
+        found.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    if torch_device.type == "npu":
+        found.update(torch_npu=sys.modules["torch_npu"].__version__, cann=getattr(torch.version, "cann", None))
+    if torch_device.type != "cpu":
+        module = torch.get_device_module(torch_device)
+        found["devices"] = [module.get_device_name(index) for index in range(module.device_count())]
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git; .git: not a repository seg sits in
+        if os.path.exists(os.path.join(checkout, ".git")):
+            found["git_commit"] = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True,
+                                                 text=True, timeout=10, check=True).stdout.strip()
+    return found
 
 
 def markdown_table(rows, columns):

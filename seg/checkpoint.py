@@ -39,11 +39,11 @@ def save_atomic(obj, path):
     write_atomic(path, functools.partial(torch.save, to_cpu(obj)))
 
 
-def save_checkpoint(state, output_dir, rank, log=print):
-    """Rank 0 writes the training `state` to <output_dir>/iter_NNNNNNN.pth (its iteration), atomically; every rank
-    waits for it, so none runs ahead of a checkpoint that may be resumed from."""
+def save_checkpoint(state, output_dir, rank, log=print, name=None):
+    """Rank 0 writes the training `state` to <output_dir>/iter_NNNNNNN.pth (its iteration) or `name`, atomically; every
+    rank waits for it, so none runs ahead of a checkpoint that may be resumed from."""
     if rank == 0:
-        path = Path(output_dir) / f"iter_{state['iteration']:07d}.pth"
+        path = Path(output_dir) / (name or f"iter_{state['iteration']:07d}.pth")
         save_atomic(state, path)
         log(f"saved {path}", flush=True)
     dist.barrier()
@@ -55,6 +55,47 @@ def checkpoints_newest_first(output_dir):
     found = [(int(match.group(1)), path) for path in (output_dir.iterdir() if output_dir.is_dir() else ())
              if (match := CHECKPOINT_NAME.fullmatch(path.name)) and path.is_file()]
     return [path for _, path in sorted(found, reverse=True)]
+
+
+def run_identity(config):
+    """What makes checkpoints one run's: its model and training data (a resumed run may change the schedule)."""
+    return {"model": config["model"], "data": {key: config["data"][key] for key in
+                                               ("dataset", "root", "train_splits", "classes", "reduce_zero_label",
+                                                "label_suffix")}}
+
+
+def is_own_checkpoint(path, identity):
+    """Whether `path` loads as a seg training checkpoint whose stored config has the run `identity`."""
+    stored = stored_config(path)
+    try:
+        return stored is not None and run_identity(stored) == identity
+    except (KeyError, TypeError):  # an older seg's config that lacks a key: not provably this run's
+        return False
+
+
+def keep_newest(output_dir, config, keep_last, log=print):
+    """Delete all but the newest `keep_last` (>= 1) iter_*.pth of this run (`is_own_checkpoint`): files seg did not
+    write, other runs' and torn ones stay, and the newest loadable one of this run is always kept."""
+    identity = run_identity(config)
+    own = [path for path in checkpoints_newest_first(output_dir) if is_own_checkpoint(path, identity)]
+    for path in own[keep_last:]:
+        path.unlink()
+        log(f"removed {path} (checkpoint.keep_last = {keep_last})")
+
+
+def record_evaluation(progress, scores, iteration, policy):
+    """Follow checkpoint.best's score in `progress` {"metric", "value", "iteration", "stale"}: the best so far, its
+    iteration, and the evaluations since the score last beat the best by early_stop_delta or more. Returns (whether
+    this evaluation is the best, why the run should stop early or None)."""
+    value, best, patience = scores[progress["metric"]], progress["value"], policy["early_stop_patience"]
+    improved = best is None or value > best
+    rose = improved and (best is None or value - best >= policy["early_stop_delta"])
+    progress.update(stale=0 if rose else progress["stale"] + 1, **({"value": value, "iteration": iteration}
+                                                                   if improved else {}))
+    if not patience or progress["stale"] < patience:
+        return improved, None
+    return improved, (f"{progress['metric']} did not rise by {policy['early_stop_delta']:g} or more in {patience} "
+                      f"evaluations (best {100 * progress['value']:.2f} at iteration {progress['iteration']})")
 
 
 def latest_checkpoint(output_dir):

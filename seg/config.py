@@ -210,6 +210,13 @@ def to_toml(config, prefix=""):
     return "\n".join(lines)
 
 
+def section_toml(config):
+    """The resolved config as a TOML file of one section named after it (for <output_dir>/config.toml)."""
+    name = config["section"]
+    body = to_toml({key: value for key, value in config.items() if key != "section"}, prefix=f"{name}.")
+    return f"# the resolved config of [{name}]; run it again with run.py's --config FILE option\n[{name}]\n{body}\n"
+
+
 def _literal(value):
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -223,11 +230,13 @@ def _literal(value):
 CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf16"),
            "data.dataset": ("voc", "cityscapes", "folder"),
            "data.jitter_on": ("auto", "loader", "device"), "test.mode": ("whole", "slide"),
-           "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid")}
+           "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid"),
+           "loss.class_weight_rule": ("", "enet"), "checkpoint.best": ("", "mIoU", "aAcc", "mAcc")}
 AT_LEAST = {"model.num_classes": 1, "iterations": 1,
             "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
             "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1, "bench.warmup": 0,
-            "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1}
+            "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1, "accumulate": 1, "checkpoint.keep_last": 0,
+            "checkpoint.early_stop_patience": 0, "loss.ohem_min_kept": 2}
 SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw",
          "bench.eval_hw", "export.hw")
 POSITIVE_LISTS = ("data.ratio_range", "data.short_edges", "test.scales")
@@ -274,6 +283,7 @@ def validate(config):
           "[[r, g, b], ...] with values 0..255")
     check("test.stride_hw", all(s <= c for s, c in zip(test["stride_hw"], test["crop_hw"])),
           "strides no larger than test.crop_hw (larger ones leave gaps between the windows)")
+    check_long_runs(config, check)
     for key, hint in REQUIRED.get(config["task"], {}).items():
         if not config[key]:
             raise UserError(f"[{config['section']}] needs {key}=PATH ({hint})")
@@ -285,6 +295,21 @@ def validate(config):
         check("output", config["output"].endswith(".onnx"), "a path ending in .onnx")
         check_writable_folder(os.path.dirname(os.path.abspath(config["output"])), "output")
     return config
+
+
+def check_long_runs(config, check):
+    """What the checkpoint policy and the loss options need."""
+    policy, loss, pspnet = config["checkpoint"], config["loss"], config["model"]["name"] == "pspnet"
+    check("checkpoint.best", not policy["best"] or config["eval_interval"] or config["final_eval"],
+          "\"\" without evaluations (eval_interval = 0 and final_eval = false)")
+    check("checkpoint.early_stop_patience", not policy["early_stop_patience"] or policy["best"],
+          "0 unless checkpoint.best names the score it watches (e.g. checkpoint.best=mIoU)")
+    for key in ("class_weight", "class_weight_rule", "ohem"):
+        check(f"loss.{key}", pspnet or not loss[key], "its default: PointRend's losses take no class weights or OHEM")
+    check("loss.class_weight", len(loss["class_weight"]) in (0, config["model"]["num_classes"]) and all(
+          isinstance(w, (int, float)) and w >= 0 for w in loss["class_weight"]), "[] or a weight >= 0 per class")
+    check("loss.class_weight_rule", not (loss["class_weight_rule"] and loss["class_weight"]), '"" with class weights')
+    check("loss.ohem_thresh", 0 < loss["ohem_thresh"] <= 1, "a probability in (0, 1]")
 
 
 def check_writable_folder(folder, key):

@@ -1,10 +1,12 @@
 """Devices and torchrun: one process per device, falling back cleanly to a single process.
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them seg runs as rank 0 of 1. The backend
-follows the device: nccl (CUDA), hccl (Ascend), gloo (CPU).
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them, srun's SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS
+(as torchvision's references/segmentation `utils.py`), else seg runs as rank 0 of 1. The backend follows the device:
+nccl (CUDA), hccl (Ascend), gloo (CPU).
 """
 import inspect
 import os
+import re
 import warnings
 
 import torch
@@ -43,11 +45,28 @@ def resolve_device_type(device):
     return device
 
 
+SLURM_RANKS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+
+
 def launch_ranks():
-    """(rank, local rank, world size) the launcher gave this process: torchrun's RANK, LOCAL_RANK, WORLD_SIZE, or
-    (0, 0, 1) without one. The only reader of the launcher's environment."""
+    """(rank, local rank, world size) the launcher gave this process: torchrun's RANK, LOCAL_RANK, WORLD_SIZE, else
+    srun's (SLURM_RANKS), or (0, 0, 1) without one. The only reader of the launcher's environment."""
+    if "RANK" not in os.environ and all(key in os.environ for key in SLURM_RANKS):
+        return tuple(int(os.environ[key]) for key in SLURM_RANKS)
     return tuple(int(os.environ.get(key, default)) for key, default in
                  (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")))
+
+
+def first_node(nodelist):
+    """The first host of a SLURM node list: "gpu[01-04,07],cpu3" -> "gpu01", "a1,a2" -> "a1", "n[3-4]-ib" -> "n3-ib"."""
+    prefix, numbers, suffix = re.match(r"([^,\[]*)(?:\[([^,\]-]*)[^\]]*\]([^,\[]*))?", nodelist.strip()).groups()
+    return prefix + (numbers or "") + (suffix or "")
+
+
+def slurm_rendezvous():
+    """tcp://HOST:PORT for srun's tasks: MASTER_ADDR or the job's first node, MASTER_PORT or 29500."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
+    return f"tcp://{os.environ.get('MASTER_ADDR') or first_node(nodes)}:{os.environ.get('MASTER_PORT', '29500')}"
 
 
 def print_on_rank0(*args, **kwargs):
@@ -57,7 +76,7 @@ def print_on_rank0(*args, **kwargs):
 
 
 def setup(device="auto"):
-    """Initialise the process group when launched by torchrun. Returns (torch.device, rank, world_size)."""
+    """Initialise the process group when launched by torchrun or srun. Returns (torch.device, rank, world_size)."""
     device_type = resolve_device_type(device)
     rank, local_rank, world_size = launch_ranks()
     torch_device = torch.device("cpu")
@@ -69,7 +88,9 @@ def setup(device="auto"):
             torch.npu.set_compile_mode(jit_compile=False)
         torch_device = torch.device(device_type, local_rank)
     if world_size > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=BACKENDS[device_type])
+        options = {} if "RANK" in os.environ else {"init_method": slurm_rendezvous(), "rank": rank,
+                                                   "world_size": world_size}  # torchrun's is env://
+        torch_dist.init_process_group(backend=BACKENDS[device_type], **options)
     return torch_device, rank, world_size
 
 

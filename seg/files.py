@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+import sys
 import time
 
 import numpy as np
@@ -63,6 +64,36 @@ def write_bytes_atomic(payload, path):
 
 def write_text_atomic(text, path):
     write_bytes_atomic(text.encode("utf-8"), path)
+
+
+class Tee:
+    """A text stream that writes to `stream` and to the line-buffered file `copy` (stdlib streams are objects)."""
+
+    def __init__(self, stream, copy):
+        self.stream, self.copy = stream, copy
+
+    def write(self, text):
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding: the terminal's
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def tee_output(path):
+    """Inside, whatever is printed to stdout and stderr is also appended to `path` (line-buffered); yields the file.
+    An error that ends the block is written there too, before it propagates."""
+    with open(path, "a", buffering=1, encoding="utf-8") as copy:
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(saved[0], copy), Tee(saved[1], copy)
+        try:
+            yield copy
+        except BaseException as error:
+            copy.write(f"ended by {type(error).__name__}: {error}\n")
+            raise
+        finally:
+            sys.stdout, sys.stderr = saved
 
 
 def read_image_bgr(path, upright=False):

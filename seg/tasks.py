@@ -3,14 +3,17 @@ its weights, datasets, loaders, optimizer, scaler, autocast, callbacks) and hand
 work: seg/train.py trains, seg/evaluate.py evaluates, seg/predict.py predicts and exports.
 run.py calls TASKS[config["task"]](config, load_section).
 """
+import contextlib
 import functools
 import inspect
+import json
 import os
 
 import torch
 
 from seg import (amp, bench, checkpoint, data, dist, evaluate, files, losses, metrics, pointrend, predict, prepare, pspnet,
                  resnet, train, transforms)
+from seg.config import section_toml
 from seg.files import UserError
 
 MODELS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
@@ -31,9 +34,18 @@ def build_model(model_table):
     return MODELS[model_table["name"]](**kwargs)
 
 
-def loss_function(config):
-    """outputs, label -> dict of losses, for the configured model."""
-    return losses.loss_function(config["model"]["name"], config["loss"])
+def loss_function(config, log=print):
+    """outputs, label -> dict of losses, for the configured model. loss.class_weight_rule = "enet" sets
+    loss.class_weight from the pixels of each class in the training split (every pair decoded once, in threads)."""
+    table = dict(config["loss"])
+    if table["class_weight_rule"]:
+        items, info, _ = split_items(config, "train_splits", cache=False)
+        _, pixels = data.check_items(items, config["model"]["num_classes"], info["hint"],
+                                     config["data"]["reduce_zero_label"], max(config["data"]["workers"], 1))
+        table["class_weight"] = losses.enet_class_weight(pixels.tolist())
+        log("loss.class_weight_rule = \"enet\": loss.class_weight = [" + ", ".join(
+            f"{weight:.4f}" for weight in table["class_weight"]) + f"] for {', '.join(info['classes'])}")
+    return losses.loss_function(config["model"]["name"], table)
 
 
 def start(config):
@@ -150,38 +162,60 @@ def training_pad_hw(config):
 
 
 def train_task(config, load_section=None):
-    """Train `iterations` steps (resume: from this output_dir's newest checkpoint); returns the trained model."""
+    """Train `iterations` steps (resume: from this output_dir's newest checkpoint); returns the trained model. Rank 0
+    also appends whatever it prints to <output_dir>/log.txt, after the resolved config and the environment."""
     for key in ("train_splits", "val_splits")[: 1 + bool(config["eval_interval"] or config["final_eval"])]:
         split_items(config, key, cache=False)
     torch_device, rank, world_size, say = start(config)
-    batch_size = config["data"]["batch_size"]
-    if batch_size % world_size:
-        raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes")
+    batch_size, accumulate = config["data"]["batch_size"], config["accumulate"]
+    if batch_size % (world_size * accumulate):
+        raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes × "
+                        f"accumulate = {accumulate} micro-batches")
     os.makedirs(config["output_dir"], exist_ok=True)
+    with files.tee_output(os.path.join(config["output_dir"], "log.txt")) if rank == 0 else \
+            contextlib.nullcontext() as log_file:
+        if log_file:
+            files.write_text_atomic(section_toml(config), os.path.join(config["output_dir"], "config.toml"))
+            log_file.write(f"\n{section_toml(config)}\n")
+            say(f"environment: {json.dumps(bench.run_environment(torch_device, world_size))}")
+        model = train_model(config, torch_device, rank, world_size, say)
+    dist.cleanup()
+    return model
+
+
+def train_model(config, torch_device, rank, world_size, say):
+    """train_task's run on a started process: build, resume, train, summarise."""
+    batch_size, accumulate = config["data"]["batch_size"], config["accumulate"]
     model = dist.convert_sync_batchnorm(model_with_weights(config, torch_device, say), torch_device.type,
                                         config["sync_bn"])
     optimizer = train.build_optimizer(model, **config["optimizer"])
     scaler = amp.make_scaler(torch_device.type, config["amp"], config["loss_scale"])
+    best = config["checkpoint"]["best"]
+    progress = {"metric": best, "value": None, "iteration": 0, "stale": 0} if best else None
     first = train.resume(model, optimizer, scaler, config["output_dir"], config["iterations"], say,
-                         reseed_with=(config["seed"], rank)) if config["resume"] else 0
+                         reseed_with=(config["seed"], rank), progress=progress) if config["resume"] else 0
     dataset, per_device = train_dataset(config, jitter_in_loader(config, torch_device.type)), batch_size // world_size
     loader = data.train_loader(dataset, per_device, rank, world_size, config["seed"], config["data"]["workers"],
                                torch_device.type != "cpu", start=first * per_device, divisor=model.size_divisibility,
                                min_hw=training_pad_hw(config))
+    if accumulate > 1:
+        say(f"accumulate = {accumulate}: micro-batches of {per_device // accumulate} images on each of {world_size} "
+            f"process(es), {batch_size} images per step")
     runner = train.speedups(model, torch_device, config["channels_last"], config["compile"], say)
     board = metrics.tensorboard(config["output_dir"], say) if rank == 0 else None
-    step = {"loss_fn": loss_function(config), "optimizer": optimizer, "scaler": scaler, "seed": config["seed"],
+    step = {"loss_fn": loss_function(config, say), "optimizer": optimizer, "scaler": scaler, "seed": config["seed"],
             "autocast": autocast_of(config, torch_device), "norm_eval": config["norm_eval"], "rank": rank,
+            "accumulate": accumulate,
             "lr_at": functools.partial(train.lr_at, base_lr=config["optimizer"]["lr"], schedule=config["schedule"],
                                        total=config["iterations"])}
     intervals = {"log": config["log_interval"], "checkpoint": config["checkpoint_interval"],
                  "eval": config["eval_interval"], "final_eval": config["final_eval"]}
+    evaluate = evaluation(config, model, torch_device, board) if config["eval_interval"] or config["final_eval"] \
+        else None
     hooks = {"say": say, "log": functools.partial(metrics.log_record, output_dir=config["output_dir"], rank=rank,
                                                   board=board),
-             "checkpoint": lambda iteration: checkpoint.save_checkpoint(
-                 train.training_state(model, optimizer, scaler, iteration, config), config["output_dir"], rank, say),
-             "evaluate": evaluation(config, model, torch_device, board) if config["eval_interval"] or
-             config["final_eval"] else None}
+             **checkpoint_hooks(config, lambda iteration: train.training_state(
+                 model, optimizer, scaler, iteration, config, best=progress), progress, evaluate, say)}
     meter = metrics.Meter(batch_size, torch_device)
     train.train(runner, data.prefetch(loader, torch_device), step, range(first + 1, config["iterations"] + 1),
                 intervals, hooks, meter)
@@ -192,8 +226,27 @@ def train_task(config, load_section=None):
         say(summary, flush=True)
     if config["measure_pipeline"] and rank == 0:
         print(bench.pipeline_report(dataset, model.size_divisibility, config["data"]["workers"]))
-    dist.cleanup()
     return model
+
+
+def checkpoint_hooks(config, state_of, progress, evaluate, say):
+    """hooks["checkpoint"]: save iter_*.pth (state_of(iteration) -> training state), then keep only the newest
+    checkpoint.keep_last; hooks["evaluate"]: evaluate(iteration) -> scores, then with checkpoint.best follow
+    `progress`, save best.pth on a new best, and return why to stop early (or None)."""
+    output_dir, policy, rank = config["output_dir"], config["checkpoint"], dist.rank()
+
+    def save(iteration):
+        checkpoint.save_checkpoint(state_of(iteration), output_dir, rank, say)
+        if policy["keep_last"] and rank == 0:
+            checkpoint.keep_newest(output_dir, config, policy["keep_last"], say)
+
+    def judge(iteration):
+        scores = evaluate(iteration)
+        is_best, stop = checkpoint.record_evaluation(progress, scores, iteration, policy) if progress else (0, None)
+        if is_best:
+            checkpoint.save_checkpoint(state_of(iteration), output_dir, rank, say, name="best.pth")
+        return stop
+    return {"checkpoint": save, "evaluate": judge if evaluate else None}
 
 
 def evaluation(config, model, torch_device, board=None):

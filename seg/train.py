@@ -7,6 +7,7 @@ reads top to bottom: set the lr, wait for a batch, step, and on their intervals 
 It takes objects and callables (the loss function, autocast and scaler in `step`, a checkpoint writer and an
 evaluation in `hooks`); seg/tasks.py builds them from the config.
 """
+import contextlib
 import os
 import time
 
@@ -79,16 +80,23 @@ def on_device(batch):
     return batch
 
 
-def train_one_step(model, batch, loss_fn, optimizer, scaler, autocast):
-    """Forward, backward, step. Returns (dict of detached loss terms, whether the step was applied).
-    Only fp16 reads anything back (the overflow check; GradScaler reads it too)."""
+def train_one_step(model, batch, loss_fn, optimizer, scaler, autocast, accumulate=1):
+    """Forward and backward over `accumulate` equal micro-batches of `batch` (DDP all-reduces the gradients after
+    the last only), then one step. Returns (dict of detached loss terms averaged over the micro-batches, whether
+    the step was applied). Only fp16 reads anything back (the overflow check; GradScaler reads it too)."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast():
-        outputs = model(batch["image"], batch["hw"])
-    losses = loss_fn(outputs, batch["label"])
-    scaler.scale(sum(losses.values())).backward()
-    applied = amp.step(scaler, optimizer)
-    return {key: value.detach() for key, value in losses.items()}, applied
+    totals, keys = {}, ("image", "hw", "label")
+    parts = [batch] if accumulate == 1 else [dict(zip(keys, values)) for values in
+                                             zip(*(batch[key].chunk(accumulate) for key in keys))]
+    for index, part in enumerate(parts):
+        last = index == accumulate - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast():
+                outputs = model(part["image"], part["hw"])
+            losses = loss_fn(outputs, part["label"])
+            scaler.scale(sum(losses.values()) / accumulate).backward()
+        totals = {key: totals.get(key, 0) + value.detach() / accumulate for key, value in losses.items()}
+    return totals, amp.step(scaler, optimizer)
 
 
 def reseed(seed, rank, iteration):
@@ -106,10 +114,13 @@ def train(runner, batches, step, iterations, intervals, hooks, meter):
     """Run `iterations` (a range: first + 1 .. total) of training.
 
     runner: the model as trained (DDP / compiled); batches: an iterator of device batches; step: {"loss_fn",
-    "optimizer", "scaler", "autocast", "lr_at": 0-based iteration -> lr, "norm_eval", "seed", "rank"};
+    "optimizer", "scaler", "autocast", "lr_at": 0-based iteration -> lr, "norm_eval", "seed", "rank", "accumulate"
+    (micro-batches per step; 1 if absent)};
     intervals: {"log", "checkpoint", "eval", "final_eval"}; hooks: {"log": record -> None, "checkpoint":
-    iteration -> None, "evaluate": iteration -> None, "say": print on rank 0}; meter: metrics.Meter.
-    Checkpoints and evaluations are not training time (meter.paused); after each checkpoint every rank reseeds.
+    iteration -> None, "evaluate": iteration -> None or why to stop early, "say": print on rank 0}; meter:
+    metrics.Meter. Checkpoints and evaluations are not training time (meter.paused); an evaluation comes before
+    the checkpoint of its iteration (which then holds its result), and after each checkpoint every rank reseeds.
+    An early stop ends like the last iteration: with a checkpoint; returns its reason, or None.
     """
     optimizer, scaler, total = step["optimizer"], step["scaler"], iterations.stop - 1
     runner.train()
@@ -121,7 +132,7 @@ def train(runner, batches, step, iterations, intervals, hooks, meter):
         batch = next(batches)
         waited = time.perf_counter() - waited
         losses, applied = train_one_step(runner, on_device(batch), step["loss_fn"], optimizer, scaler,
-                                         step["autocast"])
+                                         step["autocast"], step.get("accumulate", 1))
         meter.add(losses, waited)
         if not applied:
             hooks["say"](f"iter {iteration}: fp16 gradients overflowed, step skipped; loss scale now "
@@ -130,17 +141,20 @@ def train(runner, batches, step, iterations, intervals, hooks, meter):
         if iteration % intervals["log"] == 0 or end:
             hooks["log"](meter.read(iteration, total, optimizer.param_groups[0]["lr"]))
         with meter.paused():
-            if every(intervals["checkpoint"], iteration, end):
+            stop = every(intervals["eval"], iteration, end and intervals["final_eval"]) and hooks["evaluate"](iteration)
+            if every(intervals["checkpoint"], iteration, end or stop):
                 hooks["checkpoint"](iteration)
                 reseed(step["seed"], step["rank"], iteration)
-            if every(intervals["eval"], iteration, end and intervals["final_eval"]):
-                hooks["evaluate"](iteration)
+        if stop:
+            hooks["say"](f"stopped early at iteration {iteration} of {total}: {stop}", flush=True)
+            return stop
+    return None
 
 
-def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0, 0)):
+def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0, 0), progress=None):
     """Load the newest loadable checkpoint of `output_dir` (torn ones are skipped with a warning) and reseed with
     (seed, rank); returns its iteration, or 0 when there is none. Records past it leave metrics.jsonl (rank 0): the
-    resumed run logs them anew."""
+    resumed run logs them anew. `progress` (checkpoint.record_evaluation's) takes the stored one of its metric."""
     seed, rank = reseed_with
     path, state = checkpoint.latest_loadable_checkpoint(output_dir, log=log)
     if path is None:
@@ -153,6 +167,8 @@ def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     amp.load_scaler_state(scaler, state.get("scaler"))
+    if progress is not None and (state.get("best") or {}).get("metric") == progress["metric"]:
+        progress.update(state["best"])
     reseed(seed, rank, state["iteration"])
     if rank == 0:
         drop_records_after(os.path.join(output_dir, "metrics.jsonl"), state["iteration"])
@@ -160,7 +176,8 @@ def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0
     return state["iteration"]
 
 
-def training_state(model, optimizer, scaler, iteration, config):
-    """What a checkpoint holds: model, optimizer, scaler, iteration and the resolved config."""
+def training_state(model, optimizer, scaler, iteration, config, best=None):
+    """What a checkpoint holds: model, optimizer, scaler, iteration and the resolved config (and checkpoint.best's
+    progress when it is on)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": amp.scaler_state(scaler),
-            "iteration": iteration, "config": config}
+            "iteration": iteration, "config": config, **({"best": dict(best)} if best else {})}

@@ -23,7 +23,9 @@ def test_pspnet_sections_match_the_spec():
     assert one["iterations"] == eight["iterations"] == 20000
     assert one["optimizer"] == {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005, "weight_decay_norm": 0.0005}
     assert one["schedule"]["policy"] == "poly" and one["schedule"]["power"] == 0.9
-    assert one["schedule"]["min_lr"] == 1e-4 and one["loss"] == {"average": "all", "aux_weight": 0.4}
+    assert one["schedule"]["min_lr"] == 1e-4 and one["loss"] == {"average": "all", "aux_weight": 0.4, "class_weight": [],
+                                                                 "class_weight_rule": "", "ohem": False,
+                                                                 "ohem_thresh": 0.7, "ohem_min_kept": 100000}
     assert one["data"]["crop_hw"] == [512, 512] and one["data"]["ratio_range"] == [0.5, 2.0]
     assert eight["sync_bn"] and eight["eval_interval"] == 2000 and eight["checkpoint_interval"] == 2000
 
