@@ -30,6 +30,22 @@ def load_toml(path):
         raise UserError(f"{path}: not valid TOML ({error})") from error
 
 
+def load_sections(paths):
+    """(sections, {section: the file it comes from}) of configs.toml followed by the user's files (`--config`): their
+    sections may inherit the shipped ones and replace one of the same name (a config a run dumped, say)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    sections, origins = {}, {}
+    for index, path in enumerate(paths):
+        found = load_toml(path)
+        if index and BASE in found:
+            raise UserError(f"{path}: [{BASE}] is configs.toml's declaration of every key; name your section "
+                            f"otherwise, with `inherit` = the section it starts from")
+        for name, section in found.items():
+            sections.pop(name, None)  # a replaced section moves to the end: checked with its file
+            sections[name], origins[name] = section, str(path)
+    return sections, origins
+
+
 def closest(name, candidates):
     """A 'did you mean' suffix naming the closest valid names."""
     matches = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=3, cutoff=0.5)
@@ -83,6 +99,8 @@ def check_keys(config, schema, model_defaults, where, prefix=""):
             raise UserError(f"{where}: unknown key '{dotted}'{closest(key, known)}")
         if isinstance(value, dict) and isinstance(known[key], dict):
             check_keys(value, known[key], model_defaults, where, dotted + ".")
+        else:
+            check_type(dotted, value, known[key], where)
 
 
 def parse_override(text):
@@ -97,7 +115,7 @@ def parse_override(text):
     return key.strip().split("."), value
 
 
-def check_type(key, value, default):
+def check_type(key, value, default, where="override"):
     """An override must have the type of the value it replaces (an int may replace a float)."""
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
@@ -111,7 +129,7 @@ def check_type(key, value, default):
     else:
         ok = True
     if not ok:
-        raise UserError(f"override {key}={value!r}: expected a {type(default).__name__} like {default!r}")
+        raise UserError(f"{where} {key}={value!r}: expected a {type(default).__name__} like {default!r}")
     return value
 
 
@@ -139,18 +157,20 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
                 log=print):
     """The fully resolved, checked config of one section with command-line overrides applied.
 
-    model_defaults_for(name) returns the builder's keyword defaults for model `name`; they fill the
-    [model] table so that --show prints every value the run uses. Every section of the file is
-    checked, so a typo anywhere is caught before a long run starts. log(line) reports what a checkpoint carried.
+    path: configs.toml, or a list of it and the user's files (load_sections). model_defaults_for(name) returns the
+    builder's keyword defaults for model `name`; they fill the [model] table so that --show prints every value the
+    run uses. Every section of every file is checked, keys and types, so a typo anywhere is caught before a long run
+    starts. log(line) reports what a checkpoint carried.
     """
-    sections = load_toml(path)
+    sections, origins = load_sections(path)
     if BASE not in sections:
         raise UserError(f"{path}: needs a [{BASE}] section declaring every key")
-    for name in sections:
-        resolved = resolve_section(sections, name, path)
+    shipped = origins[BASE]
+    for name in sorted(sections, key=lambda name: origins[name] == shipped):  # the user's first: named with its file
+        resolved = resolve_section(sections, name, origins[name])
         defaults = model_defaults_for(resolved.get("model", {}).get("name", ""))
-        check_keys(resolved, sections[BASE], defaults, f"{path} [{name}]")
-    config = resolve_section(sections, section, path)
+        check_keys(resolved, sections[BASE], defaults, f"{origins[name]} [{name}]")
+    config = resolve_section(sections, section, origins.get(section, ", ".join(dict.fromkeys(origins.values()))))
     model_name = config.get("model", {}).get("name", "")
     config = carry_from_checkpoint(config, apply_overrides(copy.deepcopy(config), overrides,
                                                            model_defaults_for(model_name)), stored_config_for, log)
@@ -184,16 +204,22 @@ def carry_from_checkpoint(config, overridden, stored_config_for, log=print):
     keys = [key for key in CARRIED_DATA if key in stored.get("data", {})]  # older checkpoints lack some
     config = {**config, "model": copy.deepcopy(stored["model"]),
               "data": {**config["data"], **{key: copy.deepcopy(stored["data"][key]) for key in keys}}}
-    log(f"{overridden['weights']}: took model, {', '.join('data.' + key for key in keys)} from the checkpoint "
-        f"(command-line overrides win)")
+    taken = [f"data.{key}" for key in keys]
+    long_short = stored["data"].get("test_scale", [])
+    if overridden["task"] == "export" and long_short and max(long_short) <= 2 * min(long_short):
+        # a test scale that names an image size (mmseg's [2048, 512] only caps the long side): export that size
+        config["export"] = {**config["export"], "hw": [min(long_short), max(long_short)]}
+        taken.append(f"export.hw = {config['export']['hw']} (data.test_scale)")
+    log(f"{overridden['weights']}: took model, {', '.join(taken)} from the checkpoint (command-line overrides win)")
     return config
 
 
 def describe_sections(path):
-    """(name, description) of every runnable section (one with a task)."""
-    sections = load_toml(path)
-    resolved = [resolve_section(sections, name, path) for name in sections]
-    return [(config["section"], config.get("description", "")) for config in resolved if config.get("task")]
+    """(name, description, its file) of every runnable section (one with a task); path as load_config's."""
+    sections, origins = load_sections(path)
+    resolved = [resolve_section(sections, name, origins[name]) for name in sections]
+    return [(config["section"], config.get("description", ""), origins[config["section"]]) for config in resolved
+            if config.get("task")]
 
 
 def to_toml(config, prefix=""):

@@ -24,23 +24,39 @@ OVERLAY_QUALITY = 95  # with 4:4:4 chroma, so thin class borders keep their colo
 
 
 @torch.no_grad()
-def predict_label(model, image_bgr, test, test_scale, autocast):
-    """uint8 H×W class indices for a uint8 H×W×3 BGR image, and whether it ran in slide mode: views whose long
-    side exceeds test["max_size"] switch a whole-mode image to slide mode (bounds device memory). `model` must be
-    in eval mode; autocast() gives the precision context."""
+def predict_scores(model, image_bgr, test, test_scale, autocast):
+    """(float 1×K×H×W test_time_scores at the size of a uint8 H×W×3 BGR image, whether it ran in slide mode): views
+    whose long side exceeds test["max_size"] switch a whole-mode image to slide mode (bounds device memory). `model`
+    must be in eval mode; autocast() gives the precision context."""
     views = resize_to_scales(image_bgr, test_scale, test["scales"])
     slide = test["mode"] == "whole" and max(max(view.shape[:2]) for view in views) > test["max_size"]
     image, hw = stack_views(views)
     with autocast():
         scores = test_time_scores(model, image.to(model.pixel_mean.device), hw, image_bgr.shape[:2],
                                   {**test, "mode": "slide"} if slide else test)
-    return scores.argmax(dim=1)[0].to(torch.uint8).cpu().numpy(), slide
+    return scores, slide
+
+
+def predict_label(model, image_bgr, test, test_scale, autocast):
+    """(uint8 H×W class indices, whether it ran in slide mode) for a uint8 H×W×3 BGR image; as predict_scores."""
+    scores, slide = predict_scores(model, image_bgr, test, test_scale, autocast)
+    return label_of(scores), slide
+
+
+def label_of(scores):
+    return scores.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+
+
+def probabilities_of(scores, test):
+    """float32 K×H×W softmax probabilities (numpy) from predict_scores' scores under the same `test` options."""
+    averaged = len(test["scales"]) * (1 + bool(test["flip"])) > 1  # already probabilities
+    return (scores if averaged else scores.softmax(dim=1))[0].float().cpu().numpy()
 
 
 def predict_files(model, jobs, output, inference, legend, log=print):
     """Label maps and overlays under `output` for jobs [(image path, output stem)]; returns how many were written.
-    inference: {"test": [test], "test_scale", "autocast"}; legend: (palette, class names). Unreadable images are
-    skipped with a warning naming them. `model` must be in eval mode."""
+    inference: {"test": [test], "test_scale", "autocast", "save_probabilities": also <stem>_prob.npz}; legend:
+    (palette, class names). Unreadable images are skipped with a warning naming them. `model` must be in eval mode."""
     test, written, told = inference["test"], 0, False
     for number, (path, stem) in enumerate(jobs, 1):
         begin = time.perf_counter()
@@ -49,12 +65,14 @@ def predict_files(model, jobs, output, inference, legend, log=print):
         except UserError as error:
             print(f"warning: skipping {path}: {error}", file=sys.stderr, flush=True)
             continue
-        label, slide = predict_label(model, image, test, inference["test_scale"], inference["autocast"])
+        scores, slide = predict_scores(model, image, test, inference["test_scale"], inference["autocast"])
+        if inference.get("save_probabilities"):
+            write_probabilities(os.path.join(output, f"{stem}_prob.npz"), probabilities_of(scores, test))
         if slide and not told:
             told = True
             log(f"note: images whose test-resized long side exceeds test.max_size = {test['max_size']} run in slide "
                 f"mode (test.crop_hw = {test['crop_hw']}, test.stride_hw = {test['stride_hw']})")
-        write_prediction(output, stem, image[:, :, ::-1], label, *legend)
+        write_prediction(output, stem, image[:, :, ::-1], label_of(scores), *legend)
         written += 1
         print(f"{number}/{len(jobs)} {os.path.basename(path)} {image.shape[0]}x{image.shape[1]} "
               f"{(time.perf_counter() - begin) * 1000:.0f} ms", flush=True)
@@ -103,6 +121,13 @@ def label_png(label, palette):
     image = Image.fromarray(label)
     image.putpalette([value for colour in palette for value in colour])  # "L" becomes "P", indices kept
     return files.image_bytes(image, "PNG")
+
+
+def write_probabilities(path, probabilities):
+    """`probabilities` (K×H×W) as float16 array "probabilities" of a compressed .npz, written atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probabilities=probabilities.astype(np.float16))
+    files.write_bytes_atomic(buffer.getvalue(), path)
 
 
 def write_prediction(folder, stem, photo, label, palette, names):

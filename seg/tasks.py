@@ -314,8 +314,9 @@ def predict_task(config, load_section=None):
     torch_device, rank, world_size, say = start(config)
     model = model_with_weights(config, torch_device, say).eval()
     info = dataset_info(config)
-    written = predict.predict_files(model, jobs[rank::world_size], config["output"],
-                                    inference_options(config, torch_device), (info["palette"], info["classes"]), say)
+    inference = {**inference_options(config, torch_device), "save_probabilities": config["save_probabilities"]}
+    written = predict.predict_files(model, jobs[rank::world_size], config["output"], inference,
+                                    (info["palette"], info["classes"]), say)
     dist.cleanup()
     if jobs and not written:
         raise UserError(f"input={config['input']}: none of its {len(jobs)} files could be read as an image")
@@ -324,9 +325,11 @@ def predict_task(config, load_section=None):
 
 
 def export_task(config, load_section=None):
-    """`weights` as an ONNX file at `output`, then run in onnxruntime on a few images (`input`, resized to
-    export.hw, or generated ones) against seg's own prediction: exit 2 below 99.9% label agreement."""
+    """`weights` as an ONNX file at `output` for export.hw images (a seg checkpoint may set it: config.py
+    carry_from_checkpoint), then run in onnxruntime on a few images (`input`, resized to export.hw, or generated
+    ones) against seg's own prediction: exit 2 below 99.9% label agreement."""
     model = model_with_weights(config, torch.device("cpu"), print).eval()
+    print(f"exporting for H×W = {config['export']['hw'][0]}×{config['export']['hw'][1]} images (export.hw)")
     return predict.export_and_check(model, tuple(config["export"]["hw"]), config["output"],
                                     data.list_images(config["input"])[:4] if config["input"] else [])
 
