@@ -71,8 +71,9 @@ def uncertainty(logits):
 def uncertain_point_coords_with_randomness(coarse_logits, num_points, oversample_ratio=3, importance_sample_ratio=0.75,
                                            generator=None):
     """Training points (detectron2 `projects/PointRend/point_rend/point_features.py`): the int(β·P) most uncertain
-    of int(k·P) uniform candidates (uncertainty of the interpolated logits, as detectron2), then P − int(β·P) fresh uniform points. coarse_logits: N×C×h×w ->
-    N×P×2 in [0, 1), important first. generator: a torch.Generator on its device or None."""
+    of int(k·P) uniform candidates (uncertainty of the interpolated logits, as detectron2), then P − int(β·P) fresh
+    uniform points. coarse_logits: N×C×h×w -> N×P×2 in [0, 1), important first. generator: a torch.Generator on its
+    device or None."""
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
         raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, "
                          f"got {oversample_ratio} and {importance_sample_ratio}")
@@ -99,9 +100,9 @@ def uncertain_point_coords_on_grid(uncertainty_map, num_points):
 
 
 def subdivision_inference(coarse, fine_features, point_head, steps=2, num_points=8192):
-    """Spec §3.5: `steps` times upsample ×2 and overwrite the most uncertain cells with the point head's logits,
-    which always sees the ORIGINAL coarse logits. coarse: N×C×h×w; fine_features: N×F×h×w (p2)
-    -> fp32 N×C×(h·2^steps)×(w·2^steps)."""
+    """detectron2 `point_rend/semantic_seg.py` inference: `steps` times upsample ×2 and overwrite the most uncertain
+    cells with the point head's logits, which always sees the ORIGINAL coarse logits. coarse: N×C×h×w;
+    fine_features: N×F×h×w (p2) -> fp32 N×C×(h·2^steps)×(w·2^steps)."""
     refined = coarse.float()
     for _ in range(steps):
         refined = Upsample2x.forward(refined)
@@ -137,7 +138,8 @@ class Upsample2x(nn.Module):
 
 class SemSegFPNHead(nn.Module):
     """Coarse head (detectron2 `detectron2/modeling/meta_arch/semantic_seg.py` SemSegFPNHead): per level,
-    max(1, log2(stride/4)) conv-GN-ReLU layers, each + ×2 upsampling except at stride 4; branches summed, then a 1×1 predictor. {"p2".."p5"} -> N×num_classes×H/4×W/4 logits."""
+    max(1, log2(stride/4)) conv-GN-ReLU layers, each + ×2 upsampling except at stride 4; branches summed, then a
+    1×1 predictor. {"p2".."p5"} -> N×num_classes×H/4×W/4 logits."""
 
     def __init__(self, num_classes=19, in_channels=256, channels=128, num_groups=32):
         super().__init__()
@@ -184,10 +186,8 @@ class PointRendSemSegHead(nn.Module):
 
     def __init__(self, coarse_sem_seg_head, point_head, train_points, subdivision):
         super().__init__()
-        self.coarse_sem_seg_head = coarse_sem_seg_head
-        self.point_head = point_head
-        self.train_points = train_points
-        self.subdivision = subdivision
+        self.coarse_sem_seg_head, self.point_head = coarse_sem_seg_head, point_head
+        self.train_points, self.subdivision = train_points, subdivision
 
     def forward(self, features):
         """features {"p2".."p5"} -> train: {"coarse", "point_logits", "point_coords"}; eval: {"seg"}."""
@@ -195,8 +195,7 @@ class PointRendSemSegHead(nn.Module):
         if not self.training:
             return {"seg": subdivision_inference(coarse, features["p2"], self.point_head, *self.subdivision)}
         coords = uncertain_point_coords_with_randomness(coarse, *self.train_points)
-        # coarse is not detached: the point loss trains the coarse head and backbone too (as detectron2's
-        # point_rend/semantic_seg.py)
+        # coarse is not detached: the point loss trains the coarse head and backbone too (as detectron2)
         point_logits = self.point_head(point_sample(features["p2"], coords), point_sample(coarse, coords))
         return {"coarse": coarse, "point_logits": point_logits, "point_coords": coords}
 
@@ -208,8 +207,7 @@ class PointRend(nn.Module):
 
     def __init__(self, backbone, sem_seg_head):
         super().__init__()
-        self.backbone = backbone
-        self.sem_seg_head = sem_seg_head
+        self.backbone, self.sem_seg_head = backbone, sem_seg_head
         # MSRA weights: BGR 0-255 input, std folded into conv1. Not persistent: detectron2 checkpoints lack them.
         self.register_buffer("pixel_mean", torch.tensor([103.53, 116.28, 123.675]), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([1.0, 1.0, 1.0]), persistent=False)

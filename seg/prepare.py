@@ -114,27 +114,22 @@ def _train_ids_path(label_ids_path):
     return Path(str(label_ids_path).replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
 
 
-def _check_cityscapes_images(root, split):
-    """Number of split images; UserError listing the images that have no *_gtFine_labelIds.png."""
-    images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
-    gt_folder = root / "gtFine" / split
-    labels = [gt_folder / image.parent.name / image.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
-              for image in images]
-    missing = [label for label in labels if not label.exists()]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(images)} {split} images have no labelIds file: "
-                        f"{_name_list(missing)}. {_CITYSCAPES_HINT}")
-    return len(images)
-
-
 def prepare_cityscapes(root, workers=4, log=print):
     """Write gtFine/*/<city>/*_gtFine_labelTrainIds.png beside each *_gtFine_labelIds.png, in parallel, with the classes
-    of cityscapesScripts' createTrainIdLabelImgs.py (its `helpers/labels.py` table), skipping targets newer than
-    their source.
-    A train/val image without a labelIds file: UserError. Returns counts {train, val (images), converted, skipped}."""
+    of cityscapesScripts' createTrainIdLabelImgs.py (its `helpers/labels.py` table), skipping targets newer than their
+    source. A train/val image without a labelIds file: UserError. Returns {train, val (images), converted, skipped}."""
     root = Path(root)
     _require(_CITYSCAPES_HINT, root, root / "gtFine", root / "leftImg8bit")
-    counts = {split: _check_cityscapes_images(root, split) for split in ("train", "val")}
+    counts = {}
+    for split in ("train", "val"):
+        images, gt_folder = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")), root / "gtFine" / split
+        labels = [gt_folder / image.parent.name / image.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+                  for image in images]
+        missing = [label for label in labels if not label.exists()]
+        if missing:
+            raise UserError(f"{len(missing)} of {len(images)} {split} images have no labelIds file: "
+                            f"{_name_list(missing)}. {_CITYSCAPES_HINT}")
+        counts[split] = len(images)
     if counts["train"] + counts["val"] == 0:
         raise UserError(f"no images under {root / 'leftImg8bit'}/{{train,val}}/<city>/. {_CITYSCAPES_HINT}")
     sources = sorted(p for split in ("train", "val", "test")

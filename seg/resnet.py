@@ -1,6 +1,6 @@
 """Backbones: input normalisation, ResNetV1c (PSPNet) and MSRA ResNet + FPN (PointRend). Module names follow the
 reference checkpoints, so their weights load without renaming: mmcv's for ResNetV1c (`stem.0`, `layer1.0.downsample.1`),
-detectron2's for the MSRA ResNet and FPN (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`); see tests/data/checkpoint_keys/.
+detectron2's for the MSRA ResNet and FPN (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`; tests/data/checkpoint_keys/).
 Reduced widths/blocks (a CPU demo) run exactly the same code as the full models."""
 import torch
 import torch.nn.functional as F
@@ -37,15 +37,13 @@ class FrozenBatchNorm2d(nn.Module):
 
     def __init__(self, num_features, eps=1e-5):
         super().__init__()
-        self.num_features = num_features
-        self.eps = eps
+        self.num_features, self.eps = num_features, eps
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
     def forward(self, x):
-        """x: N×C×H×W -> N×C×H×W."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
@@ -143,20 +141,15 @@ def build_resnet_v1c(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), con
                      stem_channels=64, base_channels=64, norm="bn", blocks=None, zero_init_residual=True):
     """mmseg ResNetV1c, by default the R50-D8 PSPNet backbone (output stride 8). Stage i has width
     base_channels·2^i and outputs 4× that (256/512/1024/2048); `blocks` overrides `depth`'s block counts.
-    mmcv's from-scratch init: convs as c2_msra_fill (= kaiming_init(mode="fan_out")), norms 1 / 0, and with
-    zero_init_residual every bn3 weight 0 (each residual branch starts as the identity)."""
+    mmcv's from-scratch init: convs as c2_msra_fill (= kaiming_init(mode="fan_out")), norms 1 / 0 (as built), and
+    with zero_init_residual every bn3 weight 0 (each residual branch starts as the identity)."""
     model = ResNetV1c(stage_blocks(depth, blocks), dilations, strides, contract_dilation,
                       stem_channels, base_channels, norm)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             c2_msra_fill(module)
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    if zero_init_residual:
-        for module in model.modules():
-            if isinstance(module, BottleneckV1c) and isinstance(module.bn3, nn.BatchNorm2d):
-                nn.init.zeros_(module.bn3.weight)
+        elif zero_init_residual and isinstance(module, BottleneckV1c) and isinstance(module.bn3, nn.BatchNorm2d):
+            nn.init.zeros_(module.bn3.weight)
     return model
 
 
@@ -270,5 +263,4 @@ class FPN(nn.Module):
 def build_resnet_fpn(depth=101, out_channels=256, stem_channels=64, base_channels=64, norm="frozen", blocks=None):
     """PointRend backbone, MSRA ResNet (`bottom_up`) + FPN: forward(x) -> {"p2".."p5"}. With the defaults,
     state_dict() equals the `backbone.` entries of the detectron2 R101-FPN checkpoint."""
-    bottom_up = build_resnet_msra(depth, stem_channels, base_channels, norm, blocks)
-    return FPN(bottom_up, out_channels)
+    return FPN(build_resnet_msra(depth, stem_channels, base_channels, norm, blocks), out_channels)

@@ -9,13 +9,11 @@ INTER_LINEAR's geometry in float32 (README "Differences from the references"): V
 (OpenCV's 11-bit weights; not checked against cv2), Cityscapes within 1 of Pillow BILINEAR upscaling, sharper
 downscaling (no antialiasing: mean ~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
 
-The colour jitter (at the end of this file): mmseg PhotoMetricDistortion and detectron2 ColorAugSSD, in numpy and in torch.
-
-Images are uint8 B, G, R as 3×H×W planes or H×W×3 views of them (planar_view). draw_jitter draws a sample's
-parameters (from a numpy Generator) in the loader worker; apply_jitter_planes (numpy) applies them there, or
-apply_jitter (torch) to the whole batch after the host->device copy, taking the costliest stage off a GPU machine's
-workers: bit for bit the same. HSV conversions are OpenCV's uint8 BGR2HSV (exact) and float32 HSV2BGR, transcribed
-from its source, checked against per-pixel transcriptions and colorsys, not a cv2 binary."""
+Colour jitter (mmseg PhotoMetricDistortion, detectron2 ColorAugSSD; the end of this file) works on 3×H×W planes or
+H×W×3 views of them (planar_view): draw_jitter draws a sample's parameters in the loader worker; apply_jitter_planes
+(numpy) applies them there, or apply_jitter (torch) to the whole batch after the host->device copy, taking the
+costliest stage off a GPU machine's workers: bit for bit the same. HSV conversions are OpenCV's uint8 BGR2HSV (exact)
+and float32 HSV2BGR, transcribed from its source, checked against per-pixel transcriptions and colorsys, not cv2."""
 
 import functools
 
@@ -173,10 +171,11 @@ def choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last):
     return window, crop_label
 
 
-def _plan_window(rng, label, hw, crop_hw, accepts, max_ratio, draw_after_last, nearest_src):
-    """Crop window of the label resized to hw, then the flip coin -> (hw, window, flip, label crop mirrored if flip)."""
+def _plan_window(rng, label, hw, crop_hw, accepts, draw_after_last, nearest_src):
+    """Crop window of the label resized to hw (up to 10 tries of accepts; None: no test), then the flip coin ->
+    (hw, window, flip, label crop mirrored if flip)."""
     label_of = lambda window: resize_label_window(label, hw, window, nearest_src)  # noqa: E731
-    window, crop_label = choose_window(rng, label_of, hw, crop_hw, accepts, 10 if max_ratio < 1 else 0, draw_after_last)
+    window, crop_label = choose_window(rng, label_of, hw, crop_hw, accepts, 10 if accepts else 0, draw_after_last)
     flip = bool(rng.random() < 0.5)
     return hw, window, flip, np.ascontiguousarray(crop_label[:, ::-1]) if flip else crop_label
 
@@ -187,7 +186,7 @@ def voc_crop_plan(rng, label, *, scale, ratio_range, crop_hw, cat_max_ratio, ign
     ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
     hw = rescale_hw(*label.shape, (int(scale[0] * ratio), int(scale[1] * ratio)))
     accepts = lambda crop: mmseg_accepts(crop, cat_max_ratio, ignore_index)  # noqa: E731
-    return _plan_window(rng, label, hw, crop_hw, accepts, cat_max_ratio, True, nearest_src_cv2)
+    return _plan_window(rng, label, hw, crop_hw, accepts if cat_max_ratio < 1 else None, True, nearest_src_cv2)
 
 
 def cityscapes_crop_plan(rng, label, *, short_edges, max_size, crop_hw, single_category_max_area, ignore_index=255):
@@ -195,7 +194,8 @@ def cityscapes_crop_plan(rng, label, *, short_edges, max_size, crop_hw, single_c
     max_area, 10 tries) -> RandomFlip. Draws rng.integers short edge index, windows (y0, x0), rng.random() flip."""
     hw = shortest_edge_hw(*label.shape, short_edges[int(rng.integers(len(short_edges)))], max_size)
     accepts = lambda crop: detectron2_accepts(crop, single_category_max_area, ignore_index)  # noqa: E731
-    return _plan_window(rng, label, hw, crop_hw, accepts, single_category_max_area, False, nearest_src_pil)
+    accepts = accepts if single_category_max_area < 1 else None
+    return _plan_window(rng, label, hw, crop_hw, accepts, False, nearest_src_pil)
 
 
 # name -> (crop plan, hue_high of draw_jitter: mmseg's hue shift is in [-18, 17], detectron2's [-18, 18])
@@ -231,7 +231,6 @@ TRAIN_SAMPLERS = {"voc": voc_train_sample, "cityscapes": cityscapes_train_sample
 
 
 # ------------------------------------------------------------------------------------ colour jitter
-
 
 
 def planar_view(planes):
@@ -432,9 +431,8 @@ def _round_trip_torch(x, maps, saturation_base, shift):
     h = hue[(g - b) * 511 + (b - r) + _HUE_OFFSET]
     if shift is not None:
         h = (h + shift) % 180
-    middle = torch.round(middle_table[h * 256 + s] * (v.float() * _INV_255) * 255).int()  # as _to_bgr
+    middle = torch.round(middle_table[h * 256 + s] * (v.float() * _INV_255) * 255).int()  # as _to_bgr, sectors too
     low = low_table[s * 256 + v]
-    # sectors of 30 H: B is the min in 0-1 and V in 3-4, G the min in 4-5 and V in 1-2, R the min in 2-3 and V in 5, 0
     blue = torch.where((h >= 90) & (h < 150), v, torch.where(h < 60, low, middle))
     green = torch.where((h >= 30) & (h < 90), v, torch.where(h >= 120, low, middle))
     red = torch.where((h >= 30) & (h < 150), torch.where((h >= 60) & (h < 120), low, middle), v)
