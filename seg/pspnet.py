@@ -53,9 +53,8 @@ class FCNHead(nn.Module):
 
 
 class PSPNet(nn.Module):
-    """Backbone stages 3 and 4 feed the auxiliary and the decode head. forward(image uint8 N×3×H×W BGR, hw int N×2
-    valid sizes, padding at bottom/right) -> train: {"seg", "aux"}, eval: {"seg"} (aux head not run), logits
-    N×K×ceil(H/8)×ceil(W/8)."""
+    """Backbone stages 3 and 4 feed the auxiliary and the decode head. forward(image uint8 N×3×H×W BGR, hw int N×2 valid
+    sizes, padded at bottom/right) -> logits N×K×ceil(H/8)×ceil(W/8), train {"seg", "aux"}, eval {"seg"}."""
 
     def __init__(self, backbone, decode_head, auxiliary_head):
         super().__init__()

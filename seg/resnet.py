@@ -31,9 +31,8 @@ def normalize_and_pad(image, hw, mean, std, rgb, divisor):
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """Batch norm with fixed statistics and affine terms, all buffers: y = x·scale + shift per channel, with
-    scale = weight / sqrt(running_var + eps), shift = bias - running_mean·scale; train()/eval() change nothing.
-    A fresh one is the identity (running_var = 1 - eps, as in detectron2)."""
+    """Batch norm with fixed statistics and affine terms (buffers; train()/eval() change nothing): y = x·scale + shift,
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean·scale. Fresh: the identity (as detectron2)."""
 
     def __init__(self, num_features, eps=1e-5):
         super().__init__()

@@ -3,17 +3,17 @@
 Images are uint8 H×W×3 BGR, labels uint8 H×W (255 = ignore), randomness from the `rng: numpy.random.Generator`
 argument; nothing here normalises or pads (collate pads, the model normalises). A sampler is three stages, which
 seg/bench.py times apart: a crop plan (CROP_PLANS: scale, crop windows tested on label windows gathered from the
-original label, flip coin), resize_image_window (bit for bit that window of a full resize), draw_jitter.
-Labels are resized exactly by OpenCV's (VOC) or Pillow's (Cityscapes) nearest rule, images with OpenCV
-INTER_LINEAR's geometry in float32 (README "Differences from the references"): VOC images ±1 on a few pixels
-(OpenCV's 11-bit weights; not checked against cv2), Cityscapes within 1 of Pillow BILINEAR upscaling, sharper
-downscaling (no antialiasing: mean ~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
+original label, flip coin), resize_image_window (bit for bit that window of a full resize), draw_jitter. Labels are
+resized exactly by OpenCV's (VOC) or Pillow's (Cityscapes) nearest rule, images with OpenCV INTER_LINEAR's geometry
+in float32 (README "Differences from the references"): VOC images ±1 on a few pixels (OpenCV's 11-bit weights; not
+checked against cv2), Cityscapes within 1 of Pillow BILINEAR upscaling, sharper downscaling (no antialiasing: mean
+~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
 
-Colour jitter (mmseg PhotoMetricDistortion, detectron2 ColorAugSSD; the end of this file) works on 3×H×W planes or
-H×W×3 views of them (planar_view): draw_jitter draws a sample's parameters in the loader worker; apply_jitter_planes
-(numpy) applies them there, or apply_jitter (torch) to the whole batch after the host->device copy, taking the
-costliest stage off a GPU machine's workers: bit for bit the same. HSV conversions are OpenCV's uint8 BGR2HSV (exact)
-and float32 HSV2BGR, transcribed from its source, checked against per-pixel transcriptions and colorsys, not cv2."""
+Colour jitter (mmseg PhotoMetricDistortion, detectron2 ColorAugSSD) on 3×H×W planes or H×W×3 views of them:
+draw_jitter draws a sample's parameters in the loader worker; apply_jitter_planes (numpy) applies them there, or
+apply_jitter (torch) to the batch after the host->device copy, taking the costliest stage off a GPU machine's workers:
+bit for bit the same. HSV conversions are OpenCV's uint8 BGR2HSV (exact) and float32 HSV2BGR, transcribed from its
+source, checked against per-pixel transcriptions and colorsys, not against cv2."""
 
 import functools
 
@@ -53,9 +53,8 @@ def nearest_src_pil(start, length, src_size, dst_size):
 
 
 def bilinear_src(start, length, src_size, dst_size):
-    """OpenCV INTER_LINEAR taps floor(src), floor(src) + 1 of src = (dst + 0.5) * scale - 0.5 in float32, no
-    antialiasing -> (first, second, weight of second), intp, intp, float32 (length,). Positions outside the
-    image are clamped, so a border output copies the border pixel."""
+    """OpenCV INTER_LINEAR taps floor(src), floor(src) + 1 of src = (dst + 0.5) * scale - 0.5 in float32 (no
+    antialiasing) -> (first, second, weight of second), intp, intp, float32 (length,); clamped at the borders."""
     scale = 1.0 / (dst_size / src_size)
     position = ((np.arange(start, start + length, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
     first, weight = np.floor(position).astype(np.intp), position - np.floor(position)
@@ -157,9 +156,8 @@ def detectron2_accepts(label, max_area, ignore_index):
 
 
 def choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last):
-    """Draw crop windows of the resized size hw until accepts(label_of(window) -> label crop), at most `tries`
-    times -> (window, label crop). If every try fails, mmseg (draw_after_last=True) draws one more window and
-    uses it untested; detectron2 (False) keeps the last tested one."""
+    """Draw windows in hw until accepts(label_of(window) -> label crop), at most `tries` times -> (window, label crop).
+    If all fail, mmseg (draw_after_last=True) draws one more, untested; detectron2 (False) keeps the last tried."""
     for _ in range(tries):
         window = _draw_window(rng, hw, crop_hw)
         crop_label = label_of(window)
@@ -367,11 +365,10 @@ _IDENTITY = np.arange(256, dtype=np.uint8)
 
 
 def draw_jitter(rng, hue_high):
-    """int16 (JITTER_SIZE,) parameters of mmseg PhotoMetricDistortion / detectron2 ColorAugSSD. Each step happens
-    with probability 1/2, in this order: brightness (beta in [-32, 32)), contrast first (coin), contrast (alpha in
-    [0.5, 1.5)) if first, saturation (alpha in [0.5, 1.5)), hue (shift in [-18, hue_high): 18 for mmseg's numpy
-    randint, 19 for detectron2's inclusive Python randint), contrast if not first. Consecutive per-value maps
-    (brightness, contrast) compose exactly into one table."""
+    """int16 (JITTER_SIZE,) parameters of mmseg PhotoMetricDistortion / detectron2 ColorAugSSD. Each step happens with
+    probability 1/2, in this order: brightness (beta in [-32, 32)), contrast first (coin), contrast (alpha in [0.5,
+    1.5)) if first, saturation (alpha in [0.5, 1.5)), hue (shift in [-18, hue_high): 18 for mmseg's numpy randint, 19
+    for detectron2's inclusive randint), contrast if not first; brightness and contrast compose exactly into one map."""
     def maybe(draw, default=None):
         return draw() if rng.integers(2) else default
     params = np.zeros(JITTER_SIZE, np.int16)
@@ -440,18 +437,15 @@ def _round_trip_torch(x, maps, saturation_base, shift):
 
 
 def apply_jitter(images, params):
-    """apply_jitter_planes, bit for bit, on a batch on any device: uint8 N×3×H×W images and int16
-    N×JITTER_SIZE parameters -> uint8 N×3×H×W. Steps a sample did not draw are computed for the whole
-    batch and discarded with torch.where, so nothing is read back to the host (cheap on a GPU)."""
+    """apply_jitter_planes, bit for bit, on a batch on any device: uint8 N×3×H×W images and int16 N×JITTER_SIZE
+    parameters -> uint8 N×3×H×W. Steps a sample did not draw are computed for the whole batch and discarded with
+    torch.where, so nothing is read back to the host (cheap on a GPU)."""
     count = images.shape[0]
     params = params.to(torch.int32)
     maps = params[:, :POST.stop].contiguous().view(-1)  # the three 256-entry maps of every sample
     base = (torch.arange(count, device=images.device, dtype=torch.int32) * POST.stop).view(count, 1, 1, 1)
     x = maps[images.int() + base + PRE.start]
-
-    def where(column, changed, unchanged):
-        return torch.where(params[:, column].view(count, 1, 1, 1) != 0, changed, unchanged)
-
-    x = where(SATURATION_ON, _round_trip_torch(x, maps, base[:, 0] + SATURATION.start, None), x)
-    x = where(HUE_ON, _round_trip_torch(x, maps, None, params[:, HUE_SHIFT].view(count, 1, 1)), x)
+    on = params[:, [SATURATION_ON, HUE_ON]].view(count, 2, 1, 1, 1) != 0
+    x = torch.where(on[:, 0], _round_trip_torch(x, maps, base[:, 0] + SATURATION.start, None), x)
+    x = torch.where(on[:, 1], _round_trip_torch(x, maps, None, params[:, HUE_SHIFT].view(count, 1, 1)), x)
     return maps[x + base + POST.start].to(torch.uint8)
