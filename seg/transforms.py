@@ -178,7 +178,8 @@ def _plan_window(rng, label, hw, crop_hw, accepts, draw_after_last, nearest_src)
     return hw, window, flip, np.ascontiguousarray(crop_label[:, ::-1]) if flip else crop_label
 
 
-def voc_crop_plan(rng, label, *, scale, ratio_range, crop_hw, cat_max_ratio, ignore_index=255):
+def voc_crop_plan(rng, label, *, scale=(2048, 512), ratio_range=(0.5, 2.0), crop_hw=(512, 512), cat_max_ratio=0.75,
+                  ignore_index=255):
     """mmseg 0.10 Resize(scale, ratio_range, keep_ratio) -> RandomCrop(crop_hw, cat_max_ratio, 10 tries) ->
     RandomFlip(0.5) on an H×W label. Draws rng.random() ratio, windows (y0 then x0), rng.random() flip."""
     ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
@@ -187,7 +188,8 @@ def voc_crop_plan(rng, label, *, scale, ratio_range, crop_hw, cat_max_ratio, ign
     return _plan_window(rng, label, hw, crop_hw, accepts if cat_max_ratio < 1 else None, True, nearest_src_cv2)
 
 
-def cityscapes_crop_plan(rng, label, *, short_edges, max_size, crop_hw, single_category_max_area, ignore_index=255):
+def cityscapes_crop_plan(rng, label, *, short_edges=(512, 768, 1024, 1280, 1536, 1792, 2048), max_size=4096,
+                         crop_hw=(512, 1024), single_category_max_area=0.75, ignore_index=255):
     """detectron2 ResizeShortestEdge(short_edges, max_size, "choice") -> RandomCrop_CategoryAreaConstraint(crop_hw,
     max_area, 10 tries) -> RandomFlip. Draws rng.integers short edge index, windows (y0, x0), rng.random() flip."""
     hw = shortest_edge_hw(*label.shape, short_edges[int(rng.integers(len(short_edges)))], max_size)
@@ -201,7 +203,7 @@ CROP_PLANS = {"voc": (voc_crop_plan, 18), "cityscapes": (cityscapes_crop_plan, 1
 
 
 def _train_sample(name, rng, image, label, **options):
-    """CROP_PLANS[name] -> that window of the resized image -> draw_jitter, drawn last -> (H×W×3 uint8 BGR
+    """CROP_PLANS[name](**options) -> that window of the resized image -> draw_jitter, drawn last -> (H×W×3 uint8 BGR
     image, a view of channel planes; H×W uint8 label, not padded; int16 jitter parameters, applied later by
     jittered or apply_jitter). Flip drawn before the jitter (detectron2: after): the jitter is per pixel."""
     if image.shape[:2] != label.shape:
@@ -211,20 +213,10 @@ def _train_sample(name, rng, image, label, **options):
     return planar_view(resize_image_window(image, hw, window, flip)), label, draw_jitter(rng, hue_high)
 
 
-def voc_train_sample(rng, image, label, *, scale=(2048, 512), ratio_range=(0.5, 2.0), crop_hw=(512, 512),
-                     cat_max_ratio=0.75, ignore_index=255):
-    """mmseg 0.10 VOC train pipeline: voc_crop_plan, then PhotoMetricDistortion (see _train_sample)."""
-    return _train_sample("voc", rng, image, label, scale=scale, ratio_range=ratio_range, crop_hw=crop_hw,
-                         cat_max_ratio=cat_max_ratio, ignore_index=ignore_index)
-
-
-def cityscapes_train_sample(rng, image, label, *, short_edges=(512, 768, 1024, 1280, 1536, 1792, 2048),
-                            max_size=4096, crop_hw=(512, 1024), single_category_max_area=0.75, ignore_index=255):
-    """detectron2 PointRend Cityscapes augmentation: cityscapes_crop_plan, then ColorAugSSD (see _train_sample)."""
-    return _train_sample("cityscapes", rng, image, label, short_edges=short_edges, max_size=max_size, crop_hw=crop_hw,
-                         single_category_max_area=single_category_max_area, ignore_index=ignore_index)
-
-
+# (rng, image, label, **crop plan options; defaults: the recipes') -> sample: mmseg 0.10's VOC train pipeline
+# (voc_crop_plan, PhotoMetricDistortion) and detectron2 PointRend's Cityscapes one (cityscapes_crop_plan, ColorAugSSD)
+voc_train_sample = functools.partial(_train_sample, "voc")
+cityscapes_train_sample = functools.partial(_train_sample, "cityscapes")
 TRAIN_SAMPLERS = {"voc": voc_train_sample, "cityscapes": cityscapes_train_sample}
 
 
