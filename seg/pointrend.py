@@ -74,8 +74,7 @@ def uncertain_point_coords_with_randomness(coarse_logits, num_points, oversample
         raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, "
                          f"got {oversample_ratio} and {importance_sample_ratio}")
     n, device = coarse_logits.shape[0], coarse_logits.device
-    num_candidates = int(num_points * oversample_ratio)
-    num_uncertain = int(importance_sample_ratio * num_points)
+    num_candidates, num_uncertain = int(num_points * oversample_ratio), int(importance_sample_ratio * num_points)
     candidates = torch.rand(n, num_candidates, 2, device=device, generator=generator)
     candidate_uncertainty = uncertainty(point_sample(coarse_logits, candidates))[:, 0]  # N×S
     chosen = candidate_uncertainty.topk(num_uncertain, dim=1, sorted=True).indices  # N×K
@@ -90,8 +89,7 @@ def uncertain_point_coords_on_grid(uncertainty_map, num_points):
     n, _, h, w = uncertainty_map.shape
     count = min(h * w, num_points)
     indices = uncertainty_map.reshape(n, h * w).topk(count, dim=1, sorted=True).indices
-    cols = (indices % w).float()
-    rows = torch.div(indices, w, rounding_mode="floor").float()
+    cols, rows = (indices % w).float(), torch.div(indices, w, rounding_mode="floor").float()
     return indices, torch.stack([(cols + 0.5) / w, (rows + 0.5) / h], dim=2)
 
 

@@ -212,8 +212,7 @@ def _demo_voc_sample(rng, hw):
     local, the class needs the shape (occluded or freely turned shapes left the tiny demo model guessing)."""
     image = _texture(rng, hw, rng.uniform(40, 200) + rng.uniform(-25, 25, size=3), amplitude=20.0)  # background
     label = np.zeros(hw, np.uint8)
-    count = rng.integers(1, 4)
-    for class_id in [int(rng.integers(1, len(_DEMO_VOC_SHAPES) + 1)) for _ in range(count)]:
+    for class_id in [int(rng.integers(1, len(_DEMO_VOC_SHAPES) + 1)) for _ in range(rng.integers(1, 4))]:
         radius = rng.uniform(0.22, 0.38) * min(hw)
         for _ in range(_DEMO_VOC_TRIES):  # a free place, or one shape fewer
             centre = [rng.uniform(0.5 * radius, side - 0.5 * radius) for side in hw]

@@ -114,8 +114,7 @@ class ResNetV1c(nn.Module):
                      nn.ReLU(inplace=True)]
         self.stem = nn.Sequential(*stem)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.out_channels = []
-        in_channels = stem_channels
+        self.out_channels, in_channels = [], stem_channels
         for i, (count, stride, dilation) in enumerate(zip(blocks, strides, dilations)):
             width = base_channels * 2**i
             # contract_dilation: the block that enters a dilated stage uses half the dilation.
@@ -200,8 +199,7 @@ class ResNetMSRA(nn.Module):
     def __init__(self, blocks, stem_channels, base_channels, norm):
         super().__init__()
         self.stem = StemMSRA(stem_channels, norm)
-        self.out_channels = {}
-        in_channels = stem_channels
+        self.out_channels, in_channels = {}, stem_channels
         for i, count in enumerate(blocks):
             name, width, stride = f"res{i + 2}", base_channels * 2**i, 1 if i == 0 else 2
             layer = [BottleneckMSRA(in_channels, width, stride, norm)]
