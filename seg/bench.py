@@ -135,8 +135,7 @@ def workload(model_parts, options, torch_device, seed, loss_scale, num_classes, 
 
 
 def bench_combination(make_workload, options, torch_device, flops, peaks, combination):
-    """One row of the matrix, for combination = (amp, channels_last, compile): times, memory, TFLOP/s and MFU (None:
-    unknown here), or why it was skipped / failed."""
+    """The row of (amp, channels_last, compile): times, memory, TFLOP/s, MFU (None: unknown) or why skipped / failed."""
     amp_mode, channels_last, use_compile = combination
     row = {"amp": amp_mode, "channels_last": channels_last, "compile": use_compile, "status": "ok", "note": ""}
     if reason := ("channels_last: torch_npu supports only contiguous_format " if channels_last

@@ -437,7 +437,7 @@ def apply_jitter(images, params):
     maps = params[:, :POST.stop].contiguous().view(-1)  # the three 256-entry maps of every sample
     base = (torch.arange(count, device=images.device, dtype=torch.int32) * POST.stop).view(count, 1, 1, 1)
     x = maps[images.int() + base + PRE.start]
-    on = params[:, [SATURATION_ON, HUE_ON]].view(count, 2, 1, 1, 1) != 0
-    x = torch.where(on[:, 0], _round_trip_torch(x, maps, base[:, 0] + SATURATION.start, None), x)
-    x = torch.where(on[:, 1], _round_trip_torch(x, maps, None, params[:, HUE_SHIFT].view(count, 1, 1)), x)
+    drawn = lambda column: params[:, column].view(count, 1, 1, 1) != 0  # noqa: E731
+    x = torch.where(drawn(SATURATION_ON), _round_trip_torch(x, maps, base[:, 0] + SATURATION.start, None), x)
+    x = torch.where(drawn(HUE_ON), _round_trip_torch(x, maps, None, params[:, HUE_SHIFT].view(count, 1, 1)), x)
     return maps[x + base + POST.start].to(torch.uint8)
