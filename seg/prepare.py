@@ -1,10 +1,8 @@
-"""Dataset preparation: VOC12aug labels from SBD, Cityscapes trainIds, and small generated demo datasets. Files are
-written atomically, so a rerun skips what an interrupted one finished. Layouts (mmseg `docs/dataset_prepare.md`,
-cityscapesScripts' README):
+"""Dataset preparation: VOC12aug labels from SBD, Cityscapes trainIds, small generated demo datasets. Writes are atomic:
+a rerun skips what an interrupted one finished. Layouts (mmseg `docs/dataset_prepare.md`, cityscapesScripts' README):
     data/VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, SegmentationClassAug, ImageSets/Segmentation/*.txt}
     data/VOCdevkit/VOCaug/dataset/{cls/*.mat, train.txt, val.txt}     # SBD benchmark_RELEASE/dataset
-    cityscapes/{leftImg8bit, gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_*}.png
-"""
+    cityscapes/{leftImg8bit, gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_*}.png"""
 import colorsys
 import concurrent.futures
 import json
