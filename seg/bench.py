@@ -122,9 +122,10 @@ def peak_tflops(name, device_type, precision, override):
     return None, f"no peak known for {name!r} {precision}; set bench.peak_tflops"
 
 
-def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, loss_scale, num_classes,
-             amp_mode="off", channels_last=False, use_compile=False):
-    """(model, train_step, infer) for one combination: a fresh model, its optimizer and synthetic batches."""
+def workload(model_parts, options, torch_device, seed, loss_scale, num_classes, combination=("off", False, False)):
+    """(model, train_step, infer) for one (amp, channels_last, compile) combination: a fresh model, its optimizer
+    and synthetic batches; model_parts = (build_model, make_optimizer, loss_fn) as model_bench takes them."""
+    (build_model, make_optimizer, loss_fn), (amp_mode, channels_last, use_compile) = model_parts, combination
     torch.manual_seed(seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model().to(torch_device, memory_format=memory_format)
@@ -153,14 +154,15 @@ def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, 
     return model, train_step, infer
 
 
-def bench_combination(make_workload, options, torch_device, flops, peaks, amp_mode, channels_last, use_compile):
-    """One row of the matrix: times, memory, TFLOP/s and MFU (None: unknown here), or why it was skipped / failed."""
+def bench_combination(make_workload, options, torch_device, flops, peaks, combination):
+    """The row of (amp, channels_last, compile): times, memory, TFLOP/s, MFU (None: unknown) or why skipped / failed."""
+    amp_mode, channels_last, use_compile = combination
     row = {"amp": amp_mode, "channels_last": channels_last, "compile": use_compile, "status": "ok", "note": ""}
     if reason := ("channels_last: torch_npu supports only contiguous_format " if channels_last
                   and torch_device.type == "npu" else amp.unsupported(torch_device.type, amp_mode)):
         return {**row, "status": "skipped", "note": reason}
     try:
-        calls = make_workload(amp_mode, channels_last, use_compile)[1:]
+        calls = make_workload(combination)[1:]
         for kind, call, key in zip(("train", "infer"), calls, ("train_step_ms", "infer_ms")):
             if torch_device.type != "cpu":
                 torch.get_device_module(torch_device).reset_peak_memory_stats(torch_device)
@@ -188,7 +190,7 @@ def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, out
     nn.Module, make_optimizer(model), loss_fn(outputs, label) -> loss dict. Returns the result (also on disk)."""
     if dist.launch_ranks()[2] > 1:
         raise files.UserError(f"[{title}] is a one-process benchmark; run it without torchrun")
-    make_workload = functools.partial(workload, build_model, make_optimizer, loss_fn, options, torch_device, seed,
+    make_workload = functools.partial(workload, (build_model, make_optimizer, loss_fn), options, torch_device, seed,
                                       loss_scale, num_classes)
     model, *calls = make_workload()  # FLOPs do not depend on precision or memory format
     flops = {}
@@ -210,7 +212,7 @@ def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, out
                                options["peak_tflops"]) for mode in options["amp"]}
     result["peak_tflops"] = {mode: {"tflops": value, "source": source} for mode, (value, source) in peaks.items()}
     for combination in itertools.product(options["amp"], options["channels_last"], options["compile"]):
-        result["rows"].append(bench_combination(make_workload, options, torch_device, flops, peaks, *combination))
+        result["rows"].append(bench_combination(make_workload, options, torch_device, flops, peaks, combination))
         log(markdown_table(result["rows"][-1:], MODEL_COLUMNS).splitlines()[-1])
     write_outputs(result, markdown_table(result["rows"], MODEL_COLUMNS), output_dir, "bench",
                   f"{title} ({result['model']})", f"{title}: {result['device']}, torch {result['torch']}, batch "

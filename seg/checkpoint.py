@@ -193,8 +193,7 @@ class WeightsUnpickler(pickle.Unpickler):
 
 
 def restricted_unpickle(path):
-    """The first object pickled in `path`, built by `WeightsUnpickler`; UserError unless it holds only plain
-    containers, scalars and numeric numpy arrays."""
+    """WeightsUnpickler(path).load(); UserError unless it holds only containers, scalars and numeric arrays."""
     try:
         with open(path, "rb") as file:
             data = WeightsUnpickler(file, path).load()

@@ -26,11 +26,9 @@ def _pixel_coordinate(unit, size, single_rounding=False):
 
 
 def point_sample(features, points_xy):
-    """= grid_sample(features, 2u − 1, align_corners=False), zero padding: bilinear samples at points. features:
-    N×C×H×W (any float dtype); points_xy: N×P×2, (x, y) in [0, 1]. Returns N×C×P fp32 (autocast runs grid_sample
-    in fp32 too), differentiable in both arguments."""
-    n, c, h, w = features.shape
-    p = points_xy.shape[1]
+    """= grid_sample(features, 2u − 1, align_corners=False), zero padding: bilinear samples of N×C×H×W features (any
+    float dtype) at N×P×2 points_xy, (x, y) in [0, 1] -> N×C×P fp32 (as under autocast), differentiable in both."""
+    (n, c, h, w), p = features.shape, points_xy.shape[1]
     px, py = _pixel_coordinate(points_xy[..., 0], w), _pixel_coordinate(points_xy[..., 1], h)
     x0, y0 = px.floor(), py.floor()
     fx, fy = px - x0, py - y0  # weights of the +1 neighbours; floor() passes no gradient
@@ -47,10 +45,9 @@ def point_sample(features, points_xy):
 
 
 def sample_labels_nearest(labels, points_xy):
-    """Nearest label at each point, exactly detectron2's point targets: grid_sample(labels[:, None].float(),
-    2u − 1, mode="nearest", align_corners=False).long(). labels: N×H×W int64; points_xy: N×P×2 in [0, 1] ->
-    N×P int64. Ties (u·W − 0.5 = k + 0.5) round half to even like grid_sample; a nearest pixel outside the map
-    gives 0, not 255 (zero padding; never for u in [0, 1))."""
+    """Nearest label at each point, exactly detectron2's point targets: grid_sample(labels[:, None].float(), 2u − 1,
+    mode="nearest", align_corners=False).long(). labels: N×H×W int64; points_xy: N×P×2 in [0, 1] -> N×P int64. Ties
+    (u·W − 0.5 = k + 0.5) round half to even; a pixel outside the map gives 0, not 255 (never for u in [0, 1))."""
     n, h, w = labels.shape
     # fp64 only for this N×P index maths (no autograd); torch.round is half-to-even like grid_sample
     col = _pixel_coordinate(points_xy[..., 0], w, single_rounding=True).round()
@@ -70,15 +67,14 @@ def uncertainty(logits):
 @torch.no_grad()
 def uncertain_point_coords_with_randomness(coarse_logits, num_points, oversample_ratio=3, importance_sample_ratio=0.75,
                                            generator=None):
-    """Training points (detectron2 `projects/PointRend/point_rend/point_features.py`): the int(β·P) most uncertain
-    of int(k·P) uniform candidates (uncertainty of the interpolated logits, as detectron2), then P − int(β·P) fresh uniform points. coarse_logits: N×C×h×w ->
-    N×P×2 in [0, 1), important first. generator: a torch.Generator on its device or None."""
+    """Training points (detectron2 `projects/PointRend/point_rend/point_features.py`): the int(β·P) most uncertain of
+    int(k·P) uniform candidates (uncertainty of the interpolated logits), then P − int(β·P) fresh uniform points.
+    coarse_logits: N×C×h×w -> N×P×2 in [0, 1), important first. generator: a torch.Generator on its device or None."""
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
         raise ValueError(f"need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1, "
                          f"got {oversample_ratio} and {importance_sample_ratio}")
     n, device = coarse_logits.shape[0], coarse_logits.device
-    num_candidates = int(num_points * oversample_ratio)
-    num_uncertain = int(importance_sample_ratio * num_points)
+    num_candidates, num_uncertain = int(num_points * oversample_ratio), int(importance_sample_ratio * num_points)
     candidates = torch.rand(n, num_candidates, 2, device=device, generator=generator)
     candidate_uncertainty = uncertainty(point_sample(coarse_logits, candidates))[:, 0]  # N×S
     chosen = candidate_uncertainty.topk(num_uncertain, dim=1, sorted=True).indices  # N×K
@@ -93,15 +89,14 @@ def uncertain_point_coords_on_grid(uncertainty_map, num_points):
     n, _, h, w = uncertainty_map.shape
     count = min(h * w, num_points)
     indices = uncertainty_map.reshape(n, h * w).topk(count, dim=1, sorted=True).indices
-    cols = (indices % w).float()
-    rows = torch.div(indices, w, rounding_mode="floor").float()
+    cols, rows = (indices % w).float(), torch.div(indices, w, rounding_mode="floor").float()
     return indices, torch.stack([(cols + 0.5) / w, (rows + 0.5) / h], dim=2)
 
 
 def subdivision_inference(coarse, fine_features, point_head, steps=2, num_points=8192):
-    """Spec §3.5: `steps` times upsample ×2 and overwrite the most uncertain cells with the point head's logits,
-    which always sees the ORIGINAL coarse logits. coarse: N×C×h×w; fine_features: N×F×h×w (p2)
-    -> fp32 N×C×(h·2^steps)×(w·2^steps)."""
+    """detectron2 `point_rend/semantic_seg.py` inference: `steps` times upsample ×2 and overwrite the most uncertain
+    cells with the point head's logits, which always sees the ORIGINAL coarse logits. coarse: N×C×h×w;
+    fine_features: N×F×h×w (p2) -> fp32 N×C×(h·2^steps)×(w·2^steps)."""
     refined = coarse.float()
     for _ in range(steps):
         refined = Upsample2x.forward(refined)
@@ -136,8 +131,8 @@ class Upsample2x(nn.Module):
 
 
 class SemSegFPNHead(nn.Module):
-    """Coarse head (detectron2 `detectron2/modeling/meta_arch/semantic_seg.py` SemSegFPNHead): per level,
-    max(1, log2(stride/4)) conv-GN-ReLU layers, each + ×2 upsampling except at stride 4; branches summed, then a 1×1 predictor. {"p2".."p5"} -> N×num_classes×H/4×W/4 logits."""
+    """detectron2 SemSegFPNHead (`detectron2/modeling/meta_arch/semantic_seg.py`): per level max(1, log2(stride/4))
+    conv-GN-ReLU (+ ×2 upsampling but at stride 4), summed, a 1×1 predictor: {"p2".."p5"} -> N×K×H/4×W/4 logits."""
 
     def __init__(self, num_classes=19, in_channels=256, channels=128, num_groups=32):
         super().__init__()
@@ -178,16 +173,13 @@ class StandardPointHead(nn.Module):
 
 
 class PointRendSemSegHead(nn.Module):
-    """Coarse head + point head, with the point-selection settings of detectron2's
-    `pointrend_semantic_R_101_FPN_1x_cityscapes.yaml`: `train_points` (num_points, oversample_ratio,
-    importance_sample_ratio) and `subdivision` (steps, num_points)."""
+    """Coarse head + point head, with the point settings of `pointrend_semantic_R_101_FPN_1x_cityscapes.yaml`:
+    `train_points` (num_points, oversample_ratio, importance_sample_ratio) and `subdivision` (steps, num_points)."""
 
     def __init__(self, coarse_sem_seg_head, point_head, train_points, subdivision):
         super().__init__()
-        self.coarse_sem_seg_head = coarse_sem_seg_head
-        self.point_head = point_head
-        self.train_points = train_points
-        self.subdivision = subdivision
+        self.coarse_sem_seg_head, self.point_head = coarse_sem_seg_head, point_head
+        self.train_points, self.subdivision = train_points, subdivision
 
     def forward(self, features):
         """features {"p2".."p5"} -> train: {"coarse", "point_logits", "point_coords"}; eval: {"seg"}."""
@@ -195,21 +187,18 @@ class PointRendSemSegHead(nn.Module):
         if not self.training:
             return {"seg": subdivision_inference(coarse, features["p2"], self.point_head, *self.subdivision)}
         coords = uncertain_point_coords_with_randomness(coarse, *self.train_points)
-        # coarse is not detached: the point loss trains the coarse head and backbone too (as detectron2's
-        # point_rend/semantic_seg.py)
+        # coarse is not detached: the point loss trains the coarse head and backbone too (as detectron2)
         point_logits = self.point_head(point_sample(features["p2"], coords), point_sample(coarse, coords))
         return {"coarse": coarse, "point_logits": point_logits, "point_coords": coords}
 
 
 class PointRend(nn.Module):
-    """ResNet-FPN + PointRendSemSegHead; forward(image uint8 N×3×H×W BGR, hw int64 N×2), outputs at the padded
-    size H'×W' (multiples of 32): train {"coarse": N×C×H'/4×W'/4, "point_logits": N×C×P, "point_coords": N×P×2
-    relative to the padded input}; eval {"seg": N×C×H'×W'}."""
+    """ResNet-FPN + PointRendSemSegHead; forward(image uint8 N×3×H×W BGR, hw int64 N×2) at the padded H'×W' (multiples
+    of 32): train {"coarse": N×C×H'/4×W'/4, "point_logits": N×C×P, "point_coords": N×P×2}, eval {"seg": N×C×H'×W'}."""
 
     def __init__(self, backbone, sem_seg_head):
         super().__init__()
-        self.backbone = backbone
-        self.sem_seg_head = sem_seg_head
+        self.backbone, self.sem_seg_head = backbone, sem_seg_head
         # MSRA weights: BGR 0-255 input, std folded into conv1. Not persistent: detectron2 checkpoints lack them.
         self.register_buffer("pixel_mean", torch.tensor([103.53, 116.28, 123.675]), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([1.0, 1.0, 1.0]), persistent=False)

@@ -1,10 +1,8 @@
-"""Dataset preparation: VOC12aug labels from SBD, Cityscapes trainIds, and small generated demo datasets. Files are
-written atomically, so a rerun skips what an interrupted one finished. Layouts (mmseg `docs/dataset_prepare.md`,
-cityscapesScripts' README):
+"""Dataset preparation: VOC12aug labels from SBD, Cityscapes trainIds, small generated demo datasets. Writes are atomic:
+a rerun skips what an interrupted one finished. Layouts (mmseg `docs/dataset_prepare.md`, cityscapesScripts' README):
     data/VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, SegmentationClassAug, ImageSets/Segmentation/*.txt}
     data/VOCdevkit/VOCaug/dataset/{cls/*.mat, train.txt, val.txt}     # SBD benchmark_RELEASE/dataset
-    cityscapes/{leftImg8bit, gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_*}.png
-"""
+    cityscapes/{leftImg8bit, gtFine}/{train,val,test}/<city>/<city>_<seq>_<frame>_{leftImg8bit,gtFine_*}.png"""
 import colorsys
 import concurrent.futures
 import json
@@ -114,27 +112,22 @@ def _train_ids_path(label_ids_path):
     return Path(str(label_ids_path).replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
 
 
-def _check_cityscapes_images(root, split):
-    """Number of split images; UserError listing the images that have no *_gtFine_labelIds.png."""
-    images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
-    gt_folder = root / "gtFine" / split
-    labels = [gt_folder / image.parent.name / image.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
-              for image in images]
-    missing = [label for label in labels if not label.exists()]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(images)} {split} images have no labelIds file: "
-                        f"{_name_list(missing)}. {_CITYSCAPES_HINT}")
-    return len(images)
-
-
 def prepare_cityscapes(root, workers=4, log=print):
     """Write gtFine/*/<city>/*_gtFine_labelTrainIds.png beside each *_gtFine_labelIds.png, in parallel, with the classes
-    of cityscapesScripts' createTrainIdLabelImgs.py (its `helpers/labels.py` table), skipping targets newer than
-    their source.
-    A train/val image without a labelIds file: UserError. Returns counts {train, val (images), converted, skipped}."""
+    of cityscapesScripts' createTrainIdLabelImgs.py (its `helpers/labels.py` table), skipping targets newer than their
+    source. A train/val image without a labelIds file: UserError. Returns {train, val (images), converted, skipped}."""
     root = Path(root)
     _require(_CITYSCAPES_HINT, root, root / "gtFine", root / "leftImg8bit")
-    counts = {split: _check_cityscapes_images(root, split) for split in ("train", "val")}
+    counts = {}
+    for split in ("train", "val"):
+        images, gt_folder = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")), root / "gtFine" / split
+        labels = [gt_folder / image.parent.name / image.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+                  for image in images]
+        missing = [label for label in labels if not label.exists()]
+        if missing:
+            raise UserError(f"{len(missing)} of {len(images)} {split} images have no labelIds file: "
+                            f"{_name_list(missing)}. {_CITYSCAPES_HINT}")
+        counts[split] = len(images)
     if counts["train"] + counts["val"] == 0:
         raise UserError(f"no images under {root / 'leftImg8bit'}/{{train,val}}/<city>/. {_CITYSCAPES_HINT}")
     sources = sorted(p for split in ("train", "val", "test")
@@ -217,8 +210,7 @@ def _demo_voc_sample(rng, hw):
     local, the class needs the shape (occluded or freely turned shapes left the tiny demo model guessing)."""
     image = _texture(rng, hw, rng.uniform(40, 200) + rng.uniform(-25, 25, size=3), amplitude=20.0)  # background
     label = np.zeros(hw, np.uint8)
-    count = rng.integers(1, 4)
-    for class_id in [int(rng.integers(1, len(_DEMO_VOC_SHAPES) + 1)) for _ in range(count)]:
+    for class_id in [int(rng.integers(1, len(_DEMO_VOC_SHAPES) + 1)) for _ in range(rng.integers(1, 4))]:
         radius = rng.uniform(0.22, 0.38) * min(hw)
         for _ in range(_DEMO_VOC_TRIES):  # a free place, or one shape fewer
             centre = [rng.uniform(0.5 * radius, side - 0.5 * radius) for side in hw]

@@ -21,7 +21,7 @@ class ConvBNReLU(nn.Module):
 
 class PSPHead(nn.Module):
     """Pyramid pooling, N×C_in×h×w -> logits N×K×h×w: per scale s, AdaptiveAvgPool2d(s) -> 1x1 ConvBNReLU -> bilinear
-    resize back; concat [x, branches...] -> 3x3 ConvBNReLU (`bottleneck`) -> Dropout2d -> 1x1 `conv_seg` (with bias)."""
+    resize back; concat [x, branches] -> 3x3 ConvBNReLU (`bottleneck`) -> Dropout2d -> 1x1 `conv_seg` (with bias)."""
 
     def __init__(self, in_channels, channels, num_classes, pool_scales, dropout):
         super().__init__()
@@ -53,20 +53,16 @@ class FCNHead(nn.Module):
 
 
 class PSPNet(nn.Module):
-    """Backbone stages 3 and 4 feed the auxiliary and the decode head. forward(image uint8 N×3×H×W BGR, hw int N×2
-    valid sizes, padding at bottom/right) -> train: {"seg", "aux"}, eval: {"seg"} (aux head not run), logits
-    N×K×ceil(H/8)×ceil(W/8)."""
+    """Backbone stages 3 and 4 feed the auxiliary and the decode head. forward(image uint8 N×3×H×W BGR, hw int N×2 valid
+    sizes, padded at bottom/right) -> logits N×K×ceil(H/8)×ceil(W/8), train {"seg", "aux"}, eval {"seg"}."""
 
     def __init__(self, backbone, decode_head, auxiliary_head):
         super().__init__()
-        self.backbone = backbone
-        self.decode_head = decode_head
-        self.auxiliary_head = auxiliary_head
+        self.backbone, self.decode_head, self.auxiliary_head = backbone, decode_head, auxiliary_head
         # mmseg's ImageNet RGB mean/std; non-persistent, so the state_dict stays identical to mmseg's.
         self.register_buffer("pixel_mean", torch.tensor((123.675, 116.28, 103.53)), persistent=False)
         self.register_buffer("pixel_std", torch.tensor((58.395, 57.12, 57.375)), persistent=False)
-        self.input_rgb = True
-        self.size_divisibility = 1
+        self.input_rgb, self.size_divisibility = True, 1
 
     def forward(self, image, hw):
         x = normalize_and_pad(image, hw, self.pixel_mean, self.pixel_std, self.input_rgb, self.size_divisibility)
@@ -86,12 +82,10 @@ def build_pspnet(num_classes=21, depth=50, base_channels=64, stem_channels=64, b
     decode_head = PSPHead(backbone.out_channels[3], channels, num_classes, pool_scales, dropout)
     auxiliary_head = FCNHead(backbone.out_channels[2], aux_channels, num_classes, dropout)
     for head in (decode_head, auxiliary_head):
-        # mmseg head init: ConvModule convs kaiming-normal (fan_out, relu), norms 1/0, conv_seg normal(0, 0.01)/0
+        # mmseg head init: ConvModule convs kaiming-normal (fan_out, relu), norms 1/0 (fresh), conv_seg normal(0, .01)/0
         for module in head.modules():
             if isinstance(module, ConvBNReLU):
                 nn.init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.ones_(module.bn.weight)
-                nn.init.zeros_(module.bn.bias)
         nn.init.normal_(head.conv_seg.weight, mean=0.0, std=0.01)
         nn.init.zeros_(head.conv_seg.bias)
     return PSPNet(backbone, decode_head, auxiliary_head)

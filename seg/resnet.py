@@ -1,6 +1,6 @@
 """Backbones: input normalisation, ResNetV1c (PSPNet) and MSRA ResNet + FPN (PointRend). Module names follow the
 reference checkpoints, so their weights load without renaming: mmcv's for ResNetV1c (`stem.0`, `layer1.0.downsample.1`),
-detectron2's for the MSRA ResNet and FPN (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`); see tests/data/checkpoint_keys/.
+detectron2's for the MSRA ResNet and FPN (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`; tests/data/checkpoint_keys/).
 Reduced widths/blocks (a CPU demo) run exactly the same code as the full models."""
 import torch
 import torch.nn.functional as F
@@ -31,21 +31,18 @@ def normalize_and_pad(image, hw, mean, std, rgb, divisor):
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """Batch norm with fixed statistics and affine terms, all buffers: y = x·scale + shift per channel, with
-    scale = weight / sqrt(running_var + eps), shift = bias - running_mean·scale; train()/eval() change nothing.
-    A fresh one is the identity (running_var = 1 - eps, as in detectron2)."""
+    """Batch norm with fixed statistics and affine terms (buffers; train()/eval() change nothing): y = x·scale + shift,
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean·scale. Fresh: the identity (as detectron2)."""
 
     def __init__(self, num_features, eps=1e-5):
         super().__init__()
-        self.num_features = num_features
-        self.eps = eps
+        self.num_features, self.eps = num_features, eps
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
     def forward(self, x):
-        """x: N×C×H×W -> N×C×H×W."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
@@ -117,8 +114,7 @@ class ResNetV1c(nn.Module):
                      nn.ReLU(inplace=True)]
         self.stem = nn.Sequential(*stem)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.out_channels = []
-        in_channels = stem_channels
+        self.out_channels, in_channels = [], stem_channels
         for i, (count, stride, dilation) in enumerate(zip(blocks, strides, dilations)):
             width = base_channels * 2**i
             # contract_dilation: the block that enters a dilated stage uses half the dilation.
@@ -143,20 +139,15 @@ def build_resnet_v1c(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), con
                      stem_channels=64, base_channels=64, norm="bn", blocks=None, zero_init_residual=True):
     """mmseg ResNetV1c, by default the R50-D8 PSPNet backbone (output stride 8). Stage i has width
     base_channels·2^i and outputs 4× that (256/512/1024/2048); `blocks` overrides `depth`'s block counts.
-    mmcv's from-scratch init: convs as c2_msra_fill (= kaiming_init(mode="fan_out")), norms 1 / 0, and with
-    zero_init_residual every bn3 weight 0 (each residual branch starts as the identity)."""
+    mmcv's from-scratch init: convs as c2_msra_fill (= kaiming_init(mode="fan_out")), norms 1 / 0 (as built), and
+    with zero_init_residual every bn3 weight 0 (each residual branch starts as the identity)."""
     model = ResNetV1c(stage_blocks(depth, blocks), dilations, strides, contract_dilation,
                       stem_channels, base_channels, norm)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             c2_msra_fill(module)
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    if zero_init_residual:
-        for module in model.modules():
-            if isinstance(module, BottleneckV1c) and isinstance(module.bn3, nn.BatchNorm2d):
-                nn.init.zeros_(module.bn3.weight)
+        elif zero_init_residual and isinstance(module, BottleneckV1c) and isinstance(module.bn3, nn.BatchNorm2d):
+            nn.init.zeros_(module.bn3.weight)
     return model
 
 
@@ -208,8 +199,7 @@ class ResNetMSRA(nn.Module):
     def __init__(self, blocks, stem_channels, base_channels, norm):
         super().__init__()
         self.stem = StemMSRA(stem_channels, norm)
-        self.out_channels = {}
-        in_channels = stem_channels
+        self.out_channels, in_channels = {}, stem_channels
         for i, count in enumerate(blocks):
             name, width, stride = f"res{i + 2}", base_channels * 2**i, 1 if i == 0 else 2
             layer = [BottleneckMSRA(in_channels, width, stride, norm)]
@@ -270,5 +260,4 @@ class FPN(nn.Module):
 def build_resnet_fpn(depth=101, out_channels=256, stem_channels=64, base_channels=64, norm="frozen", blocks=None):
     """PointRend backbone, MSRA ResNet (`bottom_up`) + FPN: forward(x) -> {"p2".."p5"}. With the defaults,
     state_dict() equals the `backbone.` entries of the detectron2 R101-FPN checkpoint."""
-    bottom_up = build_resnet_msra(depth, stem_channels, base_channels, norm, blocks)
-    return FPN(bottom_up, out_channels)
+    return FPN(build_resnet_msra(depth, stem_channels, base_channels, norm, blocks), out_channels)

@@ -3,19 +3,17 @@
 Images are uint8 H×W×3 BGR, labels uint8 H×W (255 = ignore), randomness from the `rng: numpy.random.Generator`
 argument; nothing here normalises or pads (collate pads, the model normalises). A sampler is three stages, which
 seg/bench.py times apart: a crop plan (CROP_PLANS: scale, crop windows tested on label windows gathered from the
-original label, flip coin), resize_image_window (bit for bit that window of a full resize), draw_jitter.
-Labels are resized exactly by OpenCV's (VOC) or Pillow's (Cityscapes) nearest rule, images with OpenCV
-INTER_LINEAR's geometry in float32 (README "Differences from the references"): VOC images ±1 on a few pixels
-(OpenCV's 11-bit weights; not checked against cv2), Cityscapes within 1 of Pillow BILINEAR upscaling, sharper
-downscaling (no antialiasing: mean ~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
+original label, flip coin), resize_image_window (bit for bit that window of a full resize), draw_jitter. Labels are
+resized exactly by OpenCV's (VOC) or Pillow's (Cityscapes) nearest rule, images with OpenCV INTER_LINEAR's geometry
+in float32 (README "Differences from the references"): VOC images ±1 on a few pixels (OpenCV's 11-bit weights; not
+checked against cv2), Cityscapes within 1 of Pillow BILINEAR upscaling, sharper downscaling (no antialiasing: mean
+~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
 
-The colour jitter (at the end of this file): mmseg PhotoMetricDistortion and detectron2 ColorAugSSD, in numpy and in torch.
-
-Images are uint8 B, G, R as 3×H×W planes or H×W×3 views of them (planar_view). draw_jitter draws a sample's
-parameters (from a numpy Generator) in the loader worker; apply_jitter_planes (numpy) applies them there, or
-apply_jitter (torch) to the whole batch after the host->device copy, taking the costliest stage off a GPU machine's
-workers: bit for bit the same. HSV conversions are OpenCV's uint8 BGR2HSV (exact) and float32 HSV2BGR, transcribed
-from its source, checked against per-pixel transcriptions and colorsys, not a cv2 binary."""
+Colour jitter (mmseg PhotoMetricDistortion, detectron2 ColorAugSSD) on 3×H×W planes or H×W×3 views of them:
+draw_jitter draws a sample's parameters in the loader worker; apply_jitter_planes (numpy) applies them there, or
+apply_jitter (torch) to the batch after the host->device copy, taking the costliest stage off a GPU machine's workers:
+bit for bit the same. HSV conversions are OpenCV's uint8 BGR2HSV (exact) and float32 HSV2BGR, transcribed from its
+source, checked against per-pixel transcriptions and colorsys, not against cv2."""
 
 import functools
 
@@ -55,9 +53,8 @@ def nearest_src_pil(start, length, src_size, dst_size):
 
 
 def bilinear_src(start, length, src_size, dst_size):
-    """OpenCV INTER_LINEAR taps floor(src), floor(src) + 1 of src = (dst + 0.5) * scale - 0.5 in float32, no
-    antialiasing -> (first, second, weight of second), intp, intp, float32 (length,). Positions outside the
-    image are clamped, so a border output copies the border pixel."""
+    """OpenCV INTER_LINEAR taps floor(src), floor(src) + 1 of src = (dst + 0.5) * scale - 0.5 in float32 (no
+    antialiasing) -> (first, second, weight of second), intp, intp, float32 (length,); clamped at the borders."""
     scale = 1.0 / (dst_size / src_size)
     position = ((np.arange(start, start + length, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
     first, weight = np.floor(position).astype(np.intp), position - np.floor(position)
@@ -159,9 +156,8 @@ def detectron2_accepts(label, max_area, ignore_index):
 
 
 def choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last):
-    """Draw crop windows of the resized size hw until accepts(label_of(window) -> label crop), at most `tries`
-    times -> (window, label crop). If every try fails, mmseg (draw_after_last=True) draws one more window and
-    uses it untested; detectron2 (False) keeps the last tested one."""
+    """Draw windows in hw until accepts(label_of(window) -> label crop), at most `tries` times -> (window, label crop).
+    If all fail, mmseg (draw_after_last=True) draws one more, untested; detectron2 (False) keeps the last tried."""
     for _ in range(tries):
         window = _draw_window(rng, hw, crop_hw)
         crop_label = label_of(window)
@@ -173,29 +169,33 @@ def choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last):
     return window, crop_label
 
 
-def _plan_window(rng, label, hw, crop_hw, accepts, max_ratio, draw_after_last, nearest_src):
-    """Crop window of the label resized to hw, then the flip coin -> (hw, window, flip, label crop mirrored if flip)."""
+def _plan_window(rng, label, hw, crop_hw, accepts, draw_after_last, nearest_src):
+    """Crop window of the label resized to hw (up to 10 tries of accepts; None: no test), then the flip coin ->
+    (hw, window, flip, label crop mirrored if flip)."""
     label_of = lambda window: resize_label_window(label, hw, window, nearest_src)  # noqa: E731
-    window, crop_label = choose_window(rng, label_of, hw, crop_hw, accepts, 10 if max_ratio < 1 else 0, draw_after_last)
+    window, crop_label = choose_window(rng, label_of, hw, crop_hw, accepts, 10 if accepts else 0, draw_after_last)
     flip = bool(rng.random() < 0.5)
     return hw, window, flip, np.ascontiguousarray(crop_label[:, ::-1]) if flip else crop_label
 
 
-def voc_crop_plan(rng, label, *, scale, ratio_range, crop_hw, cat_max_ratio, ignore_index=255):
+def voc_crop_plan(rng, label, *, scale=(2048, 512), ratio_range=(0.5, 2.0), crop_hw=(512, 512), cat_max_ratio=0.75,
+                  ignore_index=255):
     """mmseg 0.10 Resize(scale, ratio_range, keep_ratio) -> RandomCrop(crop_hw, cat_max_ratio, 10 tries) ->
     RandomFlip(0.5) on an H×W label. Draws rng.random() ratio, windows (y0 then x0), rng.random() flip."""
     ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
     hw = rescale_hw(*label.shape, (int(scale[0] * ratio), int(scale[1] * ratio)))
     accepts = lambda crop: mmseg_accepts(crop, cat_max_ratio, ignore_index)  # noqa: E731
-    return _plan_window(rng, label, hw, crop_hw, accepts, cat_max_ratio, True, nearest_src_cv2)
+    return _plan_window(rng, label, hw, crop_hw, accepts if cat_max_ratio < 1 else None, True, nearest_src_cv2)
 
 
-def cityscapes_crop_plan(rng, label, *, short_edges, max_size, crop_hw, single_category_max_area, ignore_index=255):
+def cityscapes_crop_plan(rng, label, *, short_edges=(512, 768, 1024, 1280, 1536, 1792, 2048), max_size=4096,
+                         crop_hw=(512, 1024), single_category_max_area=0.75, ignore_index=255):
     """detectron2 ResizeShortestEdge(short_edges, max_size, "choice") -> RandomCrop_CategoryAreaConstraint(crop_hw,
     max_area, 10 tries) -> RandomFlip. Draws rng.integers short edge index, windows (y0, x0), rng.random() flip."""
     hw = shortest_edge_hw(*label.shape, short_edges[int(rng.integers(len(short_edges)))], max_size)
     accepts = lambda crop: detectron2_accepts(crop, single_category_max_area, ignore_index)  # noqa: E731
-    return _plan_window(rng, label, hw, crop_hw, accepts, single_category_max_area, False, nearest_src_pil)
+    accepts = accepts if single_category_max_area < 1 else None
+    return _plan_window(rng, label, hw, crop_hw, accepts, False, nearest_src_pil)
 
 
 # name -> (crop plan, hue_high of draw_jitter: mmseg's hue shift is in [-18, 17], detectron2's [-18, 18])
@@ -203,7 +203,7 @@ CROP_PLANS = {"voc": (voc_crop_plan, 18), "cityscapes": (cityscapes_crop_plan, 1
 
 
 def _train_sample(name, rng, image, label, **options):
-    """CROP_PLANS[name] -> that window of the resized image -> draw_jitter, drawn last -> (H×W×3 uint8 BGR
+    """CROP_PLANS[name](**options) -> that window of the resized image -> draw_jitter, drawn last -> (H×W×3 uint8 BGR
     image, a view of channel planes; H×W uint8 label, not padded; int16 jitter parameters, applied later by
     jittered or apply_jitter). Flip drawn before the jitter (detectron2: after): the jitter is per pixel."""
     if image.shape[:2] != label.shape:
@@ -213,25 +213,14 @@ def _train_sample(name, rng, image, label, **options):
     return planar_view(resize_image_window(image, hw, window, flip)), label, draw_jitter(rng, hue_high)
 
 
-def voc_train_sample(rng, image, label, *, scale=(2048, 512), ratio_range=(0.5, 2.0), crop_hw=(512, 512),
-                     cat_max_ratio=0.75, ignore_index=255):
-    """mmseg 0.10 VOC train pipeline: voc_crop_plan, then PhotoMetricDistortion (see _train_sample)."""
-    return _train_sample("voc", rng, image, label, scale=scale, ratio_range=ratio_range, crop_hw=crop_hw,
-                         cat_max_ratio=cat_max_ratio, ignore_index=ignore_index)
-
-
-def cityscapes_train_sample(rng, image, label, *, short_edges=(512, 768, 1024, 1280, 1536, 1792, 2048),
-                            max_size=4096, crop_hw=(512, 1024), single_category_max_area=0.75, ignore_index=255):
-    """detectron2 PointRend Cityscapes augmentation: cityscapes_crop_plan, then ColorAugSSD (see _train_sample)."""
-    return _train_sample("cityscapes", rng, image, label, short_edges=short_edges, max_size=max_size, crop_hw=crop_hw,
-                         single_category_max_area=single_category_max_area, ignore_index=ignore_index)
-
-
+# (rng, image, label, **crop plan options; defaults: the recipes') -> sample: mmseg 0.10's VOC train pipeline
+# (voc_crop_plan, PhotoMetricDistortion) and detectron2 PointRend's Cityscapes one (cityscapes_crop_plan, ColorAugSSD)
+voc_train_sample = functools.partial(_train_sample, "voc")
+cityscapes_train_sample = functools.partial(_train_sample, "cityscapes")
 TRAIN_SAMPLERS = {"voc": voc_train_sample, "cityscapes": cityscapes_train_sample}
 
 
 # ------------------------------------------------------------------------------------ colour jitter
-
 
 
 def planar_view(planes):
@@ -368,11 +357,10 @@ _IDENTITY = np.arange(256, dtype=np.uint8)
 
 
 def draw_jitter(rng, hue_high):
-    """int16 (JITTER_SIZE,) parameters of mmseg PhotoMetricDistortion / detectron2 ColorAugSSD. Each step happens
-    with probability 1/2, in this order: brightness (beta in [-32, 32)), contrast first (coin), contrast (alpha in
-    [0.5, 1.5)) if first, saturation (alpha in [0.5, 1.5)), hue (shift in [-18, hue_high): 18 for mmseg's numpy
-    randint, 19 for detectron2's inclusive Python randint), contrast if not first. Consecutive per-value maps
-    (brightness, contrast) compose exactly into one table."""
+    """int16 (JITTER_SIZE,) parameters of mmseg PhotoMetricDistortion / detectron2 ColorAugSSD. Each step happens with
+    probability 1/2, in this order: brightness (beta in [-32, 32)), contrast first (coin), contrast (alpha in [0.5,
+    1.5)) if first, saturation (alpha in [0.5, 1.5)), hue (shift in [-18, hue_high): 18 for mmseg's numpy randint, 19
+    for detectron2's inclusive randint), contrast if not first; brightness and contrast compose exactly into one map."""
     def maybe(draw, default=None):
         return draw() if rng.integers(2) else default
     params = np.zeros(JITTER_SIZE, np.int16)
@@ -432,9 +420,8 @@ def _round_trip_torch(x, maps, saturation_base, shift):
     h = hue[(g - b) * 511 + (b - r) + _HUE_OFFSET]
     if shift is not None:
         h = (h + shift) % 180
-    middle = torch.round(middle_table[h * 256 + s] * (v.float() * _INV_255) * 255).int()  # as _to_bgr
+    middle = torch.round(middle_table[h * 256 + s] * (v.float() * _INV_255) * 255).int()  # as _to_bgr, sectors too
     low = low_table[s * 256 + v]
-    # sectors of 30 H: B is the min in 0-1 and V in 3-4, G the min in 4-5 and V in 1-2, R the min in 2-3 and V in 5, 0
     blue = torch.where((h >= 90) & (h < 150), v, torch.where(h < 60, low, middle))
     green = torch.where((h >= 30) & (h < 90), v, torch.where(h >= 120, low, middle))
     red = torch.where((h >= 30) & (h < 150), torch.where((h >= 60) & (h < 120), low, middle), v)
@@ -442,18 +429,15 @@ def _round_trip_torch(x, maps, saturation_base, shift):
 
 
 def apply_jitter(images, params):
-    """apply_jitter_planes, bit for bit, on a batch on any device: uint8 N×3×H×W images and int16
-    N×JITTER_SIZE parameters -> uint8 N×3×H×W. Steps a sample did not draw are computed for the whole
-    batch and discarded with torch.where, so nothing is read back to the host (cheap on a GPU)."""
+    """apply_jitter_planes, bit for bit, on a batch on any device: uint8 N×3×H×W images and int16 N×JITTER_SIZE
+    parameters -> uint8 N×3×H×W. Steps a sample did not draw are computed for the whole batch and discarded with
+    torch.where, so nothing is read back to the host (cheap on a GPU)."""
     count = images.shape[0]
     params = params.to(torch.int32)
     maps = params[:, :POST.stop].contiguous().view(-1)  # the three 256-entry maps of every sample
     base = (torch.arange(count, device=images.device, dtype=torch.int32) * POST.stop).view(count, 1, 1, 1)
     x = maps[images.int() + base + PRE.start]
-
-    def where(column, changed, unchanged):
-        return torch.where(params[:, column].view(count, 1, 1, 1) != 0, changed, unchanged)
-
-    x = where(SATURATION_ON, _round_trip_torch(x, maps, base[:, 0] + SATURATION.start, None), x)
-    x = where(HUE_ON, _round_trip_torch(x, maps, None, params[:, HUE_SHIFT].view(count, 1, 1)), x)
+    drawn = lambda column: params[:, column].view(count, 1, 1, 1) != 0  # noqa: E731
+    x = torch.where(drawn(SATURATION_ON), _round_trip_torch(x, maps, base[:, 0] + SATURATION.start, None), x)
+    x = torch.where(drawn(HUE_ON), _round_trip_torch(x, maps, None, params[:, HUE_SHIFT].view(count, 1, 1)), x)
     return maps[x + base + POST.start].to(torch.uint8)

@@ -109,8 +109,8 @@ def test_skip_reasons():
         raise RuntimeError("measured")
 
     npu = types.SimpleNamespace(type="npu")
-    assert "contiguous_format" in bench.bench_combination(measured, BENCH, npu, {}, {}, "off", True, False)["note"]
-    assert bench.bench_combination(measured, BENCH, torch.device("cpu"), {}, {}, "bf16", True, True)["note"] == \
+    assert "contiguous_format" in bench.bench_combination(measured, BENCH, npu, {}, {}, ("off", True, False))["note"]
+    assert bench.bench_combination(measured, BENCH, torch.device("cpu"), {}, {}, ("bf16", True, True))["note"] == \
         "RuntimeError: measured"
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "cuda", "bf16", 0)[0] == 989.4
     assert bench.peak_tflops("NVIDIA H100 PCIe", "cuda", "fp16", 0)[0] == 756.0
