@@ -15,9 +15,10 @@ Mistakes in the config or the data exit with code 2 and a message naming the key
 """
 import functools
 import os
+import signal
 import sys
 
-from seg import checkpoint, config, tasks
+from seg import checkpoint, config, dist, tasks
 from seg.files import UserError
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.toml")
@@ -46,7 +47,13 @@ def main(argv):
     elif resolved["task"] not in tasks.TASKS:
         raise UserError(f"[{section}] task = {resolved['task']!r} is not runnable; see `python run.py --list`")
     else:
-        tasks.TASKS[resolved["task"]](config.validate(resolved), load)
+        try:
+            tasks.TASKS[resolved["task"]](config.validate(resolved, dist.launch_ranks()[2]), load)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler, torchrun stopping its workers)
+            last = resolved["task"] in ("train", "demo") and checkpoint.latest_checkpoint(resolved["output_dir"])
+            dist.print_on_rank0(f"interrupted; resume from {last} with resume=true" if last else "interrupted",
+                                file=sys.stderr)
+            return 130
     return 0
 
 
@@ -57,10 +64,16 @@ def user_message(error):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
     try:
         sys.exit(main(sys.argv[1:]))
-    except UserError as error:
-        print(f"error: {user_message(error)}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as error:
+        if not isinstance(error, UserError) and not dist.peer_failed(error):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other processes: let them exit 2 first
+        print(f"error: {user_message(error)}" if isinstance(error, UserError) else f"error: rank "
+              f"{dist.launch_ranks()[0]} stops: another process of this run failed (its message says why)",
+              file=sys.stderr)
+        sys.exit(2)

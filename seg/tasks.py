@@ -154,16 +154,27 @@ def train_task(config, load_section=None):
     for key in ("train_splits", "val_splits")[: 1 + bool(config["eval_interval"] or config["final_eval"])]:
         split_items(config, key, cache=False)
     torch_device, rank, world_size, say = start(config)
-    batch_size = config["data"]["batch_size"]
-    if batch_size % world_size:
-        raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes")
+    resuming = config["resume"] or bool(config["resume_from"])
+    release = train.own_output_dir(config["output_dir"], config["section"], checkpoint.run_identity(config),
+                                   resuming) if rank == 0 else (lambda: None)
+    dist.barrier()  # the other processes stop here (exit 2) when rank 0 refuses the folder
+    try:
+        return train_in_own_folder(config, torch_device, rank, world_size, say)
+    finally:
+        release()
+
+
+def train_in_own_folder(config, torch_device, rank, world_size, say):
+    """train_task's training, once rank 0 holds the output folder."""
+    batch_size, resuming = config["data"]["batch_size"], config["resume"] or bool(config["resume_from"])
     os.makedirs(config["output_dir"], exist_ok=True)
     model = dist.convert_sync_batchnorm(model_with_weights(config, torch_device, say), torch_device.type,
                                         config["sync_bn"])
     optimizer = train.build_optimizer(model, **config["optimizer"])
     scaler = amp.make_scaler(torch_device.type, config["amp"], config["loss_scale"])
     first = train.resume(model, optimizer, scaler, config["output_dir"], config["iterations"], say,
-                         reseed_with=(config["seed"], rank)) if config["resume"] else 0
+                         reseed_with=(config["seed"], rank), identity=checkpoint.run_identity(config),
+                         resume_from=config["resume_from"]) if resuming else 0
     dataset, per_device = train_dataset(config, jitter_in_loader(config, torch_device.type)), batch_size // world_size
     loader = data.train_loader(dataset, per_device, rank, world_size, config["seed"], config["data"]["workers"],
                                torch_device.type != "cpu", start=first * per_device, divisor=model.size_divisibility,
@@ -227,6 +238,7 @@ def evaluate_task(config, load_section=None):
     os.makedirs(config["output_dir"], exist_ok=True)
     model = model_with_weights(config, torch_device, say)
     result = evaluation(config, model, torch_device)()
+    dist.print_on_rank0(f"wrote {os.path.join(config['output_dir'], 'eval.json')}")
     if rank == 0 and config["save_predictions"] > 0:
         save_predictions(config, model, torch_device)
     dist.cleanup()
