@@ -195,7 +195,7 @@ def own_output_dir(output_dir, section, identity, resuming):
         if run is not None and run.get("fingerprint") != fingerprint:
             problem = f"holds a run of [{run.get('section')}] with another model or data ({shown});"
         elif run is None and names and not (resuming and all(map(SEG_OUTPUTS.fullmatch, names)) and
-                                            checkpoint.latest_loadable_checkpoint(output_dir, len, identity)[0]):
+                                            checkpoint.latest_loadable_checkpoint(output_dir, lambda line: None, identity)[0]):
             problem = f"holds files no seg run of this model and data made ({shown});"
         elif names not in ([], ["run.json"]) and not resuming:
             problem = f"holds this run's files ({shown}): resume=true continues it; to start over, delete them, or"

@@ -263,3 +263,11 @@ def test_fine_tuning_a_seg_checkpoint_keeps_the_sections_data_and_class_count(vo
                                   "data.crop_hw=[32,48]", "eval_interval=0", "final_eval=false", "pretrained=",
                                   section="pspnet_folder"))
     assert model.decode_head.conv_seg.out_channels == 3  # a new head for the section's classes
+
+
+def test_evaluate_says_where_it_wrote_eval_json(voc_root, tmp_path, capsys):
+    train_run(voc_root, tmp_path / "run", "iterations=1")
+    out = tmp_path / "eval"
+    tasks.evaluate_task(load(f"weights={tmp_path / 'run' / 'iter_0000001.pth'}", f"data_root={voc_root}",
+                             f"output_dir={out}", "device=cpu", "data.workers=0", section="pspnet_eval"))
+    assert f"wrote {out / 'eval.json'}" in capsys.readouterr().out and json.loads((out / "eval.json").read_text())
