@@ -36,7 +36,13 @@ def to_cpu(obj):
 
 def save_atomic(obj, path):
     """torch.save `obj` (tensors moved to the CPU) atomically: `path` is the old file or the complete new one."""
-    write_atomic(path, functools.partial(torch.save, to_cpu(obj)))
+    def write(stream):
+        try:
+            torch.save(to_cpu(obj), stream)
+        except RuntimeError as error:  # torch's zip writer turns a failed write (ENOSPC) into an enforce failure
+            cause = getattr(error.__context__, "strerror", None) or first_line(error)
+            raise UserError(f"{path}: cannot write ({cause}); free space or choose another folder") from error
+    write_atomic(path, write)
 
 
 def save_checkpoint(state, output_dir, rank, log=print, name=None):
@@ -103,15 +109,30 @@ def latest_checkpoint(output_dir):
     return next(iter(checkpoints_newest_first(output_dir)), None)
 
 
-def latest_loadable_checkpoint(output_dir, log=print):
+def latest_loadable_checkpoint(output_dir, log=print, identity=None):
     """(path, training state) of the newest checkpoint that loads, or (None, None). A torn file (copied or
-    cut short outside save_atomic) is logged as a warning, with the reason, and the next older one tried."""
+    cut short outside save_atomic) is logged as a warning, with the reason, and the next older one tried.
+    `identity` (run_identity of the run): a file that loads but is not that run's is a UserError naming it."""
     for path in checkpoints_newest_first(output_dir):
         try:
-            return path, load_training_state(path)
+            state = torch_load(path)
         except UserError as error:  # names the file and the reason
             log(f"warning: skipping {path.name}, it does not load: {error}")
+            continue
+        return path, (load_training_state(path, state) if identity is None else same_run(path, state, identity))
     return None, None
+
+
+def same_run(path, state, identity):
+    """`state` (of `path`) when its stored config has this run's `identity`; else UserError naming the first key
+    that differs (an older seg's config may lack some)."""
+    stored = load_training_state(path, state).get("config") or {}
+    for table, key in ((table, key) for table in identity for key in identity[table]):
+        if (theirs := (stored.get(table) or {}).get(key, "not recorded")) != identity[table][key]:
+            raise UserError(f"{path} is not a checkpoint of this run: its {table}.{key} is {theirs!r}, this run's "
+                            f"{identity[table][key]!r}. Resume takes only this run's checkpoints: move the file away "
+                            f"or use another output_dir (resume_from=PATH takes a file whatever run wrote it)")
+    return state
 
 
 def torch_load(path):
@@ -130,9 +151,9 @@ def torch_load(path):
         raise UserError(f"{path}: not a readable torch file ({first_line(error)})") from None
 
 
-def load_training_state(path):
-    """seg's training checkpoint as a dict with at least "model" and "iteration" (tensors on the CPU)."""
-    state = torch_load(path)
+def load_training_state(path, state=None):
+    """seg's training checkpoint (`state`: already loaded) as a dict with "model" and "iteration" (CPU tensors)."""
+    state = torch_load(path) if state is None else state
     if not isinstance(state, dict) or not {"model", "iteration"} <= state.keys():
         raise UserError(f"{path} is not a seg training checkpoint (it lacks 'model' or 'iteration'); resume "
                         f"from an iter_*.pth that seg wrote, or load other weights as model weights.")

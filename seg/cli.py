@@ -10,9 +10,10 @@ Mistakes in the config or the data exit with code 2 and a message naming the key
 """
 import functools
 import os
+import signal
 import sys
 
-from seg import checkpoint, config, tasks
+from seg import checkpoint, config, dist, tasks
 from seg.files import UserError
 
 
@@ -56,7 +57,7 @@ def main(argv, usage=__doc__):
         raise UserError(f"unknown option {unknown_flags[0]}; options: --list, --show, --check-data, --config FILE; the "
                         f"rest key=value")
     load = functools.partial(config.load_config, paths, model_defaults_for=tasks.builder_defaults,
-                             stored_config_for=checkpoint.stored_config)
+                             stored_config_for=checkpoint.stored_config, log=dist.print_on_rank0)
     resolved = load(section, overrides)
     if "--show" in rest:
         print(config.to_toml(resolved))
@@ -65,7 +66,13 @@ def main(argv, usage=__doc__):
     elif resolved["task"] not in tasks.TASKS:
         raise UserError(f"[{section}] task = {resolved['task']!r} is not runnable; see `seg --list`")
     else:
-        tasks.TASKS[resolved["task"]](config.validate(resolved), load)
+        try:
+            tasks.TASKS[resolved["task"]](config.validate(resolved, dist.launch_ranks()[2]), load)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler, torchrun stopping its workers)
+            last = resolved["task"] in ("train", "demo") and checkpoint.latest_checkpoint(resolved["output_dir"])
+            dist.print_on_rank0(f"interrupted; resume from {last} with resume=true" if last else "interrupted",
+                                file=sys.stderr)
+            return 130
     return 0
 
 
@@ -76,11 +83,18 @@ def user_message(error):
 
 
 def console(usage=__doc__):
-    """The `seg` command (and run.py): main on sys.argv; a user's mistake exits 2 with its message, no traceback."""
+    """The `seg` command (and run.py): main on sys.argv; a user's mistake exits 2 with its message, no traceback,
+    on every rank (a rank whose peer failed says so in one line)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
     try:
         sys.exit(main(sys.argv[1:], usage))
-    except UserError as error:
-        print(f"error: {user_message(error)}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as error:
+        if not isinstance(error, UserError) and not dist.peer_failed(error):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other processes: let them exit 2 first
+        print(f"error: {user_message(error)}" if isinstance(error, UserError) else f"error: rank "
+              f"{dist.launch_ranks()[0]} stops: another process of this run failed (its message says why)",
+              file=sys.stderr)
+        sys.exit(2)

@@ -117,6 +117,9 @@ def parse_override(text):
 
 def check_type(key, value, default, where="override"):
     """An override must have the type of the value it replaces (an int may replace a float)."""
+    if isinstance(default, dict) or isinstance(value, dict):  # an inline table would replace the whole table
+        keys = " ".join(f"{key}.{k}={_literal(v)}" for k, v in value.items()) if isinstance(value, dict) else ""
+        raise UserError(f"override {key}={value!r}: set a table's keys one by one, like {keys or key + '.KEY=VALUE'}")
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
     elif isinstance(default, float):
@@ -194,13 +197,17 @@ CARRIED_DATA = ("dataset", "root", "val_splits", "classes", "palette", "label_su
 
 
 def carry_from_checkpoint(config, overridden, stored_config_for, log=print):
-    """When `weights` (after the overrides) is a seg checkpoint of an evaluate, predict, export or train task, the
-    section's model table, dataset and test size become the ones it was trained with; overrides still apply after.
+    """When `weights` (after the overrides) is a seg checkpoint and the task evaluates, predicts or exports, the
+    section's model table, dataset and test size become the ones it was trained with; a train task takes only the
+    model table, with the section's num_classes. Overrides still apply after.
     stored_config_for(path) -> the stored config or None (mmseg/detectron2 files keep the section's)."""
     stored = overridden.get("weights") and overridden.get("task") in ("train", "evaluate", "predict", "export") and \
         stored_config_for(overridden["weights"])
     if not stored or "model" not in stored:
         return config
+    if overridden["task"] == "train":  # fine-tuning: the section's data and class count (a new head starts afresh)
+        log(f"{overridden['weights']}: took model (but num_classes) from the checkpoint")
+        return {**config, "model": {**copy.deepcopy(stored["model"]), "num_classes": config["model"]["num_classes"]}}
     keys = [key for key in CARRIED_DATA if key in stored.get("data", {})]  # older checkpoints lack some
     config = {**config, "model": copy.deepcopy(stored["model"]),
               "data": {**config["data"], **{key: copy.deepcopy(stored["data"][key]) for key in keys}}}
@@ -279,9 +286,10 @@ def lookup(config, dotted):
     return config
 
 
-def validate(config):
-    """Check the whole resolved config before any data is read or model built: choices, counts, list lengths,
-    the test windows, required paths and a writable output folder. UserError names the first bad key."""
+def validate(config, world_size=1):
+    """Check the whole resolved config before any data is read or model built: choices, counts, list lengths, the
+    test windows, required paths, a writable output folder, a batch `world_size` processes share. UserError names
+    the first bad key."""
     def check(key, ok, expected):
         if not ok:
             raise UserError(f"[{config['section']}] {key} = {_literal(lookup(config, key))}: expected {expected}")
@@ -307,6 +315,13 @@ def validate(config):
           f"one name per class (model.num_classes = {config['model']['num_classes']}), or [] for the dataset's")
     check("data.palette", all(len(c) == 3 and all(type(v) is int and 0 <= v < 256 for v in c) for c in data["palette"]),
           "[[r, g, b], ...] with values 0..255")
+    check("data.classes", len(set(data["classes"])) == len(data["classes"]), "distinct names")
+    check("data.palette", not data["palette"] or len(data["palette"]) >= config["model"]["num_classes"],
+          f"a colour for each of the {config['model']['num_classes']} classes, or [] for the dataset's")
+    check("resume_from", not config["resume_from"] or os.path.isfile(config["resume_from"]), "an existing checkpoint")
+    if config["task"] in ("train", "demo"):
+        check("data.batch_size", data["batch_size"] % (world_size * config["accumulate"]) == 0,
+              f"a global batch divisible by the {world_size} processes × accumulate = {config['accumulate']}")
     check("test.stride_hw", all(s <= c for s, c in zip(test["stride_hw"], test["crop_hw"])),
           "strides no larger than test.crop_hw (larger ones leave gaps between the windows)")
     check_long_runs(config, check)

@@ -4,6 +4,7 @@ import concurrent.futures
 import functools
 import glob
 import os
+import sys
 
 import numpy as np
 import torch
@@ -98,6 +99,10 @@ def folder_items(root, splits, label_suffix=".png"):
                                 f"labels/<split>/ under data_root/data.root (README, 'Your own data')")
         names = [sorted(os.listdir(folder)) for folder in folders]
         images = {os.path.splitext(name)[0]: name for name in names[0] if name.lower().endswith(IMAGE_EXTENSIONS)}
+        for name in names[0]:  # a.jpg and a.png would share the label a.png: one would silently win
+            if name.lower().endswith(IMAGE_EXTENSIONS) and images[os.path.splitext(name)[0]] != name:
+                raise UserError(f"{folders[0]}: {name} and {images[os.path.splitext(name)[0]]} share one stem, so "
+                                f"one label; rename or remove one of them")
         labels = {name[: -len(label_suffix)]: name for name in names[1] if name.endswith(label_suffix)}
         for stems, kind in ((sorted(images.keys() - labels.keys()), "images without a label"),
                             (sorted(labels.keys() - images.keys()), f"labels (*{label_suffix}) without an image")):
@@ -249,16 +254,19 @@ def prefetch(batches, device):
 
 
 def list_images(pattern):
-    """Sorted paths from `input`: one file, a folder (its jpg/jpeg/png/bmp/webp files, not recursive) or a glob."""
+    """Sorted paths from `input`: one file, a folder (its jpg/jpeg/png/bmp/webp files, not recursive) or a glob. A
+    symbolic link to nothing among them is skipped with a warning naming it."""
     if os.path.isfile(pattern):
         return [pattern]
-    if os.path.isdir(pattern):
-        paths = sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
-                       if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(pattern, name)))
-        if not paths:
-            raise UserError(f"input={pattern}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} images")
-        return paths
-    paths = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
+    folder = os.path.isdir(pattern)
+    named = sorted(os.path.join(pattern, name) for name in os.listdir(pattern) if name.lower().endswith(
+        IMAGE_EXTENSIONS)) if folder else sorted(glob.glob(pattern))
+    for path in (path for path in named if os.path.islink(path) and not os.path.exists(path)):
+        print(f"warning: skipping {path}: a symbolic link to {os.readlink(path)}, which does not exist",
+              file=sys.stderr, flush=True)
+    paths = [path for path in named if os.path.isfile(path)]
+    if not paths and folder:
+        raise UserError(f"input={pattern}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} images")
     if not paths:
         raise UserError(f"input={pattern}: no such file or folder, and no file matches it as a glob")
     return paths

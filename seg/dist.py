@@ -155,3 +155,9 @@ def peak_memory_mib(torch_device):
     if torch_device.type == "cpu":
         return 0.0
     return torch.get_device_module(torch_device).max_memory_allocated(torch_device) / 2**20
+
+
+def peer_failed(error):
+    """Whether `error` is a collective failing because another process of the run exited (it said why)."""
+    return isinstance(error, torch_dist.DistError) or (isinstance(error, RuntimeError) and any(
+        text in str(error) for text in ("Connection closed by peer", "Connection reset by peer")))

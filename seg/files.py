@@ -3,6 +3,7 @@ the decoded-image cache (`data.cache = true`). Decoding dominates the data pipel
 ~50 ms in Pillow, the whole detectron2 mapper ~105 ms), so an item list's images and labels are decoded once into one
 file that loader workers memory-map (shared pages): a 64-byte header (MAGIC, index offset and length as little-endian
 uint64), 64-byte aligned arrays, a JSON index (item paths, (size, mtime_ns), offsets, shapes; rebuilt on change)."""
+import atexit
 import concurrent.futures
 import contextlib
 import glob
@@ -261,6 +262,38 @@ def _lock_is_stale(lock_path, stale_s):
         except ProcessLookupError:
             return True
     return age > stale_s  # an unparseable lock too: young, being written; old, its writing failed
+
+
+def take_lock(path):
+    """Create `path` holding "host pid" (a hard link: exclusive, never half-written), taking over a lock whose process
+    is gone from this host or is this one (left by a run it finished); UserError naming the holder otherwise.
+    Returns release(), which also runs at exit (after an error, Ctrl-C)."""
+    mine, temporary = f"{socket.gethostname()} {os.getpid()}", f"{path}.{os.getpid()}.tmp"
+    write_text_atomic(mine, temporary)
+    try:
+        for attempt in range(2):
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+                break
+            holder = ""
+            with contextlib.suppress(OSError), open(path) as handle:
+                holder = handle.read()
+            if attempt or holder not in (mine, "") and not _lock_is_stale(path, float("inf")):
+                host, _, pid = holder.partition(" ")
+                raise UserError(f"{os.path.dirname(path)} is in use by process {pid} on {host} ({path}): wait for "
+                                f"that run to end, or choose another output_dir (delete {path} if that process is "
+                                f"gone from its host)")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    finally:
+        os.remove(temporary)
+
+    def release():
+        with contextlib.suppress(OSError), open(path) as handle:
+            if handle.read() == mine:
+                os.remove(path)
+    atexit.register(release)
+    return release
 
 
 def ensure_cache(items, path, read_image, read_label, log=print, workers=1, stale_s=300.0, poll_s=0.5):

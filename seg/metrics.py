@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -135,14 +136,21 @@ def finite(record):
 
 
 def tensorboard(output_dir, log):
-    """A SummaryWriter on <output_dir>/tb, or None with one line saying how to get one (an optional package)."""
+    """A SummaryWriter on <output_dir>/tb, or None with one line saying why (no tensorboard package, no writable tb)."""
     try:
         import tensorboard  # noqa: F401 - torch.utils.tensorboard needs it
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log("TensorBoard logging is off: pip install tensorboard, then tensorboard --logdir output")
         return None
-    return SummaryWriter(os.path.join(output_dir, "tb"))
+    folder = os.path.join(output_dir, "tb")
+    try:  # the writer's thread would fail later, with a traceback, in a folder it cannot write
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        return SummaryWriter(folder)
+    except OSError as error:
+        log(f"warning: TensorBoard logging is off: cannot write {folder} ({error.strerror or error}); training goes on")
+        return None
 
 
 def append_record(record, output_dir):
@@ -186,14 +194,19 @@ def report_evaluation(result, classes, images, record, output_dir, board=None):
 
 
 def drop_records_after(path, iteration):
-    """Rewrite metrics.jsonl without the records past `iteration` (and torn lines): a resumed run logs them anew."""
+    """Rewrite metrics.jsonl without the records past `iteration` and without lines that cannot be read (torn, not
+    UTF-8 or JSON, no integer iteration): a resumed run logs them anew. Returns how many lines could not be read."""
     if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as handle:
+        return 0
+    kept, unreadable = [], 0
+    with open(path, "rb") as handle:
         for line in handle:
             try:
-                kept += [line] if (json.loads(line).get("iteration") or 0) <= iteration else []
-            except (ValueError, AttributeError):
-                pass
+                number = json.loads(line.decode("utf-8")).get("iteration") or 0  # evaluate_task's have None
+                if type(number) is not int:
+                    raise TypeError(number)
+                kept += [line.decode("utf-8")] if number <= iteration else []
+            except (ValueError, AttributeError, TypeError):
+                unreadable += 1
     files.write_text_atomic("".join(kept), path)
+    return unreadable

@@ -168,17 +168,23 @@ def train_task(config, load_section=None):
         split_items(config, key, cache=False)
     torch_device, rank, world_size, say = start(config)
     batch_size, accumulate = config["data"]["batch_size"], config["accumulate"]
-    if batch_size % (world_size * accumulate):
+    if batch_size % (world_size * accumulate):  # config.validate checks it first when torchrun starts the processes
         raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes × "
                         f"accumulate = {accumulate} micro-batches")
-    os.makedirs(config["output_dir"], exist_ok=True)
-    with files.tee_output(os.path.join(config["output_dir"], "log.txt")) if rank == 0 else \
-            contextlib.nullcontext() as log_file:
-        if log_file:
-            files.write_text_atomic(section_toml(config), os.path.join(config["output_dir"], "config.toml"))
-            log_file.write(f"\n{section_toml(config)}\n")
-            say(f"environment: {json.dumps(bench.run_environment(torch_device, world_size))}")
-        model = train_model(config, torch_device, rank, world_size, say)
+    resuming = config["resume"] or bool(config["resume_from"])
+    release = train.own_output_dir(config["output_dir"], config["section"], checkpoint.run_identity(config),
+                                   resuming) if rank == 0 else (lambda: None)
+    dist.barrier()  # the other processes stop here (exit 2) when rank 0 refuses the folder
+    try:
+        with files.tee_output(os.path.join(config["output_dir"], "log.txt")) if rank == 0 else \
+                contextlib.nullcontext() as log_file:
+            if log_file:
+                files.write_text_atomic(section_toml(config), os.path.join(config["output_dir"], "config.toml"))
+                log_file.write(f"\n{section_toml(config)}\n")
+                say(f"environment: {json.dumps(bench.run_environment(torch_device, world_size))}")
+            model = train_model(config, torch_device, rank, world_size, say)
+    finally:
+        release()
     dist.cleanup()
     return model
 
@@ -186,6 +192,7 @@ def train_task(config, load_section=None):
 def train_model(config, torch_device, rank, world_size, say):
     """train_task's run on a started process: build, resume, train, summarise."""
     batch_size, accumulate = config["data"]["batch_size"], config["accumulate"]
+    resuming = config["resume"] or bool(config["resume_from"])
     model = dist.convert_sync_batchnorm(model_with_weights(config, torch_device, say), torch_device.type,
                                         config["sync_bn"])
     optimizer = train.build_optimizer(model, **config["optimizer"])
@@ -193,7 +200,8 @@ def train_model(config, torch_device, rank, world_size, say):
     best = config["checkpoint"]["best"]
     progress = {"metric": best, "value": None, "iteration": 0, "stale": 0} if best else None
     first = train.resume(model, optimizer, scaler, config["output_dir"], config["iterations"], say,
-                         reseed_with=(config["seed"], rank), progress=progress) if config["resume"] else 0
+                         reseed_with=(config["seed"], rank), identity=checkpoint.run_identity(config),
+                         resume_from=config["resume_from"], progress=progress) if resuming else 0
     dataset, per_device = train_dataset(config, jitter_in_loader(config, torch_device.type)), batch_size // world_size
     loader = data.train_loader(dataset, per_device, rank, world_size, config["seed"], config["data"]["workers"],
                                torch_device.type != "cpu", start=first * per_device, divisor=model.size_divisibility,
@@ -280,6 +288,7 @@ def evaluate_task(config, load_section=None):
     os.makedirs(config["output_dir"], exist_ok=True)
     model = model_with_weights(config, torch_device, say)
     result = evaluation(config, model, torch_device)()
+    dist.print_on_rank0(f"wrote {os.path.join(config['output_dir'], 'eval.json')}")
     if rank == 0 and config["save_predictions"] > 0:
         save_predictions(config, model, torch_device)
     dist.cleanup()

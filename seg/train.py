@@ -8,12 +8,15 @@ It takes objects and callables (the loss function, autocast and scaler in `step`
 evaluation in `hooks`); seg/tasks.py builds them from the config.
 """
 import contextlib
+import hashlib
+import json
 import os
+import re
 import time
 
 import torch
 
-from seg import amp, checkpoint, dist, transforms
+from seg import amp, checkpoint, dist, files, transforms
 from seg.files import UserError
 from seg.metrics import drop_records_after
 
@@ -151,29 +154,77 @@ def train(runner, batches, step, iterations, intervals, hooks, meter):
     return None
 
 
-def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0, 0), progress=None):
-    """Load the newest loadable checkpoint of `output_dir` (torn ones are skipped with a warning) and reseed with
-    (seed, rank); returns its iteration, or 0 when there is none. Records past it leave metrics.jsonl (rank 0): the
-    resumed run logs them anew. `progress` (checkpoint.record_evaluation's) takes the stored one of its metric."""
+def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0, 0), identity=None, resume_from="",
+           progress=None):
+    """Load the newest loadable checkpoint of `output_dir` (torn ones are skipped with a warning; with `identity`,
+    another run's is a UserError), or the file `resume_from` whatever run wrote it, and reseed with (seed, rank);
+    returns its iteration, or 0 when there is none. Records past it leave metrics.jsonl (rank 0): the resumed run
+    logs them anew. `progress` (checkpoint.record_evaluation's) takes the stored one of its metric."""
     seed, rank = reseed_with
-    path, state = checkpoint.latest_loadable_checkpoint(output_dir, log=log)
+    if resume_from:
+        path, state = resume_from, checkpoint.load_training_state(resume_from)
+    else:
+        path, state = checkpoint.latest_loadable_checkpoint(output_dir, log=log, identity=identity)
     if path is None:
         log(f"resume = true but {output_dir} holds no loadable checkpoint; starting from scratch")
-        return 0
-    if state["iteration"] >= iterations:
+        state = {"iteration": 0}
+    elif state["iteration"] >= iterations:
         raise UserError(f"{path} is at iteration {state['iteration']}, not before iterations = {iterations}: nothing "
                         f"is left to train. Set iterations above {state['iteration']} to train on, or use another "
                         f"output_dir")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    amp.load_scaler_state(scaler, state.get("scaler"))
-    if progress is not None and (state.get("best") or {}).get("metric") == progress["metric"]:
-        progress.update(state["best"])
-    reseed(seed, rank, state["iteration"])
-    if rank == 0:
-        drop_records_after(os.path.join(output_dir, "metrics.jsonl"), state["iteration"])
-    log(f"resumed from {path} at iteration {state['iteration']}")
+    else:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:  # resume_from: a file of another model
+            raise UserError(f"{path} does not fit this model and optimizer ({checkpoint.first_line(error)})") from None
+        amp.load_scaler_state(scaler, state.get("scaler"))
+        if progress is not None and (state.get("best") or {}).get("metric") == progress["metric"]:
+            progress.update(state["best"])
+        reseed(seed, rank, state["iteration"])
+        log(f"resumed from {path} at iteration {state['iteration']}")
+    if rank == 0:  # also without a checkpoint: the records of a run killed before its first one
+        dropped = drop_records_after(os.path.join(output_dir, "metrics.jsonl"), state["iteration"])
+        if dropped:
+            log(f"warning: dropped {dropped} unreadable lines of {os.path.join(output_dir, 'metrics.jsonl')}")
     return state["iteration"]
+
+
+SEG_OUTPUTS = re.compile(r"iter_\d+\.pth|best\.pth|metrics\.jsonl|eval\.json|log\.txt|config\.toml|tb|predictions|report")
+
+
+def own_output_dir(output_dir, section, identity, resuming):
+    """Lock `output_dir` (files.take_lock) and make it this run's: <output_dir>/run.json records the section, a
+    fingerprint of `identity` (checkpoint.run_identity) and the time. A folder holding anything is trained into only
+    when `resuming` the run its run.json records (or, without one, when it holds a checkpoint of this run and only
+    seg's outputs: checkpoints copied by hand); else UserError naming the folder and what is in it. Returns release()."""
+    os.makedirs(output_dir, exist_ok=True)
+    release, marker = files.take_lock(os.path.join(output_dir, ".lock")), os.path.join(output_dir, "run.json")
+    fingerprint = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    names = sorted(name for name in os.listdir(output_dir) if not name.startswith(".lock"))
+    shown, problem = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), None
+    try:
+        try:
+            with open(marker, "rb") as handle:
+                run = json.load(handle)
+        except (OSError, ValueError) as error:
+            run = None if isinstance(error, FileNotFoundError) else {"section": "an unreadable run.json"}
+        if run is not None and run.get("fingerprint") != fingerprint:
+            problem = f"holds a run of [{run.get('section')}] with another model or data ({shown});"
+        elif run is None and names and not (resuming and all(map(SEG_OUTPUTS.fullmatch, names)) and
+                                            checkpoint.latest_loadable_checkpoint(output_dir, lambda line: None, identity)[0]):
+            problem = f"holds files no seg run of this model and data made ({shown});"
+        elif names not in ([], ["run.json"]) and not resuming:
+            problem = f"holds this run's files ({shown}): resume=true continues it; to start over, delete them, or"
+        if problem:
+            raise UserError(f"output_dir = {output_dir} {problem} choose another output_dir")
+        if run is None:
+            files.write_text_atomic(json.dumps({"section": section, "fingerprint": fingerprint, "created":
+                                                time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n", marker)
+    except BaseException:
+        release()
+        raise
+    return release
 
 
 def training_state(model, optimizer, scaler, iteration, config, best=None):

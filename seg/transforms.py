@@ -25,7 +25,7 @@ def rescale_hw(h, w, long_short):
     """Keep-ratio size of mmcv.imrescale: the long side at most max(long_short), the short side at most
     min(long_short). Example: (375, 500) with (2048, 512) -> (512, 683)."""
     factor = min(max(long_short) / max(h, w), min(long_short) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
+    return max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1)  # 1: a 20×4000 image would get 0 rows
 
 
 def shortest_edge_hw(h, w, short_edge, max_size):
@@ -33,7 +33,7 @@ def shortest_edge_hw(h, w, short_edge, max_size):
     scale = short_edge * 1.0 / min(h, w)
     new_h, new_w = (short_edge * 1.0, scale * w) if h < w else (scale * h, short_edge * 1.0)
     shrink = min(1.0, max_size * 1.0 / max(new_h, new_w))  # 1.0: the long side is within max_size
-    return int(new_h * shrink + 0.5), int(new_w * shrink + 0.5)
+    return max(int(new_h * shrink + 0.5), 1), max(int(new_w * shrink + 0.5), 1)
 
 
 # Source index tables: where the outputs dst = start .. start + length - 1 along one axis read (scale = src / dst).

@@ -167,3 +167,83 @@ def test_check_data_reports_every_problem_and_the_pixels_per_class(voc_root, tmp
     rows = [line.split() for line in val_table.splitlines()[1:6]]
     assert [row[0] for row in rows] == tasks.dataset_info(load())["classes"]
     assert [int(row[1].replace(",", "")) for row in rows] == [counts.get(class_id, 0) for class_id in range(5)]
+
+
+# ------------------------------------------------------------------ issue 17: faults end in one line, exit 2
+
+def test_a_full_disk_at_a_checkpoint_names_the_file_and_keeps_the_previous_one(voc_root, tmp_path, monkeypatch):
+    import errno
+    import io
+
+    import torch
+
+    out, real_save = tmp_path / "out", torch.save
+
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, payload):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(obj, stream, *args, **kwargs):  # the first checkpoint fits, the second finds the disk full
+        return real_save(obj, FullDisk() if obj["iteration"] == 4 else stream, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(UserError, match=r"iter_0000004.pth: cannot write \(No space left on device\)"):
+        tasks.train_task(load(*overrides(voc_root, str(out), "iterations=4", "checkpoint_interval=2")))
+    assert checkpoint.load_training_state(out / "iter_0000002.pth")["iteration"] == 2
+    assert sorted(os.listdir(out)) == ["iter_0000002.pth", "metrics.jsonl", "run.json", "tb"]  # no torn temporary
+
+
+def test_an_unusable_tensorboard_folder_warns_and_training_goes_on(voc_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    tasks.train_task(load(*overrides(voc_root, str(out), "iterations=2")))
+    import shutil
+
+    shutil.rmtree(out / "tb")
+    (out / "tb").write_text("a file where the folder goes")
+    tasks.train_task(load(*overrides(voc_root, str(out), "iterations=3", "resume=true")))
+    assert f"warning: TensorBoard logging is off: cannot write {out / 'tb'}" in capsys.readouterr().out
+    assert checkpoint.latest_checkpoint(out).name == "iter_0000003.pth"
+
+
+def test_unreadable_metrics_lines_are_dropped_on_resume_saying_so(voc_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    tasks.train_task(load(*overrides(voc_root, str(out), "iterations=2")))
+    with open(out / "metrics.jsonl", "ab") as handle:
+        handle.write(b'\xff\xfe{"iteration": 1}\n{"iteration": "3"}\n[1, 2]\n{"iteration": 2, "mIoU": 0.5}\n')
+    tasks.train_task(load(*overrides(voc_root, str(out), "iterations=3", "resume=true")))
+    assert "dropped 3 unreadable lines" in capsys.readouterr().out
+    assert iterations_logged(out) == [1, 2, 2, 3]  # the readable evaluation record at 2 stays
+
+
+@pytest.mark.parametrize("override, example", [("data={batch_size=4}", "data.batch_size=4"),
+                                               ("optimizer={lr=0.001}", "optimizer.lr=0.001"),
+                                               ("test={}", "test.KEY=VALUE"), ("seed={a=1}", "seed.a=1")])
+def test_inline_table_overrides_are_a_clear_error(override, example):
+    with pytest.raises(UserError, match=f"set a table's keys one by one, like {example}"):
+        load(override)
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_before_any_work(tmp_path):
+    with pytest.raises(UserError, match=r"data.batch_size = 8: expected a global batch divisible by the 3 processes"):
+        config.validate(load(f"output_dir={tmp_path / 'out'}"), world_size=3)
+    env = {**os.environ, "WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}  # what torchrun would set
+    result = subprocess.run([sys.executable, "run.py", "demo", f"data_root={tmp_path}", f"output_dir={tmp_path / 'out'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "data.batch_size" in result.stderr and os.listdir(tmp_path) == []
+
+
+def test_a_user_error_on_one_rank_stops_every_rank_with_exit_2_and_no_traceback(tmp_path):
+    """Rank 0 cannot generate the demo data (data_root is a file); rank 1 waits for it at a barrier."""
+    (tmp_path / "file").write_text("not a folder")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29533", "run.py", "demo", f"data_root={tmp_path / 'file'}", f"output_dir={tmp_path / 'out'}",
+                             "data.workers=0"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    ranks = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "[rank1]: Traceback" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]
+    import re
+
+    assert len(re.findall(r"exitcode\s*: 2 ", result.stderr)) == 2  # torchrun's summary of both processes
+    assert len(ranks) == 2 and "cannot write" in ranks[0] + ranks[1] and "another process" in ranks[0] + ranks[1]
