@@ -192,7 +192,7 @@ def test_a_full_disk_at_a_checkpoint_names_the_file_and_keeps_the_previous_one(v
     with pytest.raises(UserError, match=r"iter_0000004.pth: cannot write \(No space left on device\)"):
         tasks.train_task(load(*overrides(voc_root, str(out), "iterations=4", "checkpoint_interval=2")))
     assert checkpoint.load_training_state(out / "iter_0000002.pth")["iteration"] == 2
-    assert sorted(os.listdir(out)) == ["iter_0000002.pth", "metrics.jsonl", "run.json", "tb"]  # no torn temporary
+    assert sorted(os.listdir(out)) == ["config.toml", "iter_0000002.pth", "log.txt", "metrics.jsonl", "run.json", "tb"]  # no torn temporary
 
 
 def test_an_unusable_tensorboard_folder_warns_and_training_goes_on(voc_root, tmp_path, capsys):

@@ -147,14 +147,15 @@ def test_log_holds_config_environment_and_every_line_across_a_resume(voc_root, t
     out = str(tmp_path / "logged")
     run(voc_root, out, "iterations=2", "checkpoint_interval=2")
     first = capsys.readouterr().out
-    torch.save({"state_dict": {"w": torch.zeros(1)}}, os.path.join(out, "iter_0000003.pth"))  # not seg's
+    # not seg's, older than the run's newest (a newer foreign file would stop the resume: tests/test_ownership.py)
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, os.path.join(out, "iter_0000001.pth"))
     cfg = run(voc_root, out, "iterations=4", "checkpoint_interval=2", "resume=true", "checkpoint.keep_last=1")
     second = capsys.readouterr().out
     log = open(os.path.join(out, "log.txt")).read()
     assert "iter 2/2" in first and "resumed from" in second and "iter 4/4" in second and "removed" in second
     assert is_subsequence((first + second).splitlines(), log.splitlines())  # every printed line, in order
     assert log.count("\n[demo]\n") == 2 and log.count('"world_size": 1') == 2 and '"torch": "' in log
-    assert sorted(name for name in os.listdir(out) if name.startswith("iter_")) == ["iter_0000003.pth",
+    assert sorted(name for name in os.listdir(out) if name.startswith("iter_")) == ["iter_0000001.pth",
                                                                                   "iter_0000004.pth"]
     dumped = config.load_toml(os.path.join(out, "config.toml"))  # re-runnable: over [base] it resolves to cfg
     assert config.resolve_section({"base": config.load_toml(CONFIGS)["base"], **dumped}, "demo") == cfg

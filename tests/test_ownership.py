@@ -69,8 +69,8 @@ def test_run_json_marks_the_folder_and_a_second_run_without_resume_is_refused(vo
         "dataset", "root", "train_splits", "classes", "reduce_zero_label", "label_suffix")}}
     assert marker["section"] == "demo" and time.strptime(marker["created"], "%Y-%m-%dT%H:%M:%S%z")
     assert marker["fingerprint"] == hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    with pytest.raises(UserError, match=r"holds this run's files \(iter_0000002.pth, metrics.jsonl, run.json, tb\): "
-                                        r"resume=true continues it"):
+    with pytest.raises(UserError, match=r"holds this run's files \(config.toml, iter_0000002.pth, log.txt, "
+                                        r"metrics.jsonl, run.json and 1 more\): resume=true continues it"):
         train_run(voc_root, out, "iterations=2")
     assert logged(out) == [1, 2]  # the refused run appended nothing (it used to give [1, 2, 1, 2])
     with pytest.raises(UserError, match=r"holds a run of \[demo\] with another model or data"):
@@ -137,7 +137,7 @@ def test_a_live_lock_keeps_a_second_run_out_and_a_stale_one_is_taken_over(voc_ro
         assert os.listdir(out) == [".lock"]  # nothing written
         holder.kill()
     train_run(voc_root, out, "iterations=1")  # its process is gone: stale
-    assert sorted(os.listdir(out)) == ["iter_0000001.pth", "metrics.jsonl", "run.json", "tb"]
+    assert sorted(os.listdir(out)) == ["config.toml", "iter_0000001.pth", "log.txt", "metrics.jsonl", "run.json", "tb"]
 
 
 def run_cli(*args):
