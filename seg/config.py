@@ -223,18 +223,18 @@ def _literal(value):
 CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf16"),
            "data.dataset": ("voc", "cityscapes", "folder"),
            "data.jitter_on": ("auto", "loader", "device"), "test.mode": ("whole", "slide"),
-           "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid")}
+           "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid"), "label_ids": ("", "cityscapes")}
 AT_LEAST = {"model.num_classes": 1, "iterations": 1,
             "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
             "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1, "bench.warmup": 0,
-            "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1}
+            "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1, "report.worst": 0}
 SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw",
          "bench.eval_hw", "export.hw")
 POSITIVE_LISTS = ("data.ratio_range", "data.short_edges", "test.scales")
 CHECKPOINT = "a seg, mmsegmentation or detectron2 checkpoint"
 REQUIRED = {"evaluate": {"weights": CHECKPOINT}, "predict": {"weights": CHECKPOINT, "input": "an image, a folder or "
             "a glob", "output": "the folder for label maps and overlays"}, "export": {"weights": CHECKPOINT,
-            "output": "the .onnx file to write"}}
+            "output": "the .onnx file to write"}, "report": {"run": "a training or evaluation output_dir"}}
 WRITES_OUTPUT_DIR = ("train", "evaluate", "demo", "bench", "data_bench")
 
 
@@ -272,6 +272,8 @@ def validate(config):
           f"one name per class (model.num_classes = {config['model']['num_classes']}), or [] for the dataset's")
     check("data.palette", all(len(c) == 3 and all(type(v) is int and 0 <= v < 256 for v in c) for c in data["palette"]),
           "[[r, g, b], ...] with values 0..255")
+    check("label_ids", config["label_ids"] != "cityscapes" or config["model"]["num_classes"] == 19,
+          '"" unless model.num_classes = 19 (the Cityscapes train ids)')
     check("test.stride_hw", all(s <= c for s, c in zip(test["stride_hw"], test["crop_hw"])),
           "strides no larger than test.crop_hw (larger ones leave gaps between the windows)")
     for key, hint in REQUIRED.get(config["task"], {}).items():
