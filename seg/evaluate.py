@@ -150,9 +150,10 @@ def confusion_over(model, loader, torch_device, num_classes, autocast, test, pro
     """Dataset-level confusion matrix, summed over this rank's images and then over all ranks. Nothing is read
     back from the device per image, so the device runs ahead of Python and the loader. progress(images done).
 
-    per_image = (dataset size, the dataset index of each loader batch) also returns {"per_image": int64 CPU
+    per_image = (dataset size, the dataset index of each loader batch) also returns {"per_image": int64
     images×2×C (intersection, union) of every image, "val_loss": the pixel cross-entropy over every valid pixel,
-    or None}; val_loss only in whole mode at one scale without flip, where the scores are the model's logits.
+    a scalar, or None}, on the device; val_loss only in whole mode at one scale without flip, where the scores are
+    the model's logits.
     """
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=torch_device)
     counts = torch.zeros(per_image[0] if per_image else 0, 2, num_classes, dtype=torch.int64, device=torch_device)
@@ -174,7 +175,7 @@ def confusion_over(model, loader, torch_device, num_classes, autocast, test, pro
     matrix = dist.all_reduce_sum(matrix)
     if not per_image:
         return matrix
-    loss = (dist.all_reduce_sum(loss_sum) / matrix.sum().clamp(min=1)).item() if logits else None
-    return matrix, {"per_image": dist.all_reduce_sum(counts).cpu(), "val_loss": loss}
+    loss = dist.all_reduce_sum(loss_sum) / matrix.sum().clamp(min=1) if logits else None
+    return matrix, {"per_image": dist.all_reduce_sum(counts), "val_loss": loss}
 
 

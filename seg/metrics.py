@@ -68,7 +68,7 @@ def worst_images(counts, k):
     """[(image index, its mIoU)] of the k images of lowest mIoU over the classes in their truth or prediction, lowest
     first (ties: lower index), from int64 images×2×C (intersection, union) counts; images with no valid pixel are left
     out."""
-    miou = torch.nanmean(counts[:, 0].double() / counts[:, 1], dim=1).tolist()  # 0/0: a class absent from the image
+    miou = torch.nanmean(counts[:, 0].double() / counts[:, 1], dim=1).tolist()  # 0/0: a class not in the image
     return [(index, value) for value, index in sorted((v, i) for i, v in enumerate(miou) if v == v)[:k]]
 
 

@@ -213,7 +213,8 @@ def evaluation(config, model, torch_device, board=None):
             matrix, details = evaluate.confusion_over(model, loader, torch_device, config["model"]["num_classes"],
                                                       autocast_of(config, torch_device), config["test"], progress,
                                                       per_image=(len(dataset), loader.dataset.indices))
-        result = {**metrics.metrics_from_confusion(matrix), "val_loss": details["val_loss"]}
+        loss = details["val_loss"]
+        result = {**metrics.metrics_from_confusion(matrix), "val_loss": None if loss is None else loss.item()}
         if rank == 0:
             worst = worst_panels(config, model, torch_device, details["per_image"], (dataset, info))
             metrics.report_evaluation(result, info["classes"], len(dataset), {"iteration": iteration, "test":

@@ -1,6 +1,7 @@
 """Understanding a run: scores from the confusion matrix against brute-force counts, the worst images against
 per-image brute force, validation loss against F.cross_entropy, the report page (files it references exist, plots are
 PNGs), and Cityscapes labelIds output scored by cityscapesScripts (or its formula) as seg scores it."""
+import contextlib
 import glob
 import html.parser
 import json
@@ -18,6 +19,7 @@ from PIL import Image
 
 from seg import config, data, evaluate, metrics, prepare, report, tasks
 from seg.pointrend import build_pointrend
+from seg.pspnet import build_pspnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs.toml")
@@ -110,6 +112,33 @@ def test_worst_images_and_val_loss_equal_per_image_brute_force(voc_root, tmp_pat
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"] == record["val_loss"]
     flipped = tasks.evaluation({**cfg, "test": {**cfg["test"], "flip": True}}, model, torch.device("cpu"))()
     assert flipped["val_loss"] is None  # probabilities averaged over flips are not logits: no loss, stated
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_per_image_counts_and_val_loss_never_synchronise_with_the_cuda_device():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_pspnet(num_classes=3, base_channels=8, stem_channels=8, blocks=(1, 1, 1, 1), channels=16,
+                         aux_channels=8).to(device).eval()
+    label = torch.randint(0, 3, (1, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    label[:, :5] = 255
+    batch = {"image": torch.randint(0, 256, (1, 3, 40, 56), dtype=torch.uint8).pin_memory(),
+             "hw": torch.tensor([[40, 56]]).pin_memory(), "label": label.pin_memory()}
+    test = {"mode": "whole", "crop_hw": [512, 512], "stride_hw": [341, 341], "flip": False, "scales": [1.0]}
+
+    def run():
+        return evaluate.confusion_over(model, [batch, batch], device, 3, contextlib.nullcontext, test,
+                                       per_image=(3, [2, 0]))
+    run()  # warm-up: lazy CUDA/cuDNN set-up may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        matrix, details = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    counts = details["per_image"].cpu()
+    assert counts[1].sum() == 0 and counts[0, 0].sum() == counts[2, 0].sum() == matrix.diag().sum() // 2
+    assert details["val_loss"].item() > 0
 
 
 class Sources(html.parser.HTMLParser):
