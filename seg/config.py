@@ -264,19 +264,20 @@ CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf1
            "data.dataset": ("voc", "cityscapes", "folder"),
            "data.jitter_on": ("auto", "loader", "device"), "test.mode": ("whole", "slide"),
            "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid"),
-           "loss.class_weight_rule": ("", "enet"), "checkpoint.best": ("", "mIoU", "aAcc", "mAcc")}
+           "loss.class_weight_rule": ("", "enet"), "checkpoint.best": ("", "mIoU", "aAcc", "mAcc"),
+           "label_ids": ("", "cityscapes")}
 AT_LEAST = {"model.num_classes": 1, "iterations": 1,
             "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
             "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1, "bench.warmup": 0,
             "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1, "accumulate": 1, "checkpoint.keep_last": 0,
-            "checkpoint.early_stop_patience": 0, "loss.ohem_min_kept": 2}
+            "checkpoint.early_stop_patience": 0, "loss.ohem_min_kept": 2, "report.worst": 0}
 SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw",
          "bench.eval_hw", "export.hw")
 POSITIVE_LISTS = ("data.ratio_range", "data.short_edges", "test.scales")
 CHECKPOINT = "a seg, mmsegmentation or detectron2 checkpoint"
 REQUIRED = {"evaluate": {"weights": CHECKPOINT}, "predict": {"weights": CHECKPOINT, "input": "an image, a folder or "
             "a glob", "output": "the folder for label maps and overlays"}, "export": {"weights": CHECKPOINT,
-            "output": "the .onnx file to write"}}
+            "output": "the .onnx file to write"}, "report": {"run": "a training or evaluation output_dir"}}
 WRITES_OUTPUT_DIR = ("train", "evaluate", "demo", "bench", "data_bench")
 
 
@@ -322,6 +323,8 @@ def validate(config, world_size=1):
     if config["task"] in ("train", "demo"):
         check("data.batch_size", data["batch_size"] % (world_size * config["accumulate"]) == 0,
               f"a global batch divisible by the {world_size} processes × accumulate = {config['accumulate']}")
+    check("label_ids", config["label_ids"] != "cityscapes" or config["model"]["num_classes"] == 19,
+          '"" unless model.num_classes = 19 (the Cityscapes train ids)')
     check("test.stride_hw", all(s <= c for s, c in zip(test["stride_hw"], test["crop_hw"])),
           "strides no larger than test.crop_hw (larger ones leave gaps between the windows)")
     check_long_runs(config, check)

@@ -34,6 +34,7 @@ CITYSCAPES_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 1
 CITYSCAPES_TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 CITYSCAPES_ID_TO_TRAINID = np.array([CITYSCAPES_TRAIN_LABEL_IDS.index(label_id) if label_id in CITYSCAPES_TRAIN_LABEL_IDS
                                      else IGNORE_INDEX for label_id in range(256)], np.uint8)
+CITYSCAPES_TRAINID_TO_ID = np.array(CITYSCAPES_TRAIN_LABEL_IDS, np.uint8)  # predictions for the test server
 LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
                "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`",
                "folder": "; label maps hold class indices (255 = ignore; with data.reduce_zero_label 0 is ignored and "

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from seg import data, dist, transforms
+from seg.losses import pixel_cross_entropy
 from seg.metrics import confusion_matrix
 
 
@@ -145,17 +146,36 @@ def eval_mode(model):
 
 
 @torch.no_grad()
-def confusion_over(model, loader, torch_device, num_classes, autocast, test, progress=None):
+def confusion_over(model, loader, torch_device, num_classes, autocast, test, progress=None, per_image=None):
     """Dataset-level confusion matrix, summed over this rank's images and then over all ranks. Nothing is read
-    back from the device per image, so the device runs ahead of Python and the loader. progress(images done)."""
+    back from the device per image, so the device runs ahead of Python and the loader. progress(images done).
+
+    per_image = (dataset size, the dataset index of each loader batch) also returns {"per_image": int64
+    images×2×C (intersection, union) of every image, "val_loss": the pixel cross-entropy over every valid pixel,
+    a scalar, or None}, on the device; val_loss only in whole mode at one scale without flip, where the scores are
+    the model's logits.
+    """
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=torch_device)
+    counts = torch.zeros(per_image[0] if per_image else 0, 2, num_classes, dtype=torch.int64, device=torch_device)
+    loss_sum = torch.zeros((), device=torch_device)
+    logits = test["mode"] == "whole" and len(test["scales"]) == 1 and not test["flip"]
     with eval_mode(model):
         for done, (host, batch) in enumerate(host_and_device_batches(loader, torch_device), 1):
             with autocast():
                 scores = test_time_scores(model, batch["image"], host["hw"], host["label"].shape[-2:], test)
-            matrix += confusion_matrix(scores.argmax(dim=1), batch["label"], num_classes)
+            image_matrix = confusion_matrix(scores.argmax(dim=1), batch["label"], num_classes)
+            matrix += image_matrix
+            if per_image:  # a row filled by index on the device: nothing is read back until the end
+                both = image_matrix.diag()
+                counts[per_image[1][done - 1]] = torch.stack([both, image_matrix.sum(0) + image_matrix.sum(1) - both])
+                if logits:  # "all" = the valid pixels' sum over all pixels: times the (host) pixel count
+                    loss_sum += pixel_cross_entropy(scores, batch["label"].long()) * batch["label"].numel()
             if progress:
                 progress(done)
-    return dist.all_reduce_sum(matrix)
+    matrix = dist.all_reduce_sum(matrix)
+    if not per_image:
+        return matrix
+    loss = dist.all_reduce_sum(loss_sum) / matrix.sum().clamp(min=1) if logits else None
+    return matrix, {"per_image": dist.all_reduce_sum(counts), "val_loss": loss}
 
 

@@ -46,8 +46,31 @@ def metrics_from_confusion(matrix):
     intersection, label_area = matrix.diag(), matrix.sum(dim=1)
     iou = intersection / (label_area + matrix.sum(dim=0) - intersection)  # 0/0 -> NaN, as in mmsegmentation
     acc = intersection / label_area
-    return {"aAcc": (intersection.sum() / label_area.sum()).item(), "mIoU": torch.nanmean(iou).item(),
-            "mAcc": torch.nanmean(acc).item(), "IoU": iou.tolist(), "Acc": acc.tolist()}
+    scores = {"aAcc": (intersection.sum() / label_area.sum()).item(), "mIoU": torch.nanmean(iou).item(),
+              "mAcc": torch.nanmean(acc).item(), "IoU": iou.tolist(), "Acc": acc.tolist()}
+    return {**scores, **more_scores(matrix, iou)}
+
+
+def more_scores(matrix, iou):
+    """Per class Precision (NaN if never predicted), Recall (= Acc), Dice (= F1 = 2PR / (P + R), NaN if the class is
+    in neither truth nor prediction), their NaN-skipping means, frequency-weighted IoU (Σ truth share × IoU over the
+    classes in the truth, as FCN's paper defines it) and the matrix itself as "confusion" (counts, rows truth)."""
+    intersection, label_area, predicted_area = matrix.diag(), matrix.sum(dim=1), matrix.sum(dim=0)
+    per_class = {"Precision": intersection / predicted_area, "Recall": intersection / label_area,
+                 "Dice": 2 * intersection / (label_area + predicted_area)}
+    present = label_area > 0
+    return {**{f"m{key}": torch.nanmean(value).item() for key, value in per_class.items()},
+            **{key: value.tolist() for key, value in per_class.items()},
+            "fwIoU": ((label_area[present] * iou[present]).sum() / label_area.sum()).item(),
+            "confusion": matrix.long().tolist()}
+
+
+def worst_images(counts, k):
+    """[(image index, its mIoU)] of the k images of lowest mIoU over the classes in their truth or prediction, lowest
+    first (ties: lower index), from int64 images×2×C (intersection, union) counts; images with no valid pixel are left
+    out."""
+    miou = torch.nanmean(counts[:, 0].double() / counts[:, 1], dim=1).tolist()  # 0/0: a class not in the image
+    return [(index, value) for value, index in sorted((v, i) for i, v in enumerate(miou) if v == v)[:k]]
 
 
 def format_table(metrics, class_names):
@@ -58,7 +81,8 @@ def format_table(metrics, class_names):
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
     for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"]):
         lines.append(f"{name:<{width}}  {percent(iou):>6}  {percent(acc):>6}")
-    lines.append(f"aAcc {percent(metrics['aAcc'])}  mIoU {percent(metrics['mIoU'])}  mAcc {percent(metrics['mAcc'])}")
+    lines.append(f"aAcc {percent(metrics['aAcc'])}  mIoU {percent(metrics['mIoU'])}  mAcc {percent(metrics['mAcc'])}"
+                 + (f"  mDice {percent(metrics['mDice'])}" if "mDice" in metrics else ""))
     return "\n".join(lines)
 
 
@@ -185,9 +209,10 @@ def report_evaluation(result, classes, images, record, output_dir, board=None):
     print(f"evaluation on {images} images{where}:\n{format_table(result, classes)}", flush=True)
     record = {**record, "classes": classes, **result}
     files.write_text_atomic(json.dumps(record, indent=1), os.path.join(output_dir, "eval.json"))
-    append_record({key: record[key] for key in ("iteration", "aAcc", "mIoU", "mAcc")}, output_dir)
+    summary = [key for key in ("aAcc", "mIoU", "mAcc", "mDice", "val_loss") if result.get(key) is not None]
+    append_record({"iteration": record["iteration"], **{key: record[key] for key in summary}}, output_dir)
     if board is not None:
-        scalars = {**{key: result[key] for key in ("aAcc", "mIoU", "mAcc")},
+        scalars = {**{key: result[key] for key in summary},
                    **{f"IoU/{name}": iou for name, iou in zip(classes, result["IoU"])}}
         for key, value in scalars.items():
             board.add_scalar(f"val/{key}", value, record["iteration"])

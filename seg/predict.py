@@ -55,8 +55,9 @@ def probabilities_of(scores, test):
 
 def predict_files(model, jobs, output, inference, legend, log=print):
     """Label maps and overlays under `output` for jobs [(image path, output stem)]; returns how many were written.
-    inference: {"test": [test], "test_scale", "autocast", "save_probabilities": also <stem>_prob.npz}; legend:
-    (palette, class names). Unreadable images are skipped with a warning naming them. `model` must be in eval mode."""
+    inference: {"test": [test], "test_scale", "autocast", "save_probabilities": also <stem>_prob.npz[, "label_ids": see
+    write_prediction]}; legend: (palette, class names). Unreadable images are skipped with a warning naming them.
+    `model` must be in eval mode."""
     test, written, told = inference["test"], 0, False
     for number, (path, stem) in enumerate(jobs, 1):
         begin = time.perf_counter()
@@ -72,7 +73,7 @@ def predict_files(model, jobs, output, inference, legend, log=print):
             told = True
             log(f"note: images whose test-resized long side exceeds test.max_size = {test['max_size']} run in slide "
                 f"mode (test.crop_hw = {test['crop_hw']}, test.stride_hw = {test['stride_hw']})")
-        write_prediction(output, stem, image[:, :, ::-1], label_of(scores), *legend)
+        write_prediction(output, stem, image[:, :, ::-1], label_of(scores), *legend, inference.get("label_ids"))
         written += 1
         print(f"{number}/{len(jobs)} {os.path.basename(path)} {image.shape[0]}x{image.shape[1]} "
               f"{(time.perf_counter() - begin) * 1000:.0f} ms", flush=True)
@@ -130,9 +131,14 @@ def write_probabilities(path, probabilities):
     files.write_bytes_atomic(buffer.getvalue(), path)
 
 
-def write_prediction(folder, stem, photo, label, palette, names):
-    """FOLDER/<stem>.png (indexed label map) and FOLDER/<stem>_overlay.jpg (RGB `photo`), each atomically."""
-    files.write_bytes_atomic(label_png(label, palette), os.path.join(folder, f"{stem}.png"))
+def write_prediction(folder, stem, photo, label, palette, names, label_ids=None):
+    """FOLDER/<stem>.png (indexed label map; with `label_ids`, a uint8 table from class to id, those ids in a plain
+    grey PNG, as Cityscapes' test server and cityscapesScripts read labelIds) and FOLDER/<stem>_overlay.jpg (RGB
+    `photo`), each atomically."""
+    if label_ids is not None:
+        files.write_label_png(os.path.join(folder, f"{stem}.png"), label_ids[label])
+    else:
+        files.write_bytes_atomic(label_png(label, palette), os.path.join(folder, f"{stem}.png"))
     image, _ = overlay(photo, label, palette, names)
     jpeg = files.image_bytes(image, "JPEG", quality=OVERLAY_QUALITY, subsampling=0)
     files.write_bytes_atomic(jpeg, os.path.join(folder, f"{stem}_overlay.jpg"))
@@ -151,12 +157,13 @@ def panel(photo, label, prediction, palette, names, min_height=256):
 
 
 @torch.no_grad()
-def prediction_panels(model, dataset, count, inference, legend):
-    """[(stem, panel)] of the first `count` samples of an EvalDataset, predicted as evaluation does (any size:
-    no switch to slide mode); inference and legend as for predict_files. The model's modes are left as they were."""
+def prediction_panels(model, dataset, count, inference, legend, indices=None):
+    """[(stem, panel)] of the first `count` samples of an EvalDataset (or of those at `indices`), predicted as
+    evaluation does (any size: no switch to slide mode); inference and legend as for predict_files. The model's
+    modes are left as they were."""
     panels, test = [], {**inference["test"], "max_size": float("inf")}
     with eval_mode(model):
-        for index in range(min(count, len(dataset))):
+        for index in range(min(count, len(dataset))) if indices is None else indices:
             image, label = dataset.load(index)
             prediction, _ = predict_label(model, image, test, inference["test_scale"], inference["autocast"])
             stem = os.path.splitext(os.path.basename(dataset.items[index][0]))[0]

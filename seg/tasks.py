@@ -12,7 +12,7 @@ import os
 import torch
 
 from seg import (amp, bench, checkpoint, data, dist, evaluate, files, losses, metrics, pointrend, predict, prepare, pspnet,
-                 resnet, train, transforms)
+                 report, resnet, train, transforms)
 from seg.config import section_toml
 from seg.files import UserError
 
@@ -78,9 +78,11 @@ def autocast_of(config, torch_device):
 
 
 def inference_options(config, torch_device):
-    """What predicting one photo takes: the [test] table, data.test_scale and the autocast context."""
+    """What predicting one photo takes: the [test] table, data.test_scale, the autocast context and the table from
+    class to the label ids written (label_ids = "cityscapes") or None."""
     return {"test": config["test"], "test_scale": config["data"]["test_scale"],
-            "autocast": autocast_of(config, torch_device)}
+            "autocast": autocast_of(config, torch_device),
+            "label_ids": data.CITYSCAPES_TRAINID_TO_ID if config["label_ids"] == "cityscapes" else None}
 
 
 def dataset_info(config):
@@ -269,16 +271,44 @@ def evaluation(config, model, torch_device, board=None):
     def run(iteration=None):
         progress = metrics.progress_lines(len(loader), max(10, len(loader) // 10), print) if rank == 0 else None
         with torch.random.fork_rng(devices=[]):
-            matrix = evaluate.confusion_over(model, loader, torch_device, config["model"]["num_classes"],
-                                             autocast_of(config, torch_device), config["test"], progress)
-        result = metrics.metrics_from_confusion(matrix)
+            matrix, details = evaluate.confusion_over(model, loader, torch_device, config["model"]["num_classes"],
+                                                      autocast_of(config, torch_device), config["test"], progress,
+                                                      per_image=(len(dataset), loader.dataset.indices))
+        loss = details["val_loss"]
+        result = {**metrics.metrics_from_confusion(matrix), "val_loss": None if loss is None else loss.item()}
         if rank == 0:
-            metrics.report_evaluation(result, info["classes"], len(dataset),
-                                      {"iteration": iteration, "test": config["test"]}, config["output_dir"], board)
+            worst = worst_panels(config, model, torch_device, details["per_image"], (dataset, info))
+            metrics.report_evaluation(result, info["classes"], len(dataset), {"iteration": iteration, "test":
+                                      config["test"], "worst": worst}, config["output_dir"], board)
         for stem, picture in panels_of(config, model, torch_device, 3) if board is not None else ():
             board.add_image(f"val/{stem}", picture, iteration, dataformats="HWC")
         return result
     return run
+
+
+def worst_panels(config, model, torch_device, counts, dataset_and_info):
+    """eval.json's "worst": the report.worst images of lowest mIoU (metrics.worst_images), lowest first, each with
+    its photo | truth | prediction panel written to <output_dir>/worst/NN_<stem>.png."""
+    worst, (dataset, info) = metrics.worst_images(counts, config["report"]["worst"]), dataset_and_info
+    panels = predict.prediction_panels(model, dataset, 0, inference_options(config, torch_device),
+                                       (info["palette"], info["classes"]), indices=[index for index, _ in worst])
+    listed = []
+    for number, ((index, miou), (stem, picture)) in enumerate(zip(worst, panels), 1):
+        path = os.path.join("worst", f"{number:02d}_{stem}.png")
+        predict.write_png(os.path.join(config["output_dir"], path), picture)
+        listed.append({"index": index, "stem": stem, "mIoU": miou, "panel": path})
+    return listed
+
+
+def save_label_ids(config, model, torch_device):
+    """<output_dir>/label_ids/<stem>.png in the label_ids' ids (and overlays) of every val image, predicted as
+    evaluation does (no switch to slide mode): the files cityscapesScripts' evaluator reads."""
+    dataset, info = eval_dataset(config)
+    folder, inference = os.path.join(config["output_dir"], "label_ids"), inference_options(config, torch_device)
+    jobs = data.prediction_jobs([image for image, _ in dataset.items], folder)
+    written = predict.predict_files(model.eval(), jobs, folder, {**inference, "test": {
+        **config["test"], "max_size": float("inf")}}, (info["palette"], info["classes"]))
+    print(f"wrote {written} label maps in {config['label_ids']} label ids to {folder}")
 
 
 def evaluate_task(config, load_section=None):
@@ -291,6 +321,8 @@ def evaluate_task(config, load_section=None):
     dist.print_on_rank0(f"wrote {os.path.join(config['output_dir'], 'eval.json')}")
     if rank == 0 and config["save_predictions"] > 0:
         save_predictions(config, model, torch_device)
+    if rank == 0 and config["label_ids"]:
+        save_label_ids(config, model, torch_device)
     dist.cleanup()
     return result
 
@@ -399,6 +431,10 @@ def prepare_task(config, load_section=None):
     return prepare.prepare_voc_aug(root, os.path.join(config["data_root"], "VOCdevkit", "VOCaug", "dataset"))
 
 
+def report_task(config, load_section=None):
+    return report.write_report(config["run"])
+
+
 TASKS = {"train": train_task, "evaluate": evaluate_task, "predict": predict_task, "export": export_task,
          "demo": demo_task, "bench": bench_task, "data_bench": data_bench_task, "prepare_voc_aug": prepare_task,
-         "prepare_cityscapes": prepare_task}
+         "prepare_cityscapes": prepare_task, "report": report_task}
