@@ -328,6 +328,12 @@ def validate(config, world_size=1):
     check("test.stride_hw", all(s <= c for s, c in zip(test["stride_hw"], test["crop_hw"])),
           "strides no larger than test.crop_hw (larger ones leave gaps between the windows)")
     check_long_runs(config, check)
+    check_paths(config, check)
+    return config
+
+
+def check_paths(config, check):
+    """The paths the task needs are given, and where it writes can be written."""
     for key, hint in REQUIRED.get(config["task"], {}).items():
         if not config[key]:
             raise UserError(f"[{config['section']}] needs {key}=PATH ({hint})")
@@ -338,7 +344,6 @@ def validate(config, world_size=1):
     if config["task"] == "export":
         check("output", config["output"].endswith(".onnx"), "a path ending in .onnx")
         check_writable_folder(os.path.dirname(os.path.abspath(config["output"])), "output")
-    return config
 
 
 def check_long_runs(config, check):
