@@ -294,6 +294,29 @@ smi_stop() {
     SMI_PID=
 }
 
+# the Python API on the device: seg.load(...)(path) against the label PNGs pspnet_predict wrote (same precision:
+# both follow the predict section's amp), and how far those agree with amp=off
+API_PY='
+import glob, os, sys
+import numpy as np
+from PIL import Image
+import seg
+checkpoint, predicted, fp32, photos = sys.argv[1:5]
+predictor = seg.load(checkpoint, device="cuda")
+print("api config amp:", predictor.config["amp"], "channels_last:", predictor.config["channels_last"])
+same = agree = total = 0
+for png in sorted(glob.glob(os.path.join(predicted, "*.png"))):
+    stem = os.path.basename(png)[:-4]
+    label = predictor(os.path.join(photos, stem + ".jpg"))
+    written = np.asarray(Image.open(png))
+    exact = np.asarray(Image.open(os.path.join(fp32, stem + ".png")))
+    same += int(np.array_equal(label, written))
+    agree += int((written == exact).sum()); total += exact.size
+    print(stem, "api == pspnet_predict:", np.array_equal(label, written), "probabilities", predictor.probabilities(os.path.join(photos, stem + ".jpg")).shape)
+print(f"api equal to predict on {same} images; predict (section default amp) vs amp=off labels agree on {100 * agree / max(total, 1):.4f}% of pixels")
+sys.exit(0 if same and same == len(glob.glob(os.path.join(predicted, "*.png"))) else 1)
+'
+
 # ------------------------------------------------------------------ env
 echo "=== gpu_check $(date -Is) dry=$DRY budget=${BUDGET}s work=$W out=$OUT"
 git log -1 --oneline
@@ -366,11 +389,17 @@ if [[ -n $CKPT ]]; then
     stage smoke_export_onnx 45 "${RUN[@]}" pspnet_export weights="$CKPT" output="$W/runs/demo_cuda.onnx"
     stage smoke_predict 30 "${RUN[@]}" pspnet_predict weights="$CKPT" device=$DEV output="$W/runs/predict" \
         "input=$W/data/demo/VOCdevkit/VOC2012/JPEGImages/2007_00000[1-4].jpg"
+    stage smoke_predict_fp32 30 "${RUN[@]}" pspnet_predict weights="$CKPT" device=$DEV amp=off \
+        output="$W/runs/predict_fp32" "input=$W/data/demo/VOCdevkit/VOC2012/JPEGImages/2007_00000[1-4].jpg"
+    stage smoke_api 40 $PY -c "$API_PY" "$CKPT" "$W/runs/predict" "$W/runs/predict_fp32" \
+        "$W/data/demo/VOCdevkit/VOC2012/JPEGImages"
 else
     record smoke_export_onnx skipped 0 "no demo checkpoint"
     record smoke_predict skipped 0 "no demo checkpoint"
     FAILED+=(smoke_export_onnx)
 fi
+stage smoke_accumulate 40 "${DEMO[@]}" accumulate=2 iterations=$DDP_IT log_interval=2 final_eval=false \
+    save_predictions=0 output_dir="$W/runs/demo_accumulate"
 # Guarded: one GPU. Plain torchrun would give rank 1 LOCAL_RANK=1 (cuda:1 does not exist); here both ranks are
 # told LOCAL_RANK=0 so they share cuda:0 (NCCL may refuse two ranks on one device: then it is recorded, not fatal).
 DDP_NOTE="guarded: 2 processes sharing one device"  # NCCL may refuse it ("Duplicate GPU detected")
