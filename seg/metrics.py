@@ -40,26 +40,20 @@ def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
 
 
 def metrics_from_confusion(matrix):
-    """aAcc, mIoU, mAcc and per-class IoU / Acc as fractions; a class absent from the truth has Acc NaN (and IoU NaN
-    if never predicted either); means skip NaN classes, as mmsegmentation's np.nanmean."""
+    """Scores as fractions: aAcc, mIoU, mAcc and per class IoU, Acc (NaN for a class absent from the truth; IoU NaN
+    only if never predicted either), Precision (NaN if never predicted), Recall (= Acc) and Dice (= F1 = 2PR / (P + R),
+    NaN if the class is in neither truth nor prediction), their means skipping NaN classes (as mmsegmentation's
+    np.nanmean), frequency-weighted IoU (Σ truth share × IoU over the classes in the truth, as FCN's paper defines it)
+    and the matrix itself as "confusion" (counts, rows truth)."""
     matrix = matrix.double().cpu()
-    intersection, label_area = matrix.diag(), matrix.sum(dim=1)
-    iou = intersection / (label_area + matrix.sum(dim=0) - intersection)  # 0/0 -> NaN, as in mmsegmentation
-    acc = intersection / label_area
-    scores = {"aAcc": (intersection.sum() / label_area.sum()).item(), "mIoU": torch.nanmean(iou).item(),
-              "mAcc": torch.nanmean(acc).item(), "IoU": iou.tolist(), "Acc": acc.tolist()}
-    return {**scores, **more_scores(matrix, iou)}
-
-
-def more_scores(matrix, iou):
-    """Per class Precision (NaN if never predicted), Recall (= Acc), Dice (= F1 = 2PR / (P + R), NaN if the class is
-    in neither truth nor prediction), their NaN-skipping means, frequency-weighted IoU (Σ truth share × IoU over the
-    classes in the truth, as FCN's paper defines it) and the matrix itself as "confusion" (counts, rows truth)."""
     intersection, label_area, predicted_area = matrix.diag(), matrix.sum(dim=1), matrix.sum(dim=0)
+    iou = intersection / (label_area + predicted_area - intersection)  # 0/0 -> NaN, as in mmsegmentation
     per_class = {"Precision": intersection / predicted_area, "Recall": intersection / label_area,
                  "Dice": 2 * intersection / (label_area + predicted_area)}
-    present = label_area > 0
-    return {**{f"m{key}": torch.nanmean(value).item() for key, value in per_class.items()},
+    present, acc = label_area > 0, per_class["Recall"]
+    return {"aAcc": (intersection.sum() / label_area.sum()).item(), "mIoU": torch.nanmean(iou).item(),
+            "mAcc": torch.nanmean(acc).item(), "IoU": iou.tolist(), "Acc": acc.tolist(),
+            **{f"m{key}": torch.nanmean(value).item() for key, value in per_class.items()},
             **{key: value.tolist() for key, value in per_class.items()},
             "fwIoU": ((label_area[present] * iou[present]).sum() / label_area.sum()).item(),
             "confusion": matrix.long().tolist()}
@@ -155,10 +149,6 @@ class Meter:
                 f"iterations, {world_size} process(es), batch {self.images_per_step})")
 
 
-def finite(record):
-    return all(math.isfinite(value) for key, value in record.items() if key.startswith("loss"))
-
-
 def tensorboard(output_dir, log):
     """A SummaryWriter on <output_dir>/tb, or None with one line saying why (no tensorboard package, no writable tb)."""
     try:
@@ -185,7 +175,7 @@ def append_record(record, output_dir):
 
 def log_record(record, output_dir, rank, board=None):
     """Rank 0 prints the record and appends it to metrics.jsonl (and to TensorBoard); non-finite losses stop the run."""
-    if not finite(record):
+    if not all(math.isfinite(value) for key, value in record.items() if key.startswith("loss")):
         last = checkpoint.latest_checkpoint(output_dir)
         where = f"resume from {last} (resume=true) " if last else "restart "
         raise UserError(f"the loss is not finite (NaN or inf) by iteration {record['iteration']} ({record}); {where}"
