@@ -39,6 +39,11 @@ def optional_import(name, pip):
         raise UserError(f"this needs the optional package {name}: pip install {pip}") from None
 
 
+def name_list(names, limit=10):
+    """"a, b, c and 4 more": the first `limit` names of a message."""
+    return ", ".join(map(str, names[:limit])) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def write_atomic(path, write):
     """Call `write(binary_file)` on a temporary file beside `path`, then rename it: `path` is the old file or the
     complete new one, with open()'s mode. OS errors (a full disk, a read-only folder) become UserErrors naming it."""
