@@ -143,12 +143,6 @@ def read_label(path, num_classes, hint=""):
     return label
 
 
-def check_same_size(image, label, image_path, label_path):
-    if image.shape[:2] != label.shape:
-        raise UserError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but {image_path} is "
-                        f"{image.shape[1]}x{image.shape[0]}")
-
-
 def write_label_png(path, label, palette=None):
     """Write a label map (uint8 H×W class ids, 255 = ignore) as a PNG, atomically: mode "L", or with `palette`
     (RGB triples, index = class id) mode "P", same pixel values shown in colour, 255 in VOC's cream."""
