@@ -41,8 +41,7 @@ def run_config(run, evaluation):
     if os.path.isfile(path):
         return Path(path).read_text(), path
     for path in checkpoint.checkpoints_newest_first(run):
-        stored = checkpoint.stored_config(path)
-        if stored:
+        if stored := checkpoint.stored_config(path):
             return config.to_toml(stored), str(path)
     return config.to_toml({"test": (evaluation or {}).get("test", {})}), "eval.json"
 

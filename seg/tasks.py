@@ -339,8 +339,7 @@ def save_predictions(config, model, torch_device):
 
 def predict_jobs(config):
     """[(input path, output stem)] of every input image; UserError when an output would replace an input."""
-    paths = data.list_images(config["input"])
-    return data.prediction_jobs(paths, config["output"])
+    return data.prediction_jobs(data.list_images(config["input"]), config["output"])
 
 
 def predict_task(config, load_section=None):

@@ -156,10 +156,8 @@ def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0
     returns its iteration, or 0 when there is none. Records past it leave metrics.jsonl (rank 0): the resumed run
     logs them anew. `progress` (checkpoint.record_evaluation's) takes the stored one of its metric."""
     seed, rank = reseed_with
-    if resume_from:
-        path, state = resume_from, checkpoint.load_training_state(resume_from)
-    else:
-        path, state = checkpoint.latest_loadable_checkpoint(output_dir, log=log, identity=identity)
+    path, state = ((resume_from, checkpoint.load_training_state(resume_from)) if resume_from else
+                   checkpoint.latest_loadable_checkpoint(output_dir, log=log, identity=identity))
     if path is None:
         log(f"resume = true but {output_dir} holds no loadable checkpoint; starting from scratch")
         state = {"iteration": 0}
