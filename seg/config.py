@@ -1,9 +1,8 @@
 """configs.toml sections: inheritance, `key=value` overrides, and key/type checking.
 
-Every key a section may set is declared, with its default, in the `[base]` section, so defaults live
-in one visible place. Keys under `model` are the keyword arguments of the model's builder function
-(seg/pspnet.py `build_pspnet`, seg/pointrend.py `build_pointrend`) plus `name`.
-"""
+Every key a section may set is declared, with its default, in the `[base]` section, so defaults live in one visible
+place. Keys under `model` are the keyword arguments of the model's builder function (seg/pspnet.py `build_pspnet`,
+seg/pointrend.py `build_pointrend`) plus `name`."""
 import copy
 import difflib
 import os
@@ -157,8 +156,7 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
     path: configs.toml, or a list of it and the user's files (load_sections). model_defaults_for(name) returns the
     builder's keyword defaults for model `name`; they fill the [model] table so that --show prints every value the
     run uses. Every section of every file is checked, keys and types, so a typo anywhere is caught before a long run
-    starts. log(line) reports what a checkpoint carried.
-    """
+    starts. log(line) reports what a checkpoint carried."""
     sections, origins = load_sections(path)
     if BASE not in sections:
         raise UserError(f"{path}: needs a [{BASE}] section declaring every key")

@@ -2,8 +2,7 @@
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them, srun's SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS
 (as torchvision's references/segmentation `utils.py`), else seg runs as rank 0 of 1. The backend follows the device:
-nccl (CUDA), hccl (Ascend), gloo (CPU).
-"""
+nccl (CUDA), hccl (Ascend), gloo (CPU)."""
 import inspect
 import os
 import re

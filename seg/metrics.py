@@ -2,8 +2,7 @@
 the training meter (losses, speed, data time), and the records of both in metrics.jsonl, eval.json and TensorBoard.
 
 Scores come from a dataset-level confusion matrix (rows truth, columns prediction) accumulated on the device without
-per-image host reads, then all-reduced; no prediction maps are kept (as torchvision's references/segmentation).
-"""
+per-image host reads, then all-reduced; no prediction maps are kept (as torchvision's references/segmentation)."""
 import contextlib
 import json
 import math
@@ -23,8 +22,7 @@ def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
     pred, label: integer tensors of the same shape, on the same device. Labels outside [0, num_classes) other
     than ignore_index are rejected by the data loader, not here (a check would read the labels back).
     No host synchronisation: ignored pixels are not removed (label[valid] would read the number of valid
-    pixels back to size its result) but routed to one extra bin, num_classes², that is dropped at the end.
-    """
+    pixels back to size its result) but routed to one extra bin, num_classes², that is dropped at the end."""
     extra = num_classes * num_classes
     index = torch.where(label != ignore_index, label.long() * num_classes + pred.long(), extra).reshape(-1)
     if index.device.type == "npu":

@@ -1,8 +1,7 @@
 """The task layer, the only code that reads a resolved config: each task turns it into objects (device, model with
 its weights, datasets, loaders, optimizer, scaler, autocast, callbacks) and hands them to the module that does the
 work: seg/train.py trains, seg/evaluate.py evaluates, seg/predict.py predicts and exports.
-seg/cli.py calls TASKS[config["task"]](config, load_section).
-"""
+seg/cli.py calls TASKS[config["task"]](config, load_section)."""
 import contextlib
 import functools
 import inspect

@@ -118,8 +118,7 @@ def train(runner, batches, step, iterations, intervals, hooks, meter):
     iteration -> None, "evaluate": iteration -> None or why to stop early, "say": print on rank 0}; meter:
     metrics.Meter. Checkpoints and evaluations are not training time (meter.paused); an evaluation comes before
     the checkpoint of its iteration (which then holds its result), and after each checkpoint every rank reseeds.
-    An early stop ends like the last iteration: with a checkpoint; returns its reason, or None.
-    """
+    An early stop ends like the last iteration: with a checkpoint; returns its reason, or None."""
     optimizer, scaler, total = step["optimizer"], step["scaler"], iterations.stop - 1
     runner.train()
     set_norm_eval(runner, step["norm_eval"])
