@@ -65,9 +65,8 @@ def checkpoints_newest_first(output_dir):
 
 def run_identity(config):
     """What makes checkpoints one run's: its model and training data (a resumed run may change the schedule)."""
-    return {"model": config["model"], "data": {key: config["data"][key] for key in
-                                               ("dataset", "root", "train_splits", "classes", "reduce_zero_label",
-                                                "label_suffix")}}
+    return {"model": config["model"], "data": {key: config["data"][key] for key in (
+        "dataset", "root", "train_splits", "classes", "reduce_zero_label", "label_suffix")}}
 
 
 def is_own_checkpoint(path, identity):

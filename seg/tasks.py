@@ -90,9 +90,8 @@ def dataset_info(config):
     cfg, info = config["data"], data.dataset_info(config["data"]["dataset"])
     if cfg["dataset"] == "folder":
         info["list"] = functools.partial(data.folder_items, label_suffix=cfg["label_suffix"])
-    info["palette"], info["classes"] = predict.palette_and_names(cfg["palette"] or info["palette"],
-                                                                  cfg["classes"] or info["classes"],
-                                                                  config["model"]["num_classes"])
+    info["palette"], info["classes"] = predict.palette_and_names(
+        cfg["palette"] or info["palette"], cfg["classes"] or info["classes"], config["model"]["num_classes"])
     return info
 
 
