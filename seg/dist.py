@@ -125,8 +125,7 @@ def convert_sync_batchnorm(model, device_type, sync_bn):
     if not sync_bn or not is_distributed():
         return model  # one process: BN already sees the whole batch
     if device_type == "cpu":
-        warnings.warn("sync_bn = true but SyncBatchNorm cannot run on CPU (gloo); using per-process BN",
-                      stacklevel=2)
+        warnings.warn("sync_bn = true but SyncBatchNorm cannot run on CPU (gloo); using per-process BN", stacklevel=2)
         return model
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 

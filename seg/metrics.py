@@ -165,10 +165,12 @@ def tensorboard(output_dir, log):
         return None
 
 
-def append_record(record, output_dir):
-    """One JSON line in <output_dir>/metrics.jsonl."""
+def append_record(record, output_dir, board=None, scalars=None, tag=""):
+    """One JSON line in <output_dir>/metrics.jsonl; `scalars` {name: value} also to TensorBoard `board` as tag/name."""
     with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
         handle.write(json.dumps(record) + "\n")
+    for key, value in (scalars or {}).items() if board is not None else ():
+        board.add_scalar(f"{tag}/{key}", value, record["iteration"])
 
 
 def log_record(record, output_dir, rank, board=None):
@@ -184,10 +186,8 @@ def log_record(record, output_dir, rank, board=None):
     print(f"iter {record['iteration']}/{record['total']}  {losses}  lr {record['lr']:.3e}  "
           f"{record['images_per_s']:.1f} img/s  data {record['data_time_s']:.3f}s  "
           f"eta {record['eta_min']:.1f} min  mem {record['peak_mem_mib']:.0f} MiB", flush=True)
-    append_record(record, output_dir)
-    for key, value in record.items() if board is not None else ():
-        if key not in ("iteration", "total", "eta_min"):
-            board.add_scalar(f"train/{key}", value, record["iteration"])
+    append_record(record, output_dir, board, {key: value for key, value in record.items()
+                                              if key not in ("iteration", "total", "eta_min")}, "train")
 
 
 def report_evaluation(result, classes, images, record, output_dir, board=None):
@@ -198,12 +198,9 @@ def report_evaluation(result, classes, images, record, output_dir, board=None):
     record = {**record, "classes": classes, **result}
     files.write_text_atomic(json.dumps(record, indent=1), os.path.join(output_dir, "eval.json"))
     summary = [key for key in ("aAcc", "mIoU", "mAcc", "mDice", "val_loss") if result.get(key) is not None]
-    append_record({"iteration": record["iteration"], **{key: record[key] for key in summary}}, output_dir)
-    if board is not None:
-        scalars = {**{key: result[key] for key in summary},
-                   **{f"IoU/{name}": iou for name, iou in zip(classes, result["IoU"])}}
-        for key, value in scalars.items():
-            board.add_scalar(f"val/{key}", value, record["iteration"])
+    scores = {key: result[key] for key in summary}
+    append_record({"iteration": record["iteration"], **scores}, output_dir, board,
+                  {**scores, **{f"IoU/{name}": iou for name, iou in zip(classes, result["IoU"])}}, "val")
 
 
 def drop_records_after(path, iteration):

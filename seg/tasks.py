@@ -176,17 +176,16 @@ def train_task(config, load_section=None):
                 files.write_text_atomic(section_toml(config), os.path.join(config["output_dir"], "config.toml"))
                 log_file.write(f"\n{section_toml(config)}\n")
                 say(f"environment: {json.dumps(bench.run_environment(torch_device, world_size))}")
-            model = train_model(config, torch_device, rank, world_size, say)
+            model = train_model(config, torch_device, rank, world_size, say, resuming)
     finally:
         release()
     dist.cleanup()
     return model
 
 
-def train_model(config, torch_device, rank, world_size, say):
-    """train_task's run on a started process: build, resume, train, summarise."""
+def train_model(config, torch_device, rank, world_size, say, resuming):
+    """train_task's run on a started process: build, resume (`resuming`), train, summarise."""
     batch_size, accumulate = config["data"]["batch_size"], config["accumulate"]
-    resuming = config["resume"] or bool(config["resume_from"])
     model = dist.convert_sync_batchnorm(model_with_weights(config, torch_device, say), torch_device.type,
                                         config["sync_bn"])
     optimizer = train.build_optimizer(model, **config["optimizer"])
