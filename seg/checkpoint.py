@@ -65,9 +65,8 @@ def checkpoints_newest_first(output_dir):
 
 def run_identity(config):
     """What makes checkpoints one run's: its model and training data (a resumed run may change the schedule)."""
-    return {"model": config["model"], "data": {key: config["data"][key] for key in
-                                               ("dataset", "root", "train_splits", "classes", "reduce_zero_label",
-                                                "label_suffix")}}
+    return {"model": config["model"], "data": {key: config["data"][key] for key in (
+        "dataset", "root", "train_splits", "classes", "reduce_zero_label", "label_suffix")}}
 
 
 def is_own_checkpoint(path, identity):
@@ -82,8 +81,7 @@ def is_own_checkpoint(path, identity):
 def keep_newest(output_dir, config, keep_last, log=print):
     """Delete all but the newest `keep_last` (>= 1) iter_*.pth of this run (`is_own_checkpoint`): files seg did not
     write, other runs' and torn ones stay, and the newest loadable one of this run is always kept."""
-    identity = run_identity(config)
-    own = [path for path in checkpoints_newest_first(output_dir) if is_own_checkpoint(path, identity)]
+    own = [path for path in checkpoints_newest_first(output_dir) if is_own_checkpoint(path, run_identity(config))]
     for path in own[keep_last:]:
         path.unlink()
         log(f"removed {path} (checkpoint.keep_last = {keep_last})")
@@ -321,8 +319,7 @@ def match_names(model_names, file_names, suffix_match):
     matches = {}
     for name in model_names:
         suffixes = (name.split(".", start)[-1] for start in range(name.count(".") + 1))  # longest first
-        found = next((suffix for suffix in suffixes if suffix in file_names), None)
-        if found is not None:
+        if (found := next((suffix for suffix in suffixes if suffix in file_names), None)) is not None:
             matches[name] = found
     shared = [file_name for file_name, count in collections.Counter(matches.values()).items() if count > 1]
     if shared:

@@ -52,8 +52,7 @@ def main(argv, usage=__doc__):
         return 0
     section, rest = argv[0], argv[1:]
     overrides = [item for item in rest if item not in ("--show", "--check-data")]
-    unknown_flags = [item for item in overrides if item.startswith("-")]
-    if unknown_flags:
+    if unknown_flags := [item for item in overrides if item.startswith("-")]:
         raise UserError(f"unknown option {unknown_flags[0]}; options: --list, --show, --check-data, --config FILE; the "
                         f"rest key=value")
     load = functools.partial(config.load_config, paths, model_defaults_for=tasks.builder_defaults,

@@ -1,9 +1,8 @@
 """configs.toml sections: inheritance, `key=value` overrides, and key/type checking.
 
-Every key a section may set is declared, with its default, in the `[base]` section, so defaults live
-in one visible place. Keys under `model` are the keyword arguments of the model's builder function
-(seg/pspnet.py `build_pspnet`, seg/pointrend.py `build_pointrend`) plus `name`.
-"""
+Every key a section may set is declared, with its default, in the `[base]` section, so defaults live in one visible
+place. Keys under `model` are the keyword arguments of the model's builder function (seg/pspnet.py `build_pspnet`,
+seg/pointrend.py `build_pointrend`) plus `name`."""
 import copy
 import difflib
 import os
@@ -55,17 +54,14 @@ def closest(name, candidates):
 def resolve_section(sections, name, path="configs.toml"):
     """Merge a section over the chain it inherits from (`inherit = "other"`), ending at [base]."""
     chain, current = [], name
-    while True:
+    while current is not None:
         if current not in sections:
             raise UserError(f"{path}: no section [{current}]{closest(current, sections)}. "
                             f"`python run.py --list` shows them all.")
         if current in chain:
             raise UserError(f"{path}: [{name}] inherits in a cycle: {' -> '.join(chain + [current])}")
         chain.append(current)
-        parent = sections[current].get("inherit", BASE if current != BASE else None)
-        if parent is None:
-            break
-        current = parent
+        current = sections[current].get("inherit", BASE if current != BASE else None)
     resolved = {}
     for section in reversed(chain):
         resolved = merge(resolved, sections[section])
@@ -91,10 +87,7 @@ def check_keys(config, schema, model_defaults, where, prefix=""):
         dotted = prefix + key
         if dotted == "section":
             continue
-        if prefix == "model." and key != "name":
-            known = model_defaults
-        else:
-            known = schema
+        known = model_defaults if prefix == "model." and key != "name" else schema
         if key not in known:
             raise UserError(f"{where}: unknown key '{dotted}'{closest(key, known)}")
         if isinstance(value, dict) and isinstance(known[key], dict):
@@ -163,8 +156,7 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
     path: configs.toml, or a list of it and the user's files (load_sections). model_defaults_for(name) returns the
     builder's keyword defaults for model `name`; they fill the [model] table so that --show prints every value the
     run uses. Every section of every file is checked, keys and types, so a typo anywhere is caught before a long run
-    starts. log(line) reports what a checkpoint carried.
-    """
+    starts. log(line) reports what a checkpoint carried."""
     sections, origins = load_sections(path)
     if BASE not in sections:
         raise UserError(f"{path}: needs a [{BASE}] section declaring every key")
@@ -187,8 +179,7 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
                         f"\"pointrend\"")
     defaults = {key: list(value) if isinstance(value, tuple) else value  # TOML-friendly
                 for key, value in model_defaults_for(config["model"]["name"]).items() if value is not None}
-    config["model"] = {"name": config["model"]["name"], **defaults,
-                       **{key: value for key, value in config["model"].items() if key != "name"}}
+    config["model"] = {"name": config["model"]["name"], **defaults, **config["model"]}  # name first
     return config
 
 
@@ -231,15 +222,10 @@ def describe_sections(path):
 
 def to_toml(config, prefix=""):
     """Render a resolved config back as TOML text (for --show and checkpoints)."""
-    lines, tables = [], []
+    lines = [f"{key} = {_literal(value)}" for key, value in config.items() if not isinstance(value, dict)]
     for key, value in config.items():
         if isinstance(value, dict):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {_literal(value)}")
-    for key, value in tables:
-        lines.append(f"\n[{prefix}{key}]")
-        lines.append(to_toml(value, prefix=f"{prefix}{key}."))
+            lines += [f"\n[{prefix}{key}]", to_toml(value, prefix=f"{prefix}{key}.")]
     return "\n".join(lines)
 
 

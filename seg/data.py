@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from seg import transforms
-from seg.files import IGNORE_INDEX, IMAGE_EXTENSIONS, UserError, check_same_size, read_image_bgr, read_label
+from seg.files import IGNORE_INDEX, IMAGE_EXTENSIONS, UserError, read_image_bgr, read_label
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -32,8 +32,8 @@ CITYSCAPES_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 1
                       (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
 # cityscapesScripts helpers/labels.py: the label ids of train ids 0..18 (the evaluated classes); all else is ignored
 CITYSCAPES_TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-CITYSCAPES_ID_TO_TRAINID = np.array([CITYSCAPES_TRAIN_LABEL_IDS.index(label_id) if label_id in CITYSCAPES_TRAIN_LABEL_IDS
-                                     else IGNORE_INDEX for label_id in range(256)], np.uint8)
+CITYSCAPES_ID_TO_TRAINID = np.array([CITYSCAPES_TRAIN_LABEL_IDS.index(label_id) if label_id in
+                                     CITYSCAPES_TRAIN_LABEL_IDS else IGNORE_INDEX for label_id in range(256)], np.uint8)
 CITYSCAPES_TRAINID_TO_ID = np.array(CITYSCAPES_TRAIN_LABEL_IDS, np.uint8)  # predictions for the test server
 LABEL_HINTS = {"voc": "; check the label folder (SegmentationClass / SegmentationClassAug)",
                "cityscapes": "; these look like labelIds: run `python run.py prepare_cityscapes`",
@@ -137,27 +137,27 @@ class EvalDataset(torch.utils.data.Dataset):
             image_path, label_path = self.items[index]
             image = read_image_bgr(image_path)
             label = read_label(label_path, self.num_classes + self.reduce_zero_label, self.hint)
-            check_same_size(image, label, image_path, label_path)
+            if image.shape[:2] != label.shape:
+                raise UserError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but {image_path} is "
+                                f"{image.shape[1]}x{image.shape[0]}")
         if self.reduce_zero_label:
             label = label - np.uint8(1)  # 0 wraps to 255
             label[label == 254] = IGNORE_INDEX  # a stored 255 stays ignored
         return image, label
 
 
-def check_item(item, num_classes, hint="", reduce_zero_label=False):
-    """(problem message or None, int64 (num_classes,) pixels per class) of one (image, label) pair, decoded."""
-    try:
-        _, label = EvalDataset([item], None, num_classes, hint, None, reduce_zero_label).load(0)
-    except UserError as error:
-        return str(error), np.zeros(num_classes, np.int64)
-    return None, np.bincount(label[label != IGNORE_INDEX], minlength=num_classes).astype(np.int64)
-
-
 def check_items(items, num_classes, hint="", reduce_zero_label=False, workers=1):
     """(problem messages, int64 (num_classes,) pixels per class) of decoding every (image, label), in threads."""
-    check = functools.partial(check_item, num_classes=num_classes, hint=hint, reduce_zero_label=reduce_zero_label)
+    dataset = EvalDataset(items, None, num_classes, hint, None, reduce_zero_label)
+
+    def check(index):
+        try:
+            _, label = dataset.load(index)
+        except UserError as error:
+            return str(error), 0
+        return None, np.bincount(label[label != IGNORE_INDEX], minlength=num_classes)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(check, items))
+        results = list(pool.map(check, range(len(items))))
     return [problem for problem, _ in results if problem], sum((pixels for _, pixels in results),
                                                                np.zeros(num_classes, np.int64))
 

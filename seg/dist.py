@@ -2,8 +2,7 @@
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them, srun's SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS
 (as torchvision's references/segmentation `utils.py`), else seg runs as rank 0 of 1. The backend follows the device:
-nccl (CUDA), hccl (Ascend), gloo (CPU).
-"""
+nccl (CUDA), hccl (Ascend), gloo (CPU)."""
 import inspect
 import os
 import re
@@ -126,8 +125,7 @@ def convert_sync_batchnorm(model, device_type, sync_bn):
     if not sync_bn or not is_distributed():
         return model  # one process: BN already sees the whole batch
     if device_type == "cpu":
-        warnings.warn("sync_bn = true but SyncBatchNorm cannot run on CPU (gloo); using per-process BN",
-                      stacklevel=2)
+        warnings.warn("sync_bn = true but SyncBatchNorm cannot run on CPU (gloo); using per-process BN", stacklevel=2)
         return model
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 

@@ -39,6 +39,11 @@ def optional_import(name, pip):
         raise UserError(f"this needs the optional package {name}: pip install {pip}") from None
 
 
+def name_list(names, limit=10):
+    """"a, b, c and 4 more": the first `limit` names of a message."""
+    return ", ".join(map(str, names[:limit])) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def write_atomic(path, write):
     """Call `write(binary_file)` on a temporary file beside `path`, then rename it: `path` is the old file or the
     complete new one, with open()'s mode. OS errors (a full disk, a read-only folder) become UserErrors naming it."""
@@ -136,12 +141,6 @@ def read_label(path, num_classes, hint=""):
         raise UserError(f"{path}: label value {int(label[bad][0])} is neither a class id (0..{num_classes - 1}) "
                         f"nor {IGNORE_INDEX}{hint}")
     return label
-
-
-def check_same_size(image, label, image_path, label_path):
-    if image.shape[:2] != label.shape:
-        raise UserError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but {image_path} is "
-                        f"{image.shape[1]}x{image.shape[0]}")
 
 
 def write_label_png(path, label, palette=None):

@@ -4,8 +4,7 @@ returns a dict of "loss*" terms whose sum is minimised.
 PSPNet: mmsegmentation 0.10 `mmseg/models/decode_heads/decode_head.py` (logits resized to the label, cross-entropy
 averaged over every pixel) plus 0.4 × the auxiliary FCN head's. PointRend: detectron2
 `projects/PointRend/point_rend/semantic_seg.py` (coarse loss over valid pixels, point loss over valid points).
-Options for imbalanced data, off by default: class weights and mmseg's OHEM pixel sampler.
-"""
+Options for imbalanced data, off by default: class weights and mmseg's OHEM pixel sampler."""
 import functools
 import math
 

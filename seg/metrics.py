@@ -2,8 +2,7 @@
 the training meter (losses, speed, data time), and the records of both in metrics.jsonl, eval.json and TensorBoard.
 
 Scores come from a dataset-level confusion matrix (rows truth, columns prediction) accumulated on the device without
-per-image host reads, then all-reduced; no prediction maps are kept (as torchvision's references/segmentation).
-"""
+per-image host reads, then all-reduced; no prediction maps are kept (as torchvision's references/segmentation)."""
 import contextlib
 import json
 import math
@@ -23,8 +22,7 @@ def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
     pred, label: integer tensors of the same shape, on the same device. Labels outside [0, num_classes) other
     than ignore_index are rejected by the data loader, not here (a check would read the labels back).
     No host synchronisation: ignored pixels are not removed (label[valid] would read the number of valid
-    pixels back to size its result) but routed to one extra bin, num_classes², that is dropped at the end.
-    """
+    pixels back to size its result) but routed to one extra bin, num_classes², that is dropped at the end."""
     extra = num_classes * num_classes
     index = torch.where(label != ignore_index, label.long() * num_classes + pred.long(), extra).reshape(-1)
     if index.device.type == "npu":
@@ -40,26 +38,20 @@ def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
 
 
 def metrics_from_confusion(matrix):
-    """aAcc, mIoU, mAcc and per-class IoU / Acc as fractions; a class absent from the truth has Acc NaN (and IoU NaN
-    if never predicted either); means skip NaN classes, as mmsegmentation's np.nanmean."""
+    """Scores as fractions: aAcc, mIoU, mAcc and per class IoU, Acc (NaN for a class absent from the truth; IoU NaN
+    only if never predicted either), Precision (NaN if never predicted), Recall (= Acc) and Dice (= F1 = 2PR / (P + R),
+    NaN if the class is in neither truth nor prediction), their means skipping NaN classes (as mmsegmentation's
+    np.nanmean), frequency-weighted IoU (Σ truth share × IoU over the classes in the truth, as FCN's paper defines it)
+    and the matrix itself as "confusion" (counts, rows truth)."""
     matrix = matrix.double().cpu()
-    intersection, label_area = matrix.diag(), matrix.sum(dim=1)
-    iou = intersection / (label_area + matrix.sum(dim=0) - intersection)  # 0/0 -> NaN, as in mmsegmentation
-    acc = intersection / label_area
-    scores = {"aAcc": (intersection.sum() / label_area.sum()).item(), "mIoU": torch.nanmean(iou).item(),
-              "mAcc": torch.nanmean(acc).item(), "IoU": iou.tolist(), "Acc": acc.tolist()}
-    return {**scores, **more_scores(matrix, iou)}
-
-
-def more_scores(matrix, iou):
-    """Per class Precision (NaN if never predicted), Recall (= Acc), Dice (= F1 = 2PR / (P + R), NaN if the class is
-    in neither truth nor prediction), their NaN-skipping means, frequency-weighted IoU (Σ truth share × IoU over the
-    classes in the truth, as FCN's paper defines it) and the matrix itself as "confusion" (counts, rows truth)."""
     intersection, label_area, predicted_area = matrix.diag(), matrix.sum(dim=1), matrix.sum(dim=0)
+    iou = intersection / (label_area + predicted_area - intersection)  # 0/0 -> NaN, as in mmsegmentation
     per_class = {"Precision": intersection / predicted_area, "Recall": intersection / label_area,
                  "Dice": 2 * intersection / (label_area + predicted_area)}
-    present = label_area > 0
-    return {**{f"m{key}": torch.nanmean(value).item() for key, value in per_class.items()},
+    present, acc = label_area > 0, per_class["Recall"]
+    return {"aAcc": (intersection.sum() / label_area.sum()).item(), "mIoU": torch.nanmean(iou).item(),
+            "mAcc": torch.nanmean(acc).item(), "IoU": iou.tolist(), "Acc": acc.tolist(),
+            **{f"m{key}": torch.nanmean(value).item() for key, value in per_class.items()},
             **{key: value.tolist() for key, value in per_class.items()},
             "fwIoU": ((label_area[present] * iou[present]).sum() / label_area.sum()).item(),
             "confusion": matrix.long().tolist()}
@@ -155,10 +147,6 @@ class Meter:
                 f"iterations, {world_size} process(es), batch {self.images_per_step})")
 
 
-def finite(record):
-    return all(math.isfinite(value) for key, value in record.items() if key.startswith("loss"))
-
-
 def tensorboard(output_dir, log):
     """A SummaryWriter on <output_dir>/tb, or None with one line saying why (no tensorboard package, no writable tb)."""
     try:
@@ -177,15 +165,17 @@ def tensorboard(output_dir, log):
         return None
 
 
-def append_record(record, output_dir):
-    """One JSON line in <output_dir>/metrics.jsonl."""
+def append_record(record, output_dir, board=None, scalars=None, tag=""):
+    """One JSON line in <output_dir>/metrics.jsonl; `scalars` {name: value} also to TensorBoard `board` as tag/name."""
     with open(os.path.join(output_dir, "metrics.jsonl"), "a") as handle:
         handle.write(json.dumps(record) + "\n")
+    for key, value in (scalars or {}).items() if board is not None else ():
+        board.add_scalar(f"{tag}/{key}", value, record["iteration"])
 
 
 def log_record(record, output_dir, rank, board=None):
     """Rank 0 prints the record and appends it to metrics.jsonl (and to TensorBoard); non-finite losses stop the run."""
-    if not finite(record):
+    if not all(math.isfinite(value) for key, value in record.items() if key.startswith("loss")):
         last = checkpoint.latest_checkpoint(output_dir)
         where = f"resume from {last} (resume=true) " if last else "restart "
         raise UserError(f"the loss is not finite (NaN or inf) by iteration {record['iteration']} ({record}); {where}"
@@ -196,10 +186,8 @@ def log_record(record, output_dir, rank, board=None):
     print(f"iter {record['iteration']}/{record['total']}  {losses}  lr {record['lr']:.3e}  "
           f"{record['images_per_s']:.1f} img/s  data {record['data_time_s']:.3f}s  "
           f"eta {record['eta_min']:.1f} min  mem {record['peak_mem_mib']:.0f} MiB", flush=True)
-    append_record(record, output_dir)
-    for key, value in record.items() if board is not None else ():
-        if key not in ("iteration", "total", "eta_min"):
-            board.add_scalar(f"train/{key}", value, record["iteration"])
+    append_record(record, output_dir, board, {key: value for key, value in record.items()
+                                              if key not in ("iteration", "total", "eta_min")}, "train")
 
 
 def report_evaluation(result, classes, images, record, output_dir, board=None):
@@ -210,12 +198,9 @@ def report_evaluation(result, classes, images, record, output_dir, board=None):
     record = {**record, "classes": classes, **result}
     files.write_text_atomic(json.dumps(record, indent=1), os.path.join(output_dir, "eval.json"))
     summary = [key for key in ("aAcc", "mIoU", "mAcc", "mDice", "val_loss") if result.get(key) is not None]
-    append_record({"iteration": record["iteration"], **{key: record[key] for key in summary}}, output_dir)
-    if board is not None:
-        scalars = {**{key: result[key] for key in summary},
-                   **{f"IoU/{name}": iou for name, iou in zip(classes, result["IoU"])}}
-        for key, value in scalars.items():
-            board.add_scalar(f"val/{key}", value, record["iteration"])
+    scores = {key: result[key] for key in summary}
+    append_record({"iteration": record["iteration"], **scores}, output_dir, board,
+                  {**scores, **{f"IoU/{name}": iou for name, iou in zip(classes, result["IoU"])}}, "val")
 
 
 def drop_records_after(path, iteration):

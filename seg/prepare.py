@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from seg.data import CITYSCAPES_ID_TO_TRAINID, VOC_PALETTE, read_split
-from seg.files import UserError, save_image, write_label_png, write_text_atomic
+from seg.files import UserError, name_list, save_image, write_label_png, write_text_atomic
 
 _VOC_HINT = ("Download VOCtrainval_11-May-2012.tar (PASCAL VOC 2012) and extract it so that its VOC2012 folder "
              "(with JPEGImages, SegmentationClass, ImageSets) is data/VOCdevkit/VOC2012.")
@@ -36,10 +36,6 @@ def _run_parallel(function, jobs, workers):
     else:
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
             list(pool.map(function, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
-
-
-def _name_list(names, limit=10):
-    return ", ".join(map(str, names[:limit])) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _loadmat():
@@ -80,7 +76,7 @@ def prepare_voc_aug(voc_root, sbd_root, log=print, workers=4):
     unlabelled = sorted(set(aug) - {mat.stem for mat in mats})
     if unlabelled:
         raise UserError(f"{len(unlabelled)} images of SBD's train.txt/val.txt have no cls/<name>.mat: "
-                        f"{_name_list(unlabelled)}. Is the SBD download complete? {_SBD_HINT}")
+                        f"{name_list(unlabelled)}. Is the SBD download complete? {_SBD_HINT}")
     if (len(voc_train), len(voc_val)) != (1464, 1449):
         log("note: not the full VOC 2012 splits (1464 train / 1449 val), so the 9118 aug / 10582 trainaug check "
             "is skipped")
@@ -126,7 +122,7 @@ def prepare_cityscapes(root, workers=4, log=print):
         missing = [label for label in labels if not label.exists()]
         if missing:
             raise UserError(f"{len(missing)} of {len(images)} {split} images have no labelIds file: "
-                            f"{_name_list(missing)}. {_CITYSCAPES_HINT}")
+                            f"{name_list(missing)}. {_CITYSCAPES_HINT}")
         counts[split] = len(images)
     if counts["train"] + counts["val"] == 0:
         raise UserError(f"no images under {root / 'leftImg8bit'}/{{train,val}}/<city>/. {_CITYSCAPES_HINT}")

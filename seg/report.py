@@ -4,8 +4,7 @@ images/s, data time; mIoU, aAcc and val_loss per evaluation), eval.json's per-cl
 matrix as a row-normalised heat map, the panels of its worst images, and the run's config.
 
 A run in progress works (a line of metrics.jsonl being written is skipped), and so does a resumed one (metrics.jsonl
-keeps one record per iteration; should one repeat, the last is kept). matplotlib is imported only here.
-"""
+keeps one record per iteration; should one repeat, the last is kept). matplotlib is imported only here."""
 import contextlib
 import html
 import io
@@ -41,8 +40,7 @@ def run_config(run, evaluation):
     if os.path.isfile(path):
         return Path(path).read_text(), path
     for path in checkpoint.checkpoints_newest_first(run):
-        stored = checkpoint.stored_config(path)
-        if stored:
+        if stored := checkpoint.stored_config(path):
             return config.to_toml(stored), str(path)
     return config.to_toml({"test": (evaluation or {}).get("test", {})}), "eval.json"
 

@@ -1,8 +1,7 @@
 """The task layer, the only code that reads a resolved config: each task turns it into objects (device, model with
 its weights, datasets, loaders, optimizer, scaler, autocast, callbacks) and hands them to the module that does the
 work: seg/train.py trains, seg/evaluate.py evaluates, seg/predict.py predicts and exports.
-run.py calls TASKS[config["task"]](config, load_section).
-"""
+seg/cli.py calls TASKS[config["task"]](config, load_section)."""
 import contextlib
 import functools
 import inspect
@@ -11,8 +10,8 @@ import os
 
 import torch
 
-from seg import (amp, bench, checkpoint, data, dist, evaluate, files, losses, metrics, pointrend, predict, prepare, pspnet,
-                 report, resnet, train, transforms)
+from seg import (amp, bench, checkpoint, data, dist, evaluate, files, losses, metrics, pointrend, predict, prepare,
+                 pspnet, report, resnet, train, transforms)
 from seg.config import section_toml
 from seg.files import UserError
 
@@ -91,9 +90,8 @@ def dataset_info(config):
     cfg, info = config["data"], data.dataset_info(config["data"]["dataset"])
     if cfg["dataset"] == "folder":
         info["list"] = functools.partial(data.folder_items, label_suffix=cfg["label_suffix"])
-    info["palette"], info["classes"] = predict.palette_and_names(cfg["palette"] or info["palette"],
-                                                                  cfg["classes"] or info["classes"],
-                                                                  config["model"]["num_classes"])
+    info["palette"], info["classes"] = predict.palette_and_names(
+        cfg["palette"] or info["palette"], cfg["classes"] or info["classes"], config["model"]["num_classes"])
     return info
 
 
@@ -157,12 +155,6 @@ def eval_dataset(config):
                             config["data"]["reduce_zero_label"]), info
 
 
-def training_pad_hw(config):
-    """mmseg pads every VOC training sample to the crop size (Pad(size=(512, 512))): padded pixels count in
-    its loss denominator and reach the BN statistics. detectron2 pads the batch only to a multiple of 32."""
-    return tuple(config["data"]["crop_hw"]) if augmentation(config) == "voc" else (0, 0)
-
-
 def train_task(config, load_section=None):
     """Train `iterations` steps (resume: from this output_dir's newest checkpoint); returns the trained model. Rank 0
     also appends whatever it prints to <output_dir>/log.txt, after the resolved config and the environment."""
@@ -184,17 +176,16 @@ def train_task(config, load_section=None):
                 files.write_text_atomic(section_toml(config), os.path.join(config["output_dir"], "config.toml"))
                 log_file.write(f"\n{section_toml(config)}\n")
                 say(f"environment: {json.dumps(bench.run_environment(torch_device, world_size))}")
-            model = train_model(config, torch_device, rank, world_size, say)
+            model = train_model(config, torch_device, rank, world_size, say, resuming)
     finally:
         release()
     dist.cleanup()
     return model
 
 
-def train_model(config, torch_device, rank, world_size, say):
-    """train_task's run on a started process: build, resume, train, summarise."""
+def train_model(config, torch_device, rank, world_size, say, resuming):
+    """train_task's run on a started process: build, resume (`resuming`), train, summarise."""
     batch_size, accumulate = config["data"]["batch_size"], config["accumulate"]
-    resuming = config["resume"] or bool(config["resume_from"])
     model = dist.convert_sync_batchnorm(model_with_weights(config, torch_device, say), torch_device.type,
                                         config["sync_bn"])
     optimizer = train.build_optimizer(model, **config["optimizer"])
@@ -205,9 +196,11 @@ def train_model(config, torch_device, rank, world_size, say):
                          reseed_with=(config["seed"], rank), identity=checkpoint.run_identity(config),
                          resume_from=config["resume_from"], progress=progress) if resuming else 0
     dataset, per_device = train_dataset(config, jitter_in_loader(config, torch_device.type)), batch_size // world_size
+    # mmseg pads every VOC training sample to the crop size (Pad(size=(512, 512))): padded pixels count in its loss
+    # denominator and reach the BN statistics. detectron2 pads the batch only to a multiple of 32.
     loader = data.train_loader(dataset, per_device, rank, world_size, config["seed"], config["data"]["workers"],
                                torch_device.type != "cpu", start=first * per_device, divisor=model.size_divisibility,
-                               min_hw=training_pad_hw(config))
+                               min_hw=tuple(config["data"]["crop_hw"]) if augmentation(config) == "voc" else (0, 0))
     if accumulate > 1:
         say(f"accumulate = {accumulate}: micro-batches of {per_device // accumulate} images on each of {world_size} "
             f"process(es), {batch_size} images per step")
@@ -215,9 +208,8 @@ def train_model(config, torch_device, rank, world_size, say):
     board = metrics.tensorboard(config["output_dir"], say) if rank == 0 else None
     step = {"loss_fn": loss_function(config, say), "optimizer": optimizer, "scaler": scaler, "seed": config["seed"],
             "autocast": autocast_of(config, torch_device), "norm_eval": config["norm_eval"], "rank": rank,
-            "accumulate": accumulate,
             "lr_at": functools.partial(train.lr_at, base_lr=config["optimizer"]["lr"], schedule=config["schedule"],
-                                       total=config["iterations"])}
+                                       total=config["iterations"]), "accumulate": accumulate}
     intervals = {"log": config["log_interval"], "checkpoint": config["checkpoint_interval"],
                  "eval": config["eval_interval"], "final_eval": config["final_eval"]}
     evaluate = evaluation(config, model, torch_device, board) if config["eval_interval"] or config["final_eval"] \
@@ -231,8 +223,7 @@ def train_model(config, torch_device, rank, world_size, say):
                 intervals, hooks, meter)
     if board is not None:
         board.close()
-    summary = meter.summary(world_size)
-    if summary:
+    if summary := meter.summary(world_size):
         say(summary, flush=True)
     if config["measure_pipeline"] and rank == 0:
         print(bench.pipeline_report(dataset, model.size_divisibility, config["data"]["workers"]))
@@ -345,8 +336,7 @@ def save_predictions(config, model, torch_device):
 
 def predict_jobs(config):
     """[(input path, output stem)] of every input image; UserError when an output would replace an input."""
-    paths = data.list_images(config["input"])
-    return data.prediction_jobs(paths, config["output"])
+    return data.prediction_jobs(data.list_images(config["input"]), config["output"])
 
 
 def predict_task(config, load_section=None):
@@ -403,8 +393,8 @@ def data_bench_task(config, load_section):
     recipes = [{"section": recipe["section"], "dataset": recipe["data"]["dataset"],
                 "crop_hw": recipe["data"]["crop_hw"], "num_classes": recipe["model"]["num_classes"],
                 "params": sampler_params(recipe["data"], augmentation(recipe))} for recipe in recipes]
-    torch_device = torch.device(dist.resolve_device_type(config["device"]))
-    return bench.data_bench(recipes, config["bench"], torch_device, config["output_dir"])
+    return bench.data_bench(recipes, config["bench"], torch.device(dist.resolve_device_type(config["device"])),
+                            config["output_dir"])
 
 
 def check_data_task(config, load_section=None):

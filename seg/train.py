@@ -1,12 +1,7 @@
 """The training loop shared by PSPNet and PointRend, and its pieces: optimizer, learning rate, norm_eval, speed-ups,
-one step, reseeding, resume.
-
-    train(runner, batches, step, iterations, intervals, hooks, meter)
-
-reads top to bottom: set the lr, wait for a batch, step, and on their intervals log, checkpoint and evaluate.
-It takes objects and callables (the loss function, autocast and scaler in `step`, a checkpoint writer and an
-evaluation in `hooks`); seg/tasks.py builds them from the config.
-"""
+one step, reseeding, resume, the output folder's ownership and what a checkpoint holds. `train` reads top to bottom:
+set the lr, wait for a batch, step, and on their intervals log, checkpoint and evaluate; it takes objects and
+callables (the loss, autocast and scaler in `step`, checkpoint and evaluation `hooks`) built by seg/tasks.py."""
 import contextlib
 import hashlib
 import json
@@ -123,8 +118,7 @@ def train(runner, batches, step, iterations, intervals, hooks, meter):
     iteration -> None, "evaluate": iteration -> None or why to stop early, "say": print on rank 0}; meter:
     metrics.Meter. Checkpoints and evaluations are not training time (meter.paused); an evaluation comes before
     the checkpoint of its iteration (which then holds its result), and after each checkpoint every rank reseeds.
-    An early stop ends like the last iteration: with a checkpoint; returns its reason, or None.
-    """
+    An early stop ends like the last iteration: with a checkpoint; returns its reason, or None."""
     optimizer, scaler, total = step["optimizer"], step["scaler"], iterations.stop - 1
     runner.train()
     set_norm_eval(runner, step["norm_eval"])
@@ -161,10 +155,8 @@ def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0
     returns its iteration, or 0 when there is none. Records past it leave metrics.jsonl (rank 0): the resumed run
     logs them anew. `progress` (checkpoint.record_evaluation's) takes the stored one of its metric."""
     seed, rank = reseed_with
-    if resume_from:
-        path, state = resume_from, checkpoint.load_training_state(resume_from)
-    else:
-        path, state = checkpoint.latest_loadable_checkpoint(output_dir, log=log, identity=identity)
+    path, state = ((resume_from, checkpoint.load_training_state(resume_from)) if resume_from else
+                   checkpoint.latest_loadable_checkpoint(output_dir, log=log, identity=identity))
     if path is None:
         log(f"resume = true but {output_dir} holds no loadable checkpoint; starting from scratch")
         state = {"iteration": 0}
@@ -183,26 +175,27 @@ def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0
             progress.update(state["best"])
         reseed(seed, rank, state["iteration"])
         log(f"resumed from {path} at iteration {state['iteration']}")
-    if rank == 0:  # also without a checkpoint: the records of a run killed before its first one
-        dropped = drop_records_after(os.path.join(output_dir, "metrics.jsonl"), state["iteration"])
-        if dropped:
-            log(f"warning: dropped {dropped} unreadable lines of {os.path.join(output_dir, 'metrics.jsonl')}")
+    records = os.path.join(output_dir, "metrics.jsonl")
+    # also without a checkpoint: the records of a run killed before its first one
+    if rank == 0 and (dropped := drop_records_after(records, state["iteration"])):
+        log(f"warning: dropped {dropped} unreadable lines of {records}")
     return state["iteration"]
 
 
-SEG_OUTPUTS = re.compile(r"iter_\d+\.pth|best\.pth|metrics\.jsonl|eval\.json|log\.txt|config\.toml|tb|predictions|report")
+SEG_OUTPUTS = re.compile(r"iter_\d+\.pth|best\.pth|metrics\.jsonl|eval\.json|log\.txt|config\.toml|tb|predictions|"
+                         r"report")
 
 
 def own_output_dir(output_dir, section, identity, resuming):
     """Lock `output_dir` (files.take_lock) and make it this run's: <output_dir>/run.json records the section, a
     fingerprint of `identity` (checkpoint.run_identity) and the time. A folder holding anything is trained into only
     when `resuming` the run its run.json records (or, without one, when it holds a checkpoint of this run and only
-    seg's outputs: checkpoints copied by hand); else UserError naming the folder and what is in it. Returns release()."""
+    seg's outputs: checkpoints copied by hand); else UserError naming the folder and its files. Returns release()."""
     os.makedirs(output_dir, exist_ok=True)
     release, marker = files.take_lock(os.path.join(output_dir, ".lock")), os.path.join(output_dir, "run.json")
     fingerprint = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     names = sorted(name for name in os.listdir(output_dir) if not name.startswith(".lock"))
-    shown, problem = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), None
+    shown, problem = files.name_list(names, 5), None
     try:
         try:
             with open(marker, "rb") as handle:
@@ -212,7 +205,7 @@ def own_output_dir(output_dir, section, identity, resuming):
         if run is not None and run.get("fingerprint") != fingerprint:
             problem = f"holds a run of [{run.get('section')}] with another model or data ({shown});"
         elif run is None and names and not (resuming and all(map(SEG_OUTPUTS.fullmatch, names)) and
-                                            checkpoint.latest_loadable_checkpoint(output_dir, lambda line: None, identity)[0]):
+                checkpoint.latest_loadable_checkpoint(output_dir, lambda line: None, identity)[0]):
             problem = f"holds files no seg run of this model and data made ({shown});"
         elif names not in ([], ["run.json"]) and not resuming:
             problem = f"holds this run's files ({shown}): resume=true continues it; to start over, delete them, or"

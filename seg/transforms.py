@@ -222,7 +222,6 @@ TRAIN_SAMPLERS = {"voc": voc_train_sample, "cityscapes": cityscapes_train_sample
 
 # ------------------------------------------------------------------------------------ colour jitter
 
-
 def planar_view(planes):
     """3×H×W planes -> H×W×3 view (no copy; torch.from_numpy(view).permute(2, 0, 1) is contiguous)."""
     return np.moveaxis(planes, 0, -1)
