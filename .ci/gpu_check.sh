@@ -301,8 +301,8 @@ import glob, os, sys
 import numpy as np
 from PIL import Image
 import seg
-checkpoint, predicted, fp32, photos = sys.argv[1:5]
-predictor = seg.load(checkpoint, device="cuda")
+checkpoint, predicted, fp32, photos, device = sys.argv[1:6]
+predictor = seg.load(checkpoint, device=device)
 print("api config amp:", predictor.config["amp"], "channels_last:", predictor.config["channels_last"])
 same = agree = total = 0
 for png in sorted(glob.glob(os.path.join(predicted, "*.png"))):
@@ -392,7 +392,7 @@ if [[ -n $CKPT ]]; then
     stage smoke_predict_fp32 30 "${RUN[@]}" pspnet_predict weights="$CKPT" device=$DEV amp=off \
         output="$W/runs/predict_fp32" "input=$W/data/demo/VOCdevkit/VOC2012/JPEGImages/2007_00000[1-4].jpg"
     stage smoke_api 40 $PY -c "$API_PY" "$CKPT" "$W/runs/predict" "$W/runs/predict_fp32" \
-        "$W/data/demo/VOCdevkit/VOC2012/JPEGImages"
+        "$W/data/demo/VOCdevkit/VOC2012/JPEGImages" $DEV
 else
     record smoke_export_onnx skipped 0 "no demo checkpoint"
     record smoke_predict skipped 0 "no demo checkpoint"
