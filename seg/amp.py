@@ -1,10 +1,11 @@
 """Mixed precision, decided here only: which autocast context a forward pass runs in, whether a loss scaler exists,
 its state in checkpoints, the overflow skip, and whether the device runs the precision at all.
 
-amp = "off" | "fp16" | "bf16", and for evaluation and prediction "auto" (inference_precision). fp16 needs loss_scale = "dynamic" (2**16, halved on overflow, doubled after 2000
-clean steps) or a number (static, like the Ascend scripts' 128 and 512); bf16 needs none. A step whose gradients
-overflow is skipped, never applied. The scaler is torch's GradScaler, enabled for fp16 only, so one code path
-serves every precision (elsewhere its calls pass through).
+amp = "off" | "fp16" | "bf16", and "auto" for evaluation and prediction (inference_precision). fp16 needs
+loss_scale = "dynamic" (2**16, halved on overflow, doubled after 2000 clean steps) or a number (static, like the
+Ascend scripts' 128 and 512); bf16 needs none. A step whose gradients overflow is skipped, never applied. The scaler
+is torch's GradScaler, enabled for fp16 only, so one code path serves every precision (elsewhere its calls pass
+through).
 """
 import contextlib
 import functools

@@ -106,6 +106,8 @@ def workload(build_model, make_optimizer, loss_fn, options, torch_device, seed, 
              amp_mode="off", channels_last=False, use_compile=False):
     """(model, train_step, infer) for one combination: a fresh model, its optimizer and synthetic batches."""
     torch.manual_seed(seed)
+    if use_compile:  # a fresh compile: batch sizes an earlier combination saw would make this one's shapes dynamic
+        torch.compiler.reset()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model().to(torch_device, memory_format=memory_format)
     runner = torch.compile(model) if use_compile else model

@@ -209,3 +209,26 @@ def test_bf16_channels_last_training_on_cpu_resumes_exactly(cityscapes_root, tmp
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     moved = [k for k in whole if whole[k].is_floating_point() and not torch.equal(whole[k], state["model"][k])]
     assert len(moved) > len(whole) // 2  # training did move the weights
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+
+def test_every_compiled_bench_combination_compiles_afresh(monkeypatch, tmp_path):
+    """A second compiled combination must not inherit the batch sizes the first one saw (Dynamo would make them
+    dynamic, and PointRend's torch.rand(..., generator=None) then fails to trace). Dynamo's eager backend: the
+    tracing is what fails, and it takes seconds, not Inductor's minutes."""
+    from seg import bench, losses, train
+    from seg.pointrend import build_pointrend
+
+    compile_model = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_model(model, backend="eager"))
+    options = {"warmup": 0, "steps": 1, "batch_size": 2, "crop_hw": [32, 64], "eval_hw": [32, 64], "amp": ["off"],
+               "channels_last": [False, True], "compile": [True], "peak_tflops": 0.0}
+    small = dict(fpn_channels=16, head_channels=8, head_groups=4, point_fc=16, stem_channels=8, base_channels=4,
+                 blocks=(1, 1, 1, 1), train_num_points=50, subdivision_num_points=300)
+    result = bench.model_bench(lambda: build_pointrend(**small),
+                               lambda model: train.build_optimizer(model, 0.01, 0.9, 1e-4, 0.0),
+                               losses.pointrend_losses, options, torch.device("cpu"), str(tmp_path), "pointrend_bench",
+                               num_classes=19, log=lambda *a: None)
+    assert [(row["channels_last"], row["status"], row["note"][:60]) for row in result["rows"]] == [
+        (False, "ok", ""), (True, "ok", "")]
