@@ -127,6 +127,8 @@ def workload(model_parts, options, torch_device, seed, loss_scale, num_classes, 
     and synthetic batches; model_parts = (build_model, make_optimizer, loss_fn) as model_bench takes them."""
     (build_model, make_optimizer, loss_fn), (amp_mode, channels_last, use_compile) = model_parts, combination
     torch.manual_seed(seed)
+    if use_compile:  # a fresh compile: batch sizes an earlier combination saw would make this one's shapes dynamic
+        torch.compiler.reset()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model().to(torch_device, memory_format=memory_format)
     runner = torch.compile(model) if use_compile else model

@@ -57,9 +57,18 @@ def collate_views(samples):
 
 # ------------------------------------------------------------------------------------------- inference
 
+def channels_last(model):
+    """Whether the model's convolutions hold their weights in channels_last (NHWC) memory format (1×1 weights are
+    both; a k×k one tells)."""
+    return any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters())
+
+
 def whole_logits(model, image):
     """float N×C×H×W logits for a batch of uint8 N×3×H×W images that are entirely valid (no padding)."""
     count, _, height, width = image.shape
+    if channels_last(model):  # the input in the convolutions' memory format, as they hold their weights
+        image = image.contiguous(memory_format=torch.channels_last)
     # sizes made on the device by fill kernels: torch.tensor(..., device=) would copy from pageable memory (a sync)
     hw = torch.full((count, 2), height, dtype=torch.int64, device=image.device)
     hw[:, 1] = width

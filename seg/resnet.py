@@ -26,6 +26,8 @@ def normalize_and_pad(image, hw, mean, std, rgb, divisor):
     rows = torch.arange(height, device=x.device).view(1, height, 1) < hw[:, 0].view(-1, 1, 1)
     cols = torch.arange(width, device=x.device).view(1, 1, width) < hw[:, 1].view(-1, 1, 1)
     x = x.masked_fill(~(rows & cols).unsqueeze(1), 0.0)
+    if image.is_contiguous(memory_format=torch.channels_last):  # masked_fill returns NCHW; keep the caller's NHWC
+        x = x.contiguous(memory_format=torch.channels_last)
     pad_h, pad_w = -height % divisor, -width % divisor
     return F.pad(x, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else x
 

@@ -76,6 +76,18 @@ def autocast_of(config, torch_device):
     return amp.autocast_for(torch_device.type, config["amp"])
 
 
+def inference_precision(config, model, torch_device, say):
+    """config with the `amp` and `channels_last` evaluation and prediction run in ("auto" chosen by
+    amp.inference_precision, said in one line); the model made channels_last when that says so (not on NPU)."""
+    precision, channels_last = amp.inference_precision(torch_device.type, config["amp"], config["channels_last"])
+    if config["amp"] == "auto":
+        say(f'amp = "auto" on this {torch_device.type}: {"fp32" if precision == "off" else precision}'
+            f'{" + channels_last" if channels_last else ""}; amp=off gives exact fp32')
+    if channels_last and torch_device.type != "npu":  # torch_npu supports only contiguous tensors
+        model.to(memory_format=torch.channels_last)
+    return {**config, "amp": precision, "channels_last": channels_last}
+
+
 def inference_options(config, torch_device):
     """What predicting one photo takes: the [test] table, data.test_scale, the autocast context and the table from
     class to the label ids written (label_ids = "cityscapes") or None."""
@@ -308,6 +320,7 @@ def evaluate_task(config, load_section=None):
     torch_device, rank, world_size, say = start(config)
     os.makedirs(config["output_dir"], exist_ok=True)
     model = model_with_weights(config, torch_device, say)
+    config = inference_precision(config, model, torch_device, say)
     result = evaluation(config, model, torch_device)()
     dist.print_on_rank0(f"wrote {os.path.join(config['output_dir'], 'eval.json')}")
     if rank == 0 and config["save_predictions"] > 0:
@@ -344,6 +357,7 @@ def predict_task(config, load_section=None):
     jobs = predict_jobs(config)
     torch_device, rank, world_size, say = start(config)
     model = model_with_weights(config, torch_device, say).eval()
+    config = inference_precision(config, model, torch_device, say)
     info = dataset_info(config)
     inference = {**inference_options(config, torch_device), "save_probabilities": config["save_probabilities"]}
     written = predict.predict_files(model, jobs[rank::world_size], config["output"], inference,

@@ -48,9 +48,11 @@ def photo(height, width, seed):
 
 
 def predict_config(weights, input_path, output, *extra):
+    """amp=off: these tests compare with fp32 calls, and "auto" picks bf16 on a CPU with bf16 units
+    (tests/test_cpu_speed.py tests "auto")."""
     return config.load_config(CONFIGS, "pspnet_predict", [
         f"weights={weights}", f"input={input_path}", f"output={output}", "device=cpu", "data.test_scale=[96,36]",
-        *TINY_OVERRIDES, *extra], tasks.builder_defaults)
+        "amp=off", *TINY_OVERRIDES, *extra], tasks.builder_defaults)
 
 
 # ------------------------------------------------------------------------------------------- inputs
