@@ -293,8 +293,8 @@ def validate(config, world_size=1):
     for key in POSITIVE_LISTS:
         value = lookup(config, key)
         check(key, value and all(isinstance(v, (int, float)) and v > 0 for v in value), "a list of positive numbers")
-    check("amp", config["amp"] != "auto" or config["task"] in ("predict", "evaluate"), '"off", "fp16" or "bf16" '
-          '("auto" picks an inference precision, for predict and evaluate sections only)')
+    check("amp", config["amp"] != "auto" or config["task"] in ("predict", "evaluate", "load"), '"off", "fp16" or '
+          '"bf16" ("auto" picks an inference precision, for predict and evaluate sections and seg.load only)')
     check("bench.amp", set(config["bench"]["amp"]) <= {"off", "fp16", "bf16"}, 'a list of "off", "fp16", "bf16"')
     check("loss_scale", config["loss_scale"] == "dynamic" or config["loss_scale"] > 0, '"dynamic" or a number > 0')
     check("data.ratio_range", len(data["ratio_range"]) == 2 and data["ratio_range"][0] <= data["ratio_range"][1],

@@ -162,6 +162,7 @@ def test_evaluate_with_auto_scores_the_bf16_channels_last_model(monkeypatch, wei
         f"weights={weights}", f"data_root={voc_root}", "data.root=voc", f"output_dir={tmp_path}", "device=cpu",
         "data.workers=0", "data.test_scale=[96,36]", "amp=auto", *TINY_OVERRIDES], tasks.builder_defaults)
     result = tasks.evaluate_task(cfg)
+    result.pop("val_loss")  # the loss beside the scores (tests/test_report.py checks it)
     model = loaded_model(weights).to(memory_format=CL)  # the same evaluation called directly
     dataset, _ = tasks.eval_dataset(cfg)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=evaluate.collate_views)

@@ -78,7 +78,7 @@ def test_probabilities_are_the_softmax_of_the_models_logits(trained):
     """At the test scale the photo keeps its size: the probabilities are softmax(logits), with flip the mean of the
     softmax of the photo's and the mirrored photo's mirrored-back logits (mmseg aug_test), at the photo's size."""
     weights, photos = trained
-    predictor = seg.load(weights, device="cpu")
+    predictor = seg.load(weights, device="cpu", overrides=["amp=off"])  # exact fp32, as the logits below
     image = torch.from_numpy(np.asarray(Image.open(photos[5]).convert("RGB"))[:, :, ::-1].copy()).permute(2, 0, 1)[None]
     with torch.no_grad():
         logits = evaluate.whole_logits(predictor.model, image)
