@@ -69,19 +69,22 @@ def run_identity(config):
         "dataset", "root", "train_splits", "classes", "reduce_zero_label", "label_suffix")}}
 
 
-def is_own_checkpoint(path, identity):
-    """Whether `path` loads as a seg training checkpoint whose stored config has the run `identity`."""
-    stored = stored_config(path)
-    try:
-        return stored is not None and run_identity(stored) == identity
-    except (KeyError, TypeError):  # an older seg's config that lacks a key: not provably this run's
-        return False
+def why_not_this_run(path, stored, identity):
+    """Why checkpoint `path`, whose stored config is `stored` (None: not a seg training checkpoint), is not of the run
+    `identity`: the first identity key whose value differs (an older seg's config may lack some); None if it is."""
+    for table, key in ((table, key) for table in identity for key in identity[table]):
+        if (theirs := ((stored or {}).get(table) or {}).get(key, "not recorded")) != identity[table][key]:
+            return (f"{path} is not a checkpoint of this run: its {table}.{key} is {theirs!r}, this run's "
+                    f"{identity[table][key]!r}. Resume takes only this run's checkpoints: move the file away or use "
+                    f"another output_dir (resume_from=PATH takes a file whatever run wrote it)")
+    return None
 
 
 def keep_newest(output_dir, config, keep_last, log=print):
-    """Delete all but the newest `keep_last` (>= 1) iter_*.pth of this run (`is_own_checkpoint`): files seg did not
+    """Delete all but the newest `keep_last` (>= 1) iter_*.pth of this run (`why_not_this_run`): files seg did not
     write, other runs' and torn ones stay, and the newest loadable one of this run is always kept."""
-    own = [path for path in checkpoints_newest_first(output_dir) if is_own_checkpoint(path, run_identity(config))]
+    own = [path for path in checkpoints_newest_first(output_dir)
+           if not why_not_this_run(path, stored_config(path), run_identity(config))]
     for path in own[keep_last:]:
         path.unlink()
         log(f"removed {path} (checkpoint.keep_last = {keep_last})")
@@ -117,20 +120,11 @@ def latest_loadable_checkpoint(output_dir, log=print, identity=None):
         except UserError as error:  # names the file and the reason
             log(f"warning: skipping {path.name}, it does not load: {error}")
             continue
-        return path, (load_training_state(path, state) if identity is None else same_run(path, state, identity))
+        state = load_training_state(path, state)
+        if identity is not None and (reason := why_not_this_run(path, state.get("config"), identity)):
+            raise UserError(reason)
+        return path, state
     return None, None
-
-
-def same_run(path, state, identity):
-    """`state` (of `path`) when its stored config has this run's `identity`; else UserError naming the first key
-    that differs (an older seg's config may lack some)."""
-    stored = load_training_state(path, state).get("config") or {}
-    for table, key in ((table, key) for table in identity for key in identity[table]):
-        if (theirs := (stored.get(table) or {}).get(key, "not recorded")) != identity[table][key]:
-            raise UserError(f"{path} is not a checkpoint of this run: its {table}.{key} is {theirs!r}, this run's "
-                            f"{identity[table][key]!r}. Resume takes only this run's checkpoints: move the file away "
-                            f"or use another output_dir (resume_from=PATH takes a file whatever run wrote it)")
-    return state
 
 
 def torch_load(path):
