@@ -50,8 +50,7 @@ def loss_function(config, log=print):
 def start(config):
     """(torch.device, rank, world size, print on rank 0) after setting up the process group and seed."""
     torch_device, rank, world_size = dist.setup(config["device"])
-    message = amp.unsupported(torch_device.type, config["amp"])
-    if message:
+    if message := amp.unsupported(torch_device.type, config["amp"]):
         raise UserError(f"amp = \"{config['amp']}\": {message}")
     torch.manual_seed(config["seed"] + rank)
     return torch_device, rank, world_size, print if rank == 0 else (lambda *args, **kwargs: None)
@@ -112,8 +111,7 @@ def split_items(config, splits_key, cache=True, complete=True):
     file must exist (a cheap check at start, so a missing val image is not found after training)."""
     cfg, info = config["data"], dataset_info(config)
     items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg[splits_key])
-    missing = [path for item in items for path in item if complete and not os.path.isfile(path)]
-    if missing:
+    if missing := [path for item in items for path in item if complete and not os.path.isfile(path)]:
         raise UserError(f"{missing[0]}: not found, one of {len(missing)} missing files of data.{splits_key} (e.g. "
                         f"{', '.join(missing[1:4]) or 'no other'}); check data_root, data.root and the split lists")
     if not cfg["cache"] or not cache:
@@ -172,11 +170,7 @@ def train_task(config, load_section=None):
     also appends whatever it prints to <output_dir>/log.txt, after the resolved config and the environment."""
     for key in ("train_splits", "val_splits")[: 1 + bool(config["eval_interval"] or config["final_eval"])]:
         split_items(config, key, cache=False)
-    torch_device, rank, world_size, say = start(config)
-    batch_size, accumulate = config["data"]["batch_size"], config["accumulate"]
-    if batch_size % (world_size * accumulate):  # config.validate checks it first when torchrun starts the processes
-        raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes × "
-                        f"accumulate = {accumulate} micro-batches")
+    torch_device, rank, world_size, say = start(config)  # config.validate checked the batch these processes share
     resuming = config["resume"] or bool(config["resume_from"])
     release = train.own_output_dir(config["output_dir"], config["section"], checkpoint.run_identity(config),
                                    resuming) if rank == 0 else (lambda: None)
@@ -298,7 +292,7 @@ def worst_panels(config, model, torch_device, counts, dataset_and_info):
     listed = []
     for number, ((index, miou), (stem, picture)) in enumerate(zip(worst, panels), 1):
         path = os.path.join("worst", f"{number:02d}_{stem}.png")
-        predict.write_png(os.path.join(config["output_dir"], path), picture)
+        files.save_image(os.path.join(config["output_dir"], path), picture, "PNG")
         listed.append({"index": index, "stem": stem, "mIoU": miou, "panel": path})
     return listed
 
@@ -343,7 +337,7 @@ def save_predictions(config, model, torch_device):
     folder = os.path.join(config["output_dir"], "predictions")
     panels = panels_of(config, model, torch_device, config["save_predictions"])
     for stem, picture in panels:
-        predict.write_png(os.path.join(folder, f"{stem}.png"), picture)
+        files.save_image(os.path.join(folder, f"{stem}.png"), picture, "PNG")
     print(f"wrote {len(panels)} colour-coded predictions to {folder}")
 
 
