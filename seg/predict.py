@@ -1,8 +1,6 @@
-"""Prediction of single photos and the pictures made from it: label maps, colours, overlays, photo | truth |
-prediction panels with legends; and ONNX export of the same computation, checked in onnxruntime.
-
-predict_label runs the inference path of seg/evaluate.py (views, whole or slide mode, flips, scales) on one photo.
-"""
+"""Prediction of single photos (the inference path of seg/evaluate.py: views, whole or slide mode, flips, scales) and
+the pictures made from it: label maps, colours, overlays, photo | truth | prediction panels with legends; and ONNX
+export of the same computation, checked in onnxruntime."""
 import contextlib
 import io
 import logging
@@ -54,10 +52,9 @@ def probabilities_of(scores, test):
 
 
 def predict_files(model, jobs, output, inference, legend, log=print):
-    """Label maps and overlays under `output` for jobs [(image path, output stem)]; returns how many were written.
-    inference: {"test": [test], "test_scale", "autocast", "save_probabilities": also <stem>_prob.npz[, "label_ids": see
-    write_prediction]}; legend: (palette, class names). Unreadable images are skipped with a warning naming them.
-    `model` must be in eval mode."""
+    """Label maps and overlays under `output` of jobs [(image path, output stem)] by `model` (eval mode); returns how
+    many were written (unreadable images: skipped with a warning). inference: {"test": [test], "test_scale", "autocast",
+    "save_probabilities": also <stem>_prob.npz[, "label_ids": see write_prediction]}; legend: (palette, class names)."""
     test, written, told = inference["test"], 0, False
     for number, (path, stem) in enumerate(jobs, 1):
         begin = time.perf_counter()
@@ -67,8 +64,10 @@ def predict_files(model, jobs, output, inference, legend, log=print):
             print(f"warning: skipping {path}: {error}", file=sys.stderr, flush=True)
             continue
         scores, slide = predict_scores(model, image, test, inference["test_scale"], inference["autocast"])
-        if inference.get("save_probabilities"):
-            write_probabilities(os.path.join(output, f"{stem}_prob.npz"), probabilities_of(scores, test))
+        if inference.get("save_probabilities"):  # float16 K×H×W "probabilities" of a compressed .npz
+            probabilities = probabilities_of(scores, test).astype(np.float16)
+            files.write_atomic(os.path.join(output, f"{stem}_prob.npz"),
+                               lambda stream: np.savez_compressed(stream, probabilities=probabilities))
         if slide and not told:
             told = True
             log(f"note: images whose test-resized long side exceeds test.max_size = {test['max_size']} run in slide "
@@ -112,8 +111,7 @@ def draw_legend(image, classes, palette, names):
 def overlay(photo, label, palette, names):
     """uint8 H×W×3 RGB photo with the label colours blended at 50 % ((photo + colour + 1) // 2) and a legend
     of the classes present. Returns (Pillow RGB image, legend box (left, top, right, bottom) inclusive)."""
-    colours = colorize(label, palette)
-    image = Image.fromarray(((photo.astype(np.uint16) + colours + 1) // 2).astype(np.uint8))
+    image = Image.fromarray(((photo.astype(np.uint16) + colorize(label, palette) + 1) // 2).astype(np.uint8))
     return image, draw_legend(image, np.unique(label).tolist(), palette, names)
 
 
@@ -124,17 +122,9 @@ def label_png(label, palette):
     return files.image_bytes(image, "PNG")
 
 
-def write_probabilities(path, probabilities):
-    """`probabilities` (K×H×W) as float16 array "probabilities" of a compressed .npz, written atomically."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, probabilities=probabilities.astype(np.float16))
-    files.write_bytes_atomic(buffer.getvalue(), path)
-
-
 def write_prediction(folder, stem, photo, label, palette, names, label_ids=None):
-    """FOLDER/<stem>.png (indexed label map; with `label_ids`, a uint8 table from class to id, those ids in a plain
-    grey PNG, as Cityscapes' test server and cityscapesScripts read labelIds) and FOLDER/<stem>_overlay.jpg (RGB
-    `photo`), each atomically."""
+    """FOLDER/<stem>.png (indexed label map; with `label_ids`, a uint8 table class -> id, those ids in a grey PNG as
+    Cityscapes' test server and cityscapesScripts read labelIds), FOLDER/<stem>_overlay.jpg (RGB `photo`); atomic."""
     if label_ids is not None:
         files.write_label_png(os.path.join(folder, f"{stem}.png"), label_ids[label])
     else:
@@ -158,9 +148,8 @@ def panel(photo, label, prediction, palette, names, min_height=256):
 
 @torch.no_grad()
 def prediction_panels(model, dataset, count, inference, legend, indices=None):
-    """[(stem, panel)] of the first `count` samples of an EvalDataset (or of those at `indices`), predicted as
-    evaluation does (any size: no switch to slide mode); inference and legend as for predict_files. The model's
-    modes are left as they were."""
+    """[(stem, panel)] of the first `count` samples of an EvalDataset (or those at `indices`), predicted as evaluation
+    does (no switch to slide mode); inference and legend as for predict_files. The model keeps its modes."""
     panels, test = [], {**inference["test"], "max_size": float("inf")}
     with eval_mode(model):
         for index in range(min(count, len(dataset))) if indices is None else indices:
@@ -169,11 +158,6 @@ def prediction_panels(model, dataset, count, inference, legend, indices=None):
             stem = os.path.splitext(os.path.basename(dataset.items[index][0]))[0]
             panels.append((stem, panel(image[:, :, ::-1], label, prediction, *legend)))
     return panels
-
-
-def write_png(path, picture):
-    """An RGB uint8 H×W×3 picture as a PNG, written atomically."""
-    files.write_bytes_atomic(files.image_bytes(Image.fromarray(picture), "PNG"), path)
 
 
 def palette_and_names(palette, classes, num_classes):
@@ -190,9 +174,8 @@ def palette_and_names(palette, classes, num_classes):
 # --------------------------------------------------------------------------------------------- export
 
 class ExportGraph(torch.nn.Module):
-    """What an exported file computes: uint8 N×3×H×W BGR `image` (normalised inside the model) -> float32 N×K×H×W
-    `logits` at the input size, exactly whole_logits (PointRend's subdivision steps included), and int64 N×H×W
-    `label`, their argmax."""
+    """What an exported file computes: uint8 N×3×H×W BGR `image` -> float32 N×K×H×W `logits` at the input size,
+    exactly whole_logits (normalising, PointRend's subdivision steps included) and int64 N×H×W `label`, their argmax."""
 
     def __init__(self, model):
         super().__init__()
