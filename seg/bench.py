@@ -331,12 +331,9 @@ def data_bench(recipes, options, torch_device, output_dir, command=None, image_h
 
 def pipeline_report(dataset, divisor, workers, samples=24):
     """One worker's throughput, as a line: decode, augment, collate `samples` samples here, after 2 warm-up ones."""
-    keys = [(index % len(dataset), 10**9 + index) for index in range(samples + 2)]
-    data.collate([dataset[key] for key in keys[:2]], divisor)
-    begin = time.perf_counter()
-    for key in keys[2:]:
-        data.collate([dataset[key]], divisor)
-    rate = samples / (time.perf_counter() - begin)
+    keys = iter([(index % len(dataset), 10**9 + index) for index in range(samples + 2)])
+    _, times = time_calls(lambda: data.collate([dataset[next(keys)]], divisor), torch.device("cpu"), 2, samples)
+    rate = samples / sum(times)
     return (f"input pipeline: {rate:.1f} images/s per worker (decode + augment + collate, colour jitter "
             f"{'in the loader' if dataset.jitter_in_loader else 'on the device'}; measured in the main process); "
             f"{workers} workers per device give up to {rate * max(workers, 1):.0f} images/s")

@@ -197,8 +197,7 @@ def report_evaluation(result, classes, images, record, output_dir, board=None):
     print(f"evaluation on {images} images{where}:\n{format_table(result, classes)}", flush=True)
     record = {**record, "classes": classes, **result}
     files.write_text_atomic(json.dumps(record, indent=1), os.path.join(output_dir, "eval.json"))
-    summary = [key for key in ("aAcc", "mIoU", "mAcc", "mDice", "val_loss") if result.get(key) is not None]
-    scores = {key: result[key] for key in summary}
+    scores = {key: result[key] for key in ("aAcc", "mIoU", "mAcc", "mDice", "val_loss") if result.get(key) is not None}
     append_record({"iteration": record["iteration"], **scores}, output_dir, board,
                   {**scores, **{f"IoU/{name}": iou for name, iou in zip(classes, result["IoU"])}}, "val")
 

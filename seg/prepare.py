@@ -73,8 +73,7 @@ def prepare_voc_aug(voc_root, sbd_root, log=print, workers=4):
     sbd_all = set(read_split(sbd_root / "train.txt") + read_split(sbd_root / "val.txt"))
     # as mmseg's `tools/convert_datasets/voc_aug.py` builds them, sorted so reruns give identical files
     aug, trainaug = sorted(sbd_all - (voc_train | voc_val)), sorted((voc_train | sbd_all) - voc_val)
-    unlabelled = sorted(set(aug) - {mat.stem for mat in mats})
-    if unlabelled:
+    if unlabelled := sorted(set(aug) - {mat.stem for mat in mats}):
         raise UserError(f"{len(unlabelled)} images of SBD's train.txt/val.txt have no cls/<name>.mat: "
                         f"{name_list(unlabelled)}. Is the SBD download complete? {_SBD_HINT}")
     if (len(voc_train), len(voc_val)) != (1464, 1449):
@@ -119,8 +118,7 @@ def prepare_cityscapes(root, workers=4, log=print):
         images, gt_folder = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")), root / "gtFine" / split
         labels = [gt_folder / image.parent.name / image.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
                   for image in images]
-        missing = [label for label in labels if not label.exists()]
-        if missing:
+        if missing := [label for label in labels if not label.exists()]:
             raise UserError(f"{len(missing)} of {len(images)} {split} images have no labelIds file: "
                             f"{name_list(missing)}. {_CITYSCAPES_HINT}")
         counts[split] = len(images)
