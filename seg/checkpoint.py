@@ -20,6 +20,14 @@ TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickled object of torch.sav
 OPTIONAL_MODEL_TENSORS = ("num_batches_tracked", "pixel_mean", "pixel_std")
 # Backbone weights inside whole-model files: mmseg (backbone.*) and detectron2 (backbone.bottom_up.*).
 BACKBONE_PREFIXES = {"backbone.bottom_up.": "", "backbone.": ""}
+# caffe2 blob name -> detectron2 name, re.sub in this order (steps 1-6 of convert_basic_c2_names in detectron2
+# `detectron2/checkpoint/c2_model_loading.py`):
+# `res4_22_branch2b_bn_running_var` -> `res4.22.conv2.norm.running_var`, `conv1_w` -> `stem.conv1.weight`.
+C2_RENAMES = ((r"\Apred_([bw])\Z", r"linear_\1"), ("_", "."), (r"\.b$", ".bias"), (r"\.w$", ".weight"),
+              (r"bn\.(s|gamma)$", "norm.weight"), (r"bn\.(bias|beta)$", "norm.bias"),
+              (r"bn\.(rm|running\.mean)$", "norm.running_mean"), (r"bn\.(riv|running\.var)$", "norm.running_var"),
+              (r"^res\.conv1\.norm\.", "conv1.norm."), (r"^conv1\.", "stem.conv1."), (r"\.branch1\.", ".shortcut."),
+              (r"\.branch2a\.", ".conv1."), (r"\.branch2b\.", ".conv2."), (r"\.branch2c\.", ".conv3."))
 
 
 def to_cpu(obj):
@@ -232,16 +240,6 @@ def restricted_unpickle(path):
         elif not (type(item) in plain or isinstance(item, (np.ndarray, np.generic))):
             raise UserError(f"{path} holds a {type(item).__name__}: it is not a plain weights file.")
     return data
-
-
-# caffe2 blob name -> detectron2 name, re.sub in this order (steps 1-6 of convert_basic_c2_names in detectron2
-# `detectron2/checkpoint/c2_model_loading.py`):
-# `res4_22_branch2b_bn_running_var` -> `res4.22.conv2.norm.running_var`, `conv1_w` -> `stem.conv1.weight`.
-C2_RENAMES = ((r"\Apred_([bw])\Z", r"linear_\1"), ("_", "."), (r"\.b$", ".bias"), (r"\.w$", ".weight"),
-              (r"bn\.(s|gamma)$", "norm.weight"), (r"bn\.(bias|beta)$", "norm.bias"),
-              (r"bn\.(rm|running\.mean)$", "norm.running_mean"), (r"bn\.(riv|running\.var)$", "norm.running_var"),
-              (r"^res\.conv1\.norm\.", "conv1.norm."), (r"^conv1\.", "stem.conv1."), (r"\.branch1\.", ".shortcut."),
-              (r"\.branch2a\.", ".conv1."), (r"\.branch2b\.", ".conv2."), (r"\.branch2c\.", ".conv3."))
 
 
 def convert_c2_names(names):

@@ -14,6 +14,7 @@ import torch.distributed as torch_dist
 from seg.files import UserError
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+SLURM_RANKS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
 
 
 def import_torch_npu():
@@ -42,9 +43,6 @@ def resolve_device_type(device):
     if device == "npu" and not import_torch_npu().is_available():
         raise UserError("device = \"npu\" but torch_npu sees no NPU; check ASCEND_RT_VISIBLE_DEVICES")
     return device
-
-
-SLURM_RANKS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
 
 
 def launch_ranks():

@@ -179,5 +179,3 @@ def confusion_over(model, loader, torch_device, num_classes, autocast, test, pro
         return matrix
     loss = dist.all_reduce_sum(loss_sum) / matrix.sum().clamp(min=1) if logits else None
     return matrix, {"per_image": dist.all_reduce_sum(counts), "val_loss": loss}
-
-

@@ -21,6 +21,12 @@ _SBD_HINT = ("Download SBD's benchmark.tgz and move its benchmark_RELEASE/datase
              "train.txt, val.txt) to data/VOCdevkit/VOCaug/dataset.")
 _CITYSCAPES_HINT = ("Download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from cityscapes-dataset.com "
                     "and unzip both into one folder, giving <root>/{gtFine,leftImg8bit}/{train,val,test}/<city>/.")
+_DEMO_VERSION = 4  # bump when the generators change, so old demo folders are not silently reused
+_PICK_ANOTHER = "pick another data_root or empty that folder"
+_DEMO_VOC_SHAPES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}  # aeroplane, bicycle, bird, boat
+_DEMO_VOC_TURN, _DEMO_VOC_TRIES = 0.1, 20  # VOC demo shapes: turned within ±0.1·π (±18°); places tried per shape
+_DEMO_CITY_COLOURS = {7: (110, 100, 110), 8: (170, 150, 160), 11: (120, 90, 70), 21: (70, 120, 40),
+                      23: (120, 170, 230), 4: (150, 140, 60), 1: (30, 30, 30), 0: (0, 0, 0)}  # label id: base RGB
 
 
 def _require(hint, *paths):
@@ -136,14 +142,6 @@ def prepare_cityscapes(root, workers=4, log=print):
         log("note: full Cityscapes has 2975 train / 500 val images")
     log(f"Cityscapes: {counts['train']} train and {counts['val']} val images with labels")
     return counts
-
-
-_DEMO_VERSION = 4  # bump when the generators change, so old demo folders are not silently reused
-_PICK_ANOTHER = "pick another data_root or empty that folder"
-_DEMO_VOC_SHAPES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}  # aeroplane, bicycle, bird, boat
-_DEMO_VOC_TURN, _DEMO_VOC_TRIES = 0.1, 20  # VOC demo shapes: turned within ±0.1·π (±18°); places tried per shape
-_DEMO_CITY_COLOURS = {7: (110, 100, 110), 8: (170, 150, 160), 11: (120, 90, 70), 21: (70, 120, 40),
-                      23: (120, 170, 230), 4: (150, 140, 60), 1: (30, 30, 30), 0: (0, 0, 0)}  # label id: base RGB
 
 
 def _claim_demo_folder(root, parameters, generated_folders):

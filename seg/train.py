@@ -16,6 +16,8 @@ from seg.files import UserError
 from seg.metrics import drop_records_after
 
 NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
+SEG_OUTPUTS = re.compile(r"iter_\d+\.pth|best\.pth|metrics\.jsonl|eval\.json|log\.txt|config\.toml|tb|predictions|"
+                         r"report")
 
 
 def lr_at(iteration, base_lr, schedule, total):
@@ -180,10 +182,6 @@ def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0
     if rank == 0 and (dropped := drop_records_after(records, state["iteration"])):
         log(f"warning: dropped {dropped} unreadable lines of {records}")
     return state["iteration"]
-
-
-SEG_OUTPUTS = re.compile(r"iter_\d+\.pth|best\.pth|metrics\.jsonl|eval\.json|log\.txt|config\.toml|tb|predictions|"
-                         r"report")
 
 
 def own_output_dir(output_dir, section, identity, resuming):
