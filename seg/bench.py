@@ -205,10 +205,9 @@ def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, out
         raise files.UserError(f"[{title}] one step at bench.batch_size = {options['batch_size']}, bench.crop_hw "
                               f"= {options['crop_hw']} fails: {error}. Use a larger batch or crop.") from error
     result = {"section": title, "model": type(model).__name__.lower(), **environment(torch_device, command),
-              "batch_size": options["batch_size"], "crop_hw": list(options["crop_hw"]),
-              "eval_hw": list(options["eval_hw"]), "warmup": options["warmup"], "steps": options["steps"],
-              "train_gflop_per_step": flops["train"] / 1e9, "infer_gflop_per_image": flops["infer"] / 1e9,
-              "peak_tflops": {}, "rows": []}
+              "batch_size": options["batch_size"], **{key: list(options[key]) for key in ("crop_hw", "eval_hw")},
+              "warmup": options["warmup"], "steps": options["steps"], "train_gflop_per_step": flops["train"] / 1e9,
+              "infer_gflop_per_image": flops["infer"] / 1e9, "peak_tflops": {}, "rows": []}
     model = calls = None
     peaks = {mode: peak_tflops(result["device"], torch_device.type, "fp32" if mode == "off" else mode,
                                options["peak_tflops"]) for mode in options["amp"]}

@@ -268,9 +268,8 @@ def lookup(config, dotted):
 
 
 def validate(config, world_size=1):
-    """Check the whole resolved config before any data is read or model built: choices, counts, list lengths, the
-    test windows, required paths, a writable output folder, a batch `world_size` processes share. UserError names
-    the first bad key."""
+    """Check the resolved config before any data is read or model built: choices, counts, list lengths, test windows,
+    required paths, a writable output folder, a batch `world_size` processes share; UserError names the bad key."""
     def check(key, ok, expected):
         if not ok:
             raise UserError(f"[{config['section']}] {key} = {_literal(lookup(config, key))}: expected {expected}")

@@ -138,8 +138,7 @@ def host_and_device_batches(loader, torch_device):
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """The model in eval mode inside, and every module back in the train/eval mode it had after (norm_eval's BN
-    layers stay in eval mode in a training model)."""
+    """The model in eval mode inside; after, every module back in the mode it had (norm_eval's BN layers: eval)."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:

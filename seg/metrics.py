@@ -59,8 +59,7 @@ def metrics_from_confusion(matrix):
 
 def worst_images(counts, k):
     """[(image index, its mIoU)] of the k images of lowest mIoU over the classes in their truth or prediction, lowest
-    first (ties: lower index), from int64 images×2×C (intersection, union) counts; images with no valid pixel are left
-    out."""
+    first (ties: lower index), from int64 images×2×C (intersection, union) counts; no image without valid pixels."""
     miou = torch.nanmean(counts[:, 0].double() / counts[:, 1], dim=1).tolist()  # 0/0: a class not in the image
     return [(index, value) for value, index in sorted((v, i) for i, v in enumerate(miou) if v == v)[:k]]
 
@@ -79,8 +78,7 @@ def format_table(metrics, class_names):
 
 
 def progress_lines(total, every, log):
-    """progress(done): every `every` images, a line with the count, images/s and ETA (host time: the device may
-    still be working on the last ones)."""
+    """progress(done): every `every` images, a line with the count, images/s and ETA (host time: the device may lag)."""
     start = time.perf_counter()
 
     def progress(done):

@@ -219,7 +219,6 @@ def own_output_dir(output_dir, section, identity, resuming):
 
 
 def training_state(model, optimizer, scaler, iteration, config, best=None):
-    """What a checkpoint holds: model, optimizer, scaler, iteration and the resolved config (and checkpoint.best's
-    progress when it is on)."""
+    """What a checkpoint holds: model, optimizer, scaler, iteration, the config (and checkpoint.best's progress)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": amp.scaler_state(scaler),
             "iteration": iteration, "config": config, **({"best": dict(best)} if best else {})}
