@@ -217,14 +217,6 @@ def is_seg_onnx(path):
     return [x.name for x in graph.input] == ["image"] and [x.name for x in graph.output] == ["logits", "label"]
 
 
-def export_check_images(paths, hw):
-    """uint8 N×3×H×W BGR images to check an export on: the photos at `paths` resized to hw, or two generated ones."""
-    if not paths:
-        return torch.randint(0, 256, (2, 3, *hw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    photos = [transforms.resize_image(files.read_image_bgr(path, upright=True), hw) for path in paths]
-    return torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).contiguous()
-
-
 @torch.no_grad()
 def compare_onnx(path, model, images):
     """{"agreement": share of pixels whose labels agree, "max_difference": max |Δlogit|, "max_logit": max |logit|,
@@ -251,7 +243,9 @@ def export_and_check(model, hw, path, check_paths):
     """Export `model` (eval mode, on the CPU) for H×W = hw to `path`, run the file in onnxruntime on the photos at
     `check_paths` (or generated ones) and print how far it agrees with seg; UserError below 99.9% label agreement."""
     export_onnx(model, hw, path)
-    images = export_check_images(check_paths, hw)
+    photos = [transforms.resize_image(files.read_image_bgr(photo, upright=True), hw) for photo in check_paths]
+    images = (torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).contiguous() if photos else  # uint8 N×3×H×W BGR
+              torch.randint(0, 256, (2, 3, *hw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
     check = compare_onnx(path, model, images)
     print(f"wrote {path}: image uint8 N×3×{hw[0]}×{hw[1]} BGR -> logits, label; onnxruntime vs seg on {len(images)} "
           f"images: labels agree on {100 * check['agreement']:.4f}% of pixels, max |Δlogit| "

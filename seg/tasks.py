@@ -75,16 +75,17 @@ def autocast_of(config, torch_device):
     return amp.autocast_for(torch_device.type, config["amp"])
 
 
-def inference_precision(config, model, torch_device, say):
-    """config with the `amp` and `channels_last` evaluation and prediction run in ("auto" chosen by
-    amp.inference_precision, said in one line); the model made channels_last when that says so (not on NPU)."""
+def inference_model(config, torch_device, say):
+    """(model_with_weights in eval mode, config with the `amp` and `channels_last` evaluation and prediction run in):
+    "auto" resolved by amp.inference_precision, said in one line; channels_last converts the model (not on NPU)."""
+    model = model_with_weights(config, torch_device, say).eval()
     precision, channels_last = amp.inference_precision(torch_device.type, config["amp"], config["channels_last"])
     if config["amp"] == "auto":
         say(f'amp = "auto" on this {torch_device.type}: {"fp32" if precision == "off" else precision}'
             f'{" + channels_last" if channels_last else ""}; amp=off gives exact fp32')
     if channels_last and torch_device.type != "npu":  # torch_npu supports only contiguous tensors
         model.to(memory_format=torch.channels_last)
-    return {**config, "amp": precision, "channels_last": channels_last}
+    return model, {**config, "amp": precision, "channels_last": channels_last}
 
 
 def inference_options(config, torch_device):
@@ -257,9 +258,8 @@ def checkpoint_hooks(config, state_of, progress, evaluate, say):
 
 
 def evaluation(config, model, torch_device, board=None):
-    """evaluate(iteration=None) -> scores of `model` on the val split: rank 0 prints the table and writes eval.json,
-    a metrics.jsonl line (and TensorBoard scalars and three panels to `board`). The global CPU generator is left as
-    it was: evaluating never changes training."""
+    """evaluate(iteration=None) -> scores of `model` on the val split; rank 0 prints the table, writes eval.json and a
+    metrics.jsonl line (TensorBoard scalars, three panels to `board`). The global CPU generator is left as it was."""
     dataset, info = eval_dataset(config)
     rank, world_size = dist.rank(), dist.world_size()
     loader = data.eval_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu",
@@ -313,8 +313,7 @@ def evaluate_task(config, load_section=None):
     split_items(config, "val_splits", cache=False)  # every file is there before the model loads
     torch_device, rank, world_size, say = start(config)
     os.makedirs(config["output_dir"], exist_ok=True)
-    model = model_with_weights(config, torch_device, say)
-    config = inference_precision(config, model, torch_device, say)
+    model, config = inference_model(config, torch_device, say)
     result = evaluation(config, model, torch_device)()
     dist.print_on_rank0(f"wrote {os.path.join(config['output_dir'], 'eval.json')}")
     if rank == 0 and config["save_predictions"] > 0:
@@ -350,8 +349,7 @@ def predict_task(config, load_section=None):
     """`weights` applied to every image of `input`; label maps and overlays under `output`."""
     jobs = predict_jobs(config)
     torch_device, rank, world_size, say = start(config)
-    model = model_with_weights(config, torch_device, say).eval()
-    config = inference_precision(config, model, torch_device, say)
+    model, config = inference_model(config, torch_device, say)
     info = dataset_info(config)
     inference = {**inference_options(config, torch_device), "save_probabilities": config["save_probabilities"]}
     written = predict.predict_files(model, jobs[rank::world_size], config["output"], inference,
@@ -364,9 +362,8 @@ def predict_task(config, load_section=None):
 
 
 def export_task(config, load_section=None):
-    """`weights` as an ONNX file at `output` for export.hw images (a seg checkpoint may set it: config.py
-    carry_from_checkpoint), then run in onnxruntime on a few images (`input`, resized to export.hw, or generated
-    ones) against seg's own prediction: exit 2 below 99.9% label agreement."""
+    """`weights` as an ONNX file at `output` for export.hw images (a seg checkpoint may set it), run in onnxruntime on
+    a few images (`input` resized to export.hw, or generated) against seg: exit 2 below 99.9% label agreement."""
     model = model_with_weights(config, torch.device("cpu"), print).eval()
     print(f"exporting for H×W = {config['export']['hw'][0]}×{config['export']['hw'][1]} images (export.hw)")
     return predict.export_and_check(model, tuple(config["export"]["hw"]), config["output"],
@@ -374,8 +371,7 @@ def export_task(config, load_section=None):
 
 
 def demo_task(config, load_section=None):
-    """Generate the demo data (local rank 0 of each node; the others wait at a barrier), train, evaluate, and
-    write colour-coded predictions from the model it trained."""
+    """Generate the demo data (local rank 0 per node; the others wait), train, evaluate, save its predictions."""
     _, rank, _, _ = start(config)
     root = os.path.join(config["data_root"], config["data"]["root"])
     generate = prepare.make_demo_voc if config["data"]["dataset"] == "voc" else prepare.make_demo_cityscapes
