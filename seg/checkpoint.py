@@ -328,8 +328,7 @@ def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_miss
     shape is skipped. Returns {"loaded": [model name], "shape_mismatch": [(name, file shape, model shape)],
     "missing": [model names], "unused": [file names]} and logs one line (`verbose`: every name). `strict_missing`:
     a model tensor left unloaded (OPTIONAL_MODEL_TENSORS aside) is a UserError, nothing copied."""
-    prefix_map = prefix_map or {}
-    longest_first = sorted(prefix_map, key=len, reverse=True)
+    longest_first = sorted(prefix_map or {}, key=len, reverse=True)
     mapped = {next((prefix_map[old] + name[len(old):] for old in longest_first if name.startswith(old)), name): value
               for name, value in state.items()}
     if len(mapped) != len(state):

@@ -151,9 +151,8 @@ def eval_mode(model):
 @torch.no_grad()
 def confusion_over(model, loader, torch_device, num_classes, autocast, test, progress=None, per_image=None):
     """Dataset-level confusion matrix, summed over this rank's images and then over all ranks. Nothing is read back
-    from the device per image, so the device runs ahead of Python and the loader. progress(images done).
-
-    per_image = (dataset size, the dataset index of each loader batch) also returns {"per_image": int64 images×2×C
+    from the device per image, so the device runs ahead of Python and the loader. progress(images done). per_image =
+    (dataset size, the dataset index of each loader batch) also returns {"per_image": int64 images×2×C
     (intersection, union) of every image, "val_loss": the pixel cross-entropy over every valid pixel, a scalar, or
     None}, on the device; val_loss only in whole mode at one scale without flip, where the scores are the logits."""
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=torch_device)
