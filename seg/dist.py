@@ -6,6 +6,7 @@ nccl (CUDA), hccl (Ascend), gloo (CPU)."""
 import inspect
 import os
 import re
+import time
 import warnings
 
 import torch
@@ -145,6 +146,19 @@ def synchronize(torch_device):
     """Wait for queued device work (timing and peak-memory readings only)."""
     if torch_device.type != "cpu":
         torch.get_device_module(torch_device).synchronize()
+
+
+def time_calls(function, torch_device, warmup, steps):
+    """(seconds of the first call, [seconds of each of `steps` calls after `warmup` untimed ones]), each call timed
+    between two synchronize()s."""
+    times = []
+    for _ in range(warmup + steps):
+        synchronize(torch_device)
+        start = time.perf_counter()
+        function()
+        synchronize(torch_device)
+        times.append(time.perf_counter() - start)
+    return times[0], times[warmup:]
 
 
 def peak_memory_mib(torch_device):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from seg import files, transforms
+from seg import dist, files, transforms
 from seg.evaluate import eval_mode, resize_to_scales, stack_views, test_time_scores, whole_logits
 from seg.files import UserError
 
@@ -226,14 +226,8 @@ def compare_onnx(path, model, images):
     session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits, label = session.run(["logits", "label"], {"image": images.numpy()})
     eager_logits, eager_label = ExportGraph(model)(images)
-    seconds = []
-    for run in (lambda: session.run(["label"], {"image": images[:1].numpy()}), lambda: ExportGraph(model)(images[:1])):
-        times = []
-        for _ in range(4):  # the first is a warm-up
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        seconds.append(statistics.median(times[1:]))
+    seconds = [statistics.median(dist.time_calls(run, torch.device("cpu"), 1, 3)[1]) for run in (  # after a warm-up
+        lambda: session.run(["label"], {"image": images[:1].numpy()}), lambda: ExportGraph(model)(images[:1]))]
     return {"agreement": float((label == eager_label.numpy()).mean()), "runtime_s": seconds[0], "eager_s": seconds[1],
             "max_difference": float(np.abs(logits - eager_logits.numpy()).max()),
             "max_logit": float(eager_logits.abs().max())}

@@ -71,10 +71,6 @@ def model_with_weights(config, torch_device, log):
     return model
 
 
-def autocast_of(config, torch_device):
-    return amp.autocast_for(torch_device.type, config["amp"])
-
-
 def inference_model(config, torch_device, say):
     """(model_with_weights in eval mode, config with the `amp` and `channels_last` evaluation and prediction run in):
     "auto" resolved by amp.inference_precision, said in one line; channels_last converts the model (not on NPU)."""
@@ -92,7 +88,7 @@ def inference_options(config, torch_device):
     """What predicting one photo takes: the [test] table, data.test_scale, the autocast context and the table from
     class to the label ids written (label_ids = "cityscapes") or None."""
     return {"test": config["test"], "test_scale": config["data"]["test_scale"],
-            "autocast": autocast_of(config, torch_device),
+            "autocast": amp.autocast_for(torch_device.type, config["amp"]),
             "label_ids": data.CITYSCAPES_TRAINID_TO_ID if config["label_ids"] == "cityscapes" else None}
 
 
@@ -214,9 +210,9 @@ def train_model(config, torch_device, rank, world_size, say, resuming):
     runner = train.speedups(model, torch_device, config["channels_last"], config["compile"], say)
     board = metrics.tensorboard(config["output_dir"], say) if rank == 0 else None
     step = {"loss_fn": loss_function(config, say), "optimizer": optimizer, "scaler": scaler, "seed": config["seed"],
-            "autocast": autocast_of(config, torch_device), "norm_eval": config["norm_eval"], "rank": rank,
+            "autocast": amp.autocast_for(torch_device.type, config["amp"]), "norm_eval": config["norm_eval"],
             "lr_at": functools.partial(train.lr_at, base_lr=config["optimizer"]["lr"], schedule=config["schedule"],
-                                       total=config["iterations"]), "accumulate": accumulate}
+                                       total=config["iterations"]), "accumulate": accumulate, "rank": rank}
     intervals = {"log": config["log_interval"], "checkpoint": config["checkpoint_interval"],
                  "eval": config["eval_interval"], "final_eval": config["final_eval"]}
     evaluate = evaluation(config, model, torch_device, board) if config["eval_interval"] or config["final_eval"] \
@@ -261,7 +257,7 @@ def evaluation(config, model, torch_device, board=None):
     """evaluate(iteration=None) -> scores of `model` on the val split; rank 0 prints the table, writes eval.json and a
     metrics.jsonl line (TensorBoard scalars, three panels to `board`). The global CPU generator is left as it was."""
     dataset, info = eval_dataset(config)
-    rank, world_size = dist.rank(), dist.world_size()
+    rank, world_size, autocast = dist.rank(), dist.world_size(), amp.autocast_for(torch_device.type, config["amp"])
     loader = data.eval_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu",
                               evaluate.collate_views)
 
@@ -269,7 +265,7 @@ def evaluation(config, model, torch_device, board=None):
         progress = metrics.progress_lines(len(loader), max(10, len(loader) // 10), print) if rank == 0 else None
         with torch.random.fork_rng(devices=[]):
             matrix, details = evaluate.confusion_over(model, loader, torch_device, config["model"]["num_classes"],
-                                                      autocast_of(config, torch_device), config["test"], progress,
+                                                      autocast, config["test"], progress,
                                                       per_image=(len(dataset), loader.dataset.indices))
         loss = details["val_loss"]
         result = {**metrics.metrics_from_confusion(matrix), "val_loss": None if loss is None else loss.item()}
