@@ -204,9 +204,8 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
 
 def carry_from_checkpoint(config, overridden, stored_config_for, log=print):
     """When `weights` (after the overrides) is a seg checkpoint and the task evaluates, predicts or exports, the
-    section's model table, dataset and test size become the ones it was trained with; a train task takes only the
-    model table, with the section's num_classes. Overrides still apply after.
-    stored_config_for(path) -> the stored config or None (mmseg/detectron2 files keep the section's)."""
+    section's model table, dataset and test size become the checkpoint's; a train task takes only its model table
+    (with the section's num_classes); overrides apply after. stored_config_for(path) -> stored config or None."""
     stored = overridden.get("weights") and overridden.get("task") in ("train", "evaluate", "predict", "export") and \
         stored_config_for(overridden["weights"])
     if not stored or "model" not in stored:

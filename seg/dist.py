@@ -130,9 +130,8 @@ def convert_sync_batchnorm(model, device_type, sync_bn):
 
 
 def wrap_ddp(model, torch_device):
-    """DistributedDataParallel when distributed, with rank-local buffers as both references (their
-    broadcast_buffers=False). torch 2.13 deprecates that argument for forward_sync_buffers=False, which
-    also syncs buffers once at init: a no-op here, every rank builds or loads the same buffers."""
+    """DistributedDataParallel when distributed, with rank-local buffers as both references (broadcast_buffers=False;
+    torch 2.13's forward_sync_buffers=False syncs them once at init: a no-op, every rank has the same buffers)."""
     if not is_distributed():
         return model
     device_ids = None if torch_device.type == "cpu" else [torch_device.index]

@@ -40,9 +40,8 @@ def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
 def metrics_from_confusion(matrix):
     """Scores as fractions: aAcc, mIoU, mAcc and per class IoU, Acc (NaN for a class absent from the truth; IoU NaN
     only if never predicted either), Precision (NaN if never predicted), Recall (= Acc) and Dice (= F1 = 2PR / (P + R),
-    NaN if the class is in neither truth nor prediction), their means skipping NaN classes (as mmsegmentation's
-    np.nanmean), frequency-weighted IoU (Σ truth share × IoU over the classes in the truth, as FCN's paper defines it)
-    and the matrix itself as "confusion" (counts, rows truth)."""
+    NaN for a class in neither truth nor prediction), their means over non-NaN classes (mmsegmentation's np.nanmean),
+    frequency-weighted IoU (Σ truth share × IoU over the truth's classes, FCN's paper) and "confusion" (rows truth)."""
     matrix = matrix.double().cpu()
     intersection, label_area, predicted_area = matrix.diag(), matrix.sum(dim=1), matrix.sum(dim=0)
     iou = intersection / (label_area + predicted_area - intersection)  # 0/0 -> NaN, as in mmsegmentation

@@ -23,9 +23,8 @@ OVERLAY_QUALITY = 95  # with 4:4:4 chroma, so thin class borders keep their colo
 
 @torch.no_grad()
 def predict_scores(model, image_bgr, test, test_scale, autocast):
-    """(float 1×K×H×W test_time_scores at the size of a uint8 H×W×3 BGR image, whether it ran in slide mode): views
-    whose long side exceeds test["max_size"] switch a whole-mode image to slide mode (bounds device memory). `model`
-    must be in eval mode; autocast() gives the precision context."""
+    """(float 1×K×H×W test_time_scores at the size of a uint8 H×W×3 BGR image, whether it ran in slide mode): a view
+    longer than test["max_size"] switches whole mode to slide mode (bounds device memory). `model` in eval mode."""
     views = resize_to_scales(image_bgr, test_scale, test["scales"])
     slide = test["mode"] == "whole" and max(max(view.shape[:2]) for view in views) > test["max_size"]
     image, hw = stack_views(views)

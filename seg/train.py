@@ -100,9 +100,8 @@ def train_one_step(model, batch, loss_fn, optimizer, scaler, autocast, accumulat
 
 
 def reseed(seed, rank, iteration):
-    """Restart every rank's torch generators (CPU and device: dropout, PointRend's points) after each checkpoint
-    and on resume: a resumed run draws what the uninterrupted run drew, with no generator state to gather across
-    ranks (HCCL cannot all_gather the int64 that would need)."""
+    """Restart every rank's torch generators (CPU and device: dropout, PointRend's points) after each checkpoint and
+    on resume: a resumed run draws what the uninterrupted one drew, with no generator state to gather (HCCL cannot)."""
     torch.manual_seed((seed * 1_000_003 + iteration) * 4099 + rank)
 
 

@@ -425,9 +425,8 @@ def _round_trip_torch(x, maps, saturation_base, shift):
 
 
 def apply_jitter(images, params):
-    """apply_jitter_planes, bit for bit, on a batch on any device: uint8 N×3×H×W images and int16 N×JITTER_SIZE
-    parameters -> uint8 N×3×H×W. Steps a sample did not draw are computed for the whole batch and discarded with
-    torch.where, so nothing is read back to the host (cheap on a GPU)."""
+    """apply_jitter_planes, bit for bit, on a batch on any device: uint8 N×3×H×W images, int16 N×JITTER_SIZE parameters
+    -> uint8 N×3×H×W. Steps a sample did not draw are computed anyway and dropped by torch.where: nothing read back."""
     count = images.shape[0]
     params = params.to(torch.int32)
     maps = params[:, :POST.stop].contiguous().view(-1)  # the three 256-entry maps of every sample
