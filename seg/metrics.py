@@ -58,7 +58,7 @@ def metrics_from_confusion(matrix):
 
 def worst_images(counts, k):
     """[(image index, its mIoU)] of the k images of lowest mIoU over the classes in their truth or prediction, lowest
-    first (ties: lower index), from int64 images×2×C (intersection, union) counts; no image without valid pixels."""
+    first, ties by index, from int64 images×2×C (intersection, union) counts; images without a valid pixel left out."""
     miou = torch.nanmean(counts[:, 0].double() / counts[:, 1], dim=1).tolist()  # 0/0: a class not in the image
     return [(index, value) for value, index in sorted((v, i) for i, v in enumerate(miou) if v == v)[:k]]
 
