@@ -99,9 +99,8 @@ def keep_newest(output_dir, config, keep_last, log=print):
 
 
 def record_evaluation(progress, scores, iteration, policy):
-    """Follow checkpoint.best's score in `progress` {"metric", "value", "iteration", "stale"}: the best so far, its
-    iteration, and the evaluations since the score last beat the best by early_stop_delta or more. Returns (whether
-    this evaluation is the best, why the run should stop early or None)."""
+    """Follow checkpoint.best's score in `progress` {"metric", "value", "iteration", "stale"}: the best, its iteration,
+    the evaluations since it last rose by early_stop_delta or more -> (is this the best, why to stop early or None)."""
     value, best, patience = scores[progress["metric"]], progress["value"], policy["early_stop_patience"]
     improved = best is None or value > best
     rose = improved and (best is None or value - best >= policy["early_stop_delta"])
@@ -119,9 +118,8 @@ def latest_checkpoint(output_dir):
 
 
 def latest_loadable_checkpoint(output_dir, log=print, identity=None):
-    """(path, training state) of the newest checkpoint that loads, or (None, None). A torn file (copied or
-    cut short outside save_atomic) is logged as a warning, with the reason, and the next older one tried.
-    `identity` (run_identity of the run): a file that loads but is not that run's is a UserError naming it."""
+    """(path, training state) of the newest checkpoint that loads, or (None, None); a torn one (copied or cut short
+    outside save_atomic) is a warning with the reason. With `identity`, a loadable file of another run: UserError."""
     for path in checkpoints_newest_first(output_dir):
         try:
             state = torch_load(path)
