@@ -31,8 +31,7 @@ class Predictor:
         from seg import dist, tasks
         torch_device = torch.device(dist.resolve_device_type(resolved["device"]))
         quiet = lambda *args, **kwargs: None  # noqa: E731 - a library call prints nothing
-        self.model = tasks.model_with_weights(resolved, torch_device, log=quiet).eval()
-        self.config = tasks.inference_precision(resolved, self.model, torch_device, quiet)  # amp "auto" resolved
+        self.model, self.config = tasks.inference_model(resolved, torch_device, quiet)  # amp "auto" resolved
         self.inference = tasks.inference_options(self.config, torch_device)
         info = tasks.dataset_info(resolved)
         self.classes, self.palette = info["classes"], info["palette"]

@@ -1,29 +1,24 @@
 """Mixed precision, decided here only: which autocast context a forward pass runs in, whether a loss scaler exists,
 its state in checkpoints, the overflow skip, and whether the device runs the precision at all.
 
-amp = "off" | "fp16" | "bf16", and "auto" for evaluation and prediction (inference_precision). fp16 needs
-loss_scale = "dynamic" (2**16, halved on overflow, doubled after 2000 clean steps) or a number (static, like the
-Ascend scripts' 128 and 512); bf16 needs none. A step whose gradients overflow is skipped, never applied. The scaler
-is torch's GradScaler, enabled for fp16 only, so one code path serves every precision (elsewhere its calls pass
-through).
-"""
+amp = "off" | "fp16" | "bf16", and "auto" for evaluation and prediction (inference_precision). fp16 needs loss_scale =
+"dynamic" (2**16, halved on overflow, doubled after 2000 clean steps) or a number (static, like the Ascend scripts' 128
+and 512); bf16 needs none. A step whose gradients overflow is skipped, never applied. The scaler is torch's GradScaler,
+enabled for fp16 only, so one code path serves every precision (elsewhere its calls pass through)."""
 import contextlib
 import functools
 
 import torch
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 STATIC_SCALE = 2**31 - 1  # growth interval of a static loss scale: it never grows
 
 
 def unsupported(device_type, amp):
     """An error message when the device cannot run this precision, else None. torch silently disables
     autocast for an unsupported dtype (a 910A asked for bf16 runs fp32), so the trainer asks first."""
-    if amp != "bf16":
-        return None
-    if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+    if amp == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         return "this CUDA GPU does not support bf16; use amp = \"fp16\""
-    if device_type == "npu" and not torch.npu.is_bf16_supported():
+    if amp == "bf16" and device_type == "npu" and not torch.npu.is_bf16_supported():
         return "this Ascend chip (910A family) has no bf16; use amp = \"fp16\" with loss_scale = 128 or 512"
     return None
 
@@ -38,10 +33,9 @@ def runs_bf16_natively(device_type):
 
 
 def inference_precision(device_type, amp, channels_last):
-    """(amp, channels_last) that evaluation and prediction run in; values other than amp = "auto" pass through.
-    "auto": bf16 + channels_last where the device runs bf16 natively (2.3-2.8x faster than fp32 on an AMX CPU);
-    fp16 on NPU (Ascend's documented mixed precision: its BatchNorm lists no bf16 input, nor channels_last);
-    fp32 elsewhere."""
+    """(amp, channels_last) that evaluation and prediction run in; values other than amp = "auto" pass through. "auto":
+    bf16 + channels_last where the device runs bf16 natively (2.3-2.8x faster than fp32 on an AMX CPU); fp16 on NPU
+    (Ascend's documented mixed precision: its BatchNorm lists no bf16 input, nor channels_last); fp32 elsewhere."""
     if amp != "auto":
         return amp, channels_last
     if runs_bf16_natively(device_type):
@@ -53,7 +47,7 @@ def autocast_context(device_type, amp):
     """A context manager running the forward pass in the requested precision."""
     if amp == "off":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=DTYPES[amp])
+    return torch.autocast(device_type=device_type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[amp])
 
 
 def autocast_for(device_type, amp):

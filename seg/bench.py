@@ -98,18 +98,6 @@ def write_outputs(result, table, output_dir, stem, title, summary, log):
     files.write_text_atomic(f"# {title}\n\n{header}\n\n{table}\n", os.path.join(output_dir, f"{stem}.md"))
 
 
-def time_calls(function, torch_device, warmup, steps):
-    """(seconds of the first call, [seconds of each of `steps` calls after `warmup` untimed ones])."""
-    times = []
-    for _ in range(warmup + steps):
-        dist.synchronize(torch_device)
-        start = time.perf_counter()
-        function()
-        dist.synchronize(torch_device)
-        times.append(time.perf_counter() - start)
-    return times[0], times[warmup:]
-
-
 def peak_tflops(name, device_type, precision, override):
     """(dense peak TFLOP/s or None, where it came from) for a device name and precision."""
     if override > 0:
@@ -168,7 +156,7 @@ def bench_combination(make_workload, options, torch_device, flops, peaks, combin
         for kind, call, key in zip(("train", "infer"), calls, ("train_step_ms", "infer_ms")):
             if torch_device.type != "cpu":
                 torch.get_device_module(torch_device).reset_peak_memory_stats(torch_device)
-            first, times = time_calls(call, torch_device, options["warmup"], options["steps"])
+            first, times = dist.time_calls(call, torch_device, options["warmup"], options["steps"])
             row.setdefault("first_step_s", first)  # the first training step's
             row[key] = 1e3 * statistics.median(times)
             row[f"{kind}_peak_memory_mib"] = dist.peak_memory_mib(torch_device) or None  # None on CPU
@@ -205,10 +193,9 @@ def model_bench(build_model, make_optimizer, loss_fn, options, torch_device, out
         raise files.UserError(f"[{title}] one step at bench.batch_size = {options['batch_size']}, bench.crop_hw "
                               f"= {options['crop_hw']} fails: {error}. Use a larger batch or crop.") from error
     result = {"section": title, "model": type(model).__name__.lower(), **environment(torch_device, command),
-              "batch_size": options["batch_size"], "crop_hw": list(options["crop_hw"]),
-              "eval_hw": list(options["eval_hw"]), "warmup": options["warmup"], "steps": options["steps"],
-              "train_gflop_per_step": flops["train"] / 1e9, "infer_gflop_per_image": flops["infer"] / 1e9,
-              "peak_tflops": {}, "rows": []}
+              "batch_size": options["batch_size"], **{key: list(options[key]) for key in ("crop_hw", "eval_hw")},
+              "warmup": options["warmup"], "steps": options["steps"], "train_gflop_per_step": flops["train"] / 1e9,
+              "infer_gflop_per_image": flops["infer"] / 1e9, "peak_tflops": {}, "rows": []}
     model = calls = None
     peaks = {mode: peak_tflops(result["device"], torch_device.type, "fp32" if mode == "off" else mode,
                                options["peak_tflops"]) for mode in options["amp"]}
@@ -252,8 +239,8 @@ def pipeline_row(dataset, read, params, count, options, jitter_in_loader, torch_
             totals["collate"] += time.perf_counter() - start
             if not jitter_in_loader:
                 batch = data.to_device(batch, torch_device)
-                totals["device_colour"] += time_calls(lambda: transforms.apply_jitter(batch["image"], batch["jitter"]),
-                                                      torch_device, 0, 1)[0]
+                totals["device_colour"] += dist.time_calls(
+                    lambda: transforms.apply_jitter(batch["image"], batch["jitter"]), torch_device, 0, 1)[0]
     total = sum(totals[stage] for stage in STAGES)
     return {"dataset": dataset, "jitter_on": "loader" if jitter_in_loader else "device",
             "images_per_s": steps / total, "ms_per_image": 1e3 * total / steps,
@@ -331,12 +318,9 @@ def data_bench(recipes, options, torch_device, output_dir, command=None, image_h
 
 def pipeline_report(dataset, divisor, workers, samples=24):
     """One worker's throughput, as a line: decode, augment, collate `samples` samples here, after 2 warm-up ones."""
-    keys = [(index % len(dataset), 10**9 + index) for index in range(samples + 2)]
-    data.collate([dataset[key] for key in keys[:2]], divisor)
-    begin = time.perf_counter()
-    for key in keys[2:]:
-        data.collate([dataset[key]], divisor)
-    rate = samples / (time.perf_counter() - begin)
+    keys = iter([(index % len(dataset), 10**9 + index) for index in range(samples + 2)])
+    _, times = dist.time_calls(lambda: data.collate([dataset[next(keys)]], divisor), torch.device("cpu"), 2, samples)
+    rate = samples / sum(times)
     return (f"input pipeline: {rate:.1f} images/s per worker (decode + augment + collate, colour jitter "
             f"{'in the loader' if dataset.jitter_in_loader else 'on the device'}; measured in the main process); "
             f"{workers} workers per device give up to {rate * max(workers, 1):.0f} images/s")

@@ -20,6 +20,14 @@ TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickled object of torch.sav
 OPTIONAL_MODEL_TENSORS = ("num_batches_tracked", "pixel_mean", "pixel_std")
 # Backbone weights inside whole-model files: mmseg (backbone.*) and detectron2 (backbone.bottom_up.*).
 BACKBONE_PREFIXES = {"backbone.bottom_up.": "", "backbone.": ""}
+# caffe2 blob name -> detectron2 name, re.sub in this order (steps 1-6 of convert_basic_c2_names in detectron2
+# `detectron2/checkpoint/c2_model_loading.py`):
+# `res4_22_branch2b_bn_running_var` -> `res4.22.conv2.norm.running_var`, `conv1_w` -> `stem.conv1.weight`.
+C2_RENAMES = ((r"\Apred_([bw])\Z", r"linear_\1"), ("_", "."), (r"\.b$", ".bias"), (r"\.w$", ".weight"),
+              (r"bn\.(s|gamma)$", "norm.weight"), (r"bn\.(bias|beta)$", "norm.bias"),
+              (r"bn\.(rm|running\.mean)$", "norm.running_mean"), (r"bn\.(riv|running\.var)$", "norm.running_var"),
+              (r"^res\.conv1\.norm\.", "conv1.norm."), (r"^conv1\.", "stem.conv1."), (r"\.branch1\.", ".shortcut."),
+              (r"\.branch2a\.", ".conv1."), (r"\.branch2b\.", ".conv2."), (r"\.branch2c\.", ".conv3."))
 
 
 def to_cpu(obj):
@@ -69,28 +77,30 @@ def run_identity(config):
         "dataset", "root", "train_splits", "classes", "reduce_zero_label", "label_suffix")}}
 
 
-def is_own_checkpoint(path, identity):
-    """Whether `path` loads as a seg training checkpoint whose stored config has the run `identity`."""
-    stored = stored_config(path)
-    try:
-        return stored is not None and run_identity(stored) == identity
-    except (KeyError, TypeError):  # an older seg's config that lacks a key: not provably this run's
-        return False
+def why_not_this_run(path, stored, identity):
+    """Why checkpoint `path`, whose stored config is `stored` (None: not a seg training checkpoint), is not of the run
+    `identity`: the first identity key whose value differs (an older seg's config may lack some); None if it is."""
+    for table, key in ((table, key) for table in identity for key in identity[table]):
+        if (theirs := ((stored or {}).get(table) or {}).get(key, "not recorded")) != identity[table][key]:
+            return (f"{path} is not a checkpoint of this run: its {table}.{key} is {theirs!r}, this run's "
+                    f"{identity[table][key]!r}. Resume takes only this run's checkpoints: move the file away or use "
+                    f"another output_dir (resume_from=PATH takes a file whatever run wrote it)")
+    return None
 
 
 def keep_newest(output_dir, config, keep_last, log=print):
-    """Delete all but the newest `keep_last` (>= 1) iter_*.pth of this run (`is_own_checkpoint`): files seg did not
+    """Delete all but the newest `keep_last` (>= 1) iter_*.pth of this run (`why_not_this_run`): files seg did not
     write, other runs' and torn ones stay, and the newest loadable one of this run is always kept."""
-    own = [path for path in checkpoints_newest_first(output_dir) if is_own_checkpoint(path, run_identity(config))]
+    own = [path for path in checkpoints_newest_first(output_dir)
+           if not why_not_this_run(path, stored_config(path), run_identity(config))]
     for path in own[keep_last:]:
         path.unlink()
         log(f"removed {path} (checkpoint.keep_last = {keep_last})")
 
 
 def record_evaluation(progress, scores, iteration, policy):
-    """Follow checkpoint.best's score in `progress` {"metric", "value", "iteration", "stale"}: the best so far, its
-    iteration, and the evaluations since the score last beat the best by early_stop_delta or more. Returns (whether
-    this evaluation is the best, why the run should stop early or None)."""
+    """Follow checkpoint.best's score in `progress` {"metric", "value", "iteration", "stale"}: the best, its iteration,
+    the evaluations since it last rose by early_stop_delta or more -> (is this the best, why to stop early or None)."""
     value, best, patience = scores[progress["metric"]], progress["value"], policy["early_stop_patience"]
     improved = best is None or value > best
     rose = improved and (best is None or value - best >= policy["early_stop_delta"])
@@ -108,29 +118,19 @@ def latest_checkpoint(output_dir):
 
 
 def latest_loadable_checkpoint(output_dir, log=print, identity=None):
-    """(path, training state) of the newest checkpoint that loads, or (None, None). A torn file (copied or
-    cut short outside save_atomic) is logged as a warning, with the reason, and the next older one tried.
-    `identity` (run_identity of the run): a file that loads but is not that run's is a UserError naming it."""
+    """(path, training state) of the newest checkpoint that loads, or (None, None); a torn one (copied or cut short
+    outside save_atomic) is a warning with the reason. With `identity`, a loadable file of another run: UserError."""
     for path in checkpoints_newest_first(output_dir):
         try:
             state = torch_load(path)
         except UserError as error:  # names the file and the reason
             log(f"warning: skipping {path.name}, it does not load: {error}")
             continue
-        return path, (load_training_state(path, state) if identity is None else same_run(path, state, identity))
+        state = load_training_state(path, state)
+        if identity is not None and (reason := why_not_this_run(path, state.get("config"), identity)):
+            raise UserError(reason)
+        return path, state
     return None, None
-
-
-def same_run(path, state, identity):
-    """`state` (of `path`) when its stored config has this run's `identity`; else UserError naming the first key
-    that differs (an older seg's config may lack some)."""
-    stored = load_training_state(path, state).get("config") or {}
-    for table, key in ((table, key) for table in identity for key in identity[table]):
-        if (theirs := (stored.get(table) or {}).get(key, "not recorded")) != identity[table][key]:
-            raise UserError(f"{path} is not a checkpoint of this run: its {table}.{key} is {theirs!r}, this run's "
-                            f"{identity[table][key]!r}. Resume takes only this run's checkpoints: move the file away "
-                            f"or use another output_dir (resume_from=PATH takes a file whatever run wrote it)")
-    return state
 
 
 def torch_load(path):
@@ -240,16 +240,6 @@ def restricted_unpickle(path):
     return data
 
 
-# caffe2 blob name -> detectron2 name, re.sub in this order (steps 1-6 of convert_basic_c2_names in detectron2
-# `detectron2/checkpoint/c2_model_loading.py`):
-# `res4_22_branch2b_bn_running_var` -> `res4.22.conv2.norm.running_var`, `conv1_w` -> `stem.conv1.weight`.
-C2_RENAMES = ((r"\Apred_([bw])\Z", r"linear_\1"), ("_", "."), (r"\.b$", ".bias"), (r"\.w$", ".weight"),
-              (r"bn\.(s|gamma)$", "norm.weight"), (r"bn\.(bias|beta)$", "norm.bias"),
-              (r"bn\.(rm|running\.mean)$", "norm.running_mean"), (r"bn\.(riv|running\.var)$", "norm.running_var"),
-              (r"^res\.conv1\.norm\.", "conv1.norm."), (r"^conv1\.", "stem.conv1."), (r"\.branch1\.", ".shortcut."),
-              (r"\.branch2a\.", ".conv1."), (r"\.branch2b\.", ".conv2."), (r"\.branch2c\.", ".conv3."))
-
-
 def convert_c2_names(names):
     """{caffe2 name: detectron2 name} by C2_RENAMES; UserError if two blobs would get the same name."""
     renamed = {name: functools.reduce(lambda text, rule: re.sub(*rule, text), C2_RENAMES, name) for name in names}
@@ -336,8 +326,7 @@ def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_miss
     shape is skipped. Returns {"loaded": [model name], "shape_mismatch": [(name, file shape, model shape)],
     "missing": [model names], "unused": [file names]} and logs one line (`verbose`: every name). `strict_missing`:
     a model tensor left unloaded (OPTIONAL_MODEL_TENSORS aside) is a UserError, nothing copied."""
-    prefix_map = prefix_map or {}
-    longest_first = sorted(prefix_map, key=len, reverse=True)
+    longest_first = sorted(prefix_map or {}, key=len, reverse=True)
     mapped = {next((prefix_map[old] + name[len(old):] for old in longest_first if name.startswith(old)), name): value
               for name, value in state.items()}
     if len(mapped) != len(state):

@@ -17,6 +17,25 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
 BASE = "base"
+CARRIED_DATA = ("dataset", "root", "val_splits", "classes", "palette", "label_suffix", "reduce_zero_label",
+                "test_scale")
+CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf16", "auto"),
+           "data.dataset": ("voc", "cityscapes", "folder"), "data.jitter_on": ("auto", "loader", "device"),
+           "test.mode": ("whole", "slide"), "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid"),
+           "loss.class_weight_rule": ("", "enet"), "checkpoint.best": ("", "mIoU", "aAcc", "mAcc"),
+           "label_ids": ("", "cityscapes")}
+AT_LEAST = {"model.num_classes": 1, "iterations": 1, "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0,
+            "save_predictions": 0, "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1,
+            "bench.warmup": 0, "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1, "accumulate": 1,
+            "checkpoint.keep_last": 0, "checkpoint.early_stop_patience": 0, "loss.ohem_min_kept": 2, "report.worst": 0}
+SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw",
+         "bench.eval_hw", "export.hw")
+POSITIVE_LISTS = ("data.ratio_range", "data.short_edges", "test.scales")
+CHECKPOINT = "a seg, mmsegmentation or detectron2 checkpoint"
+REQUIRED = {"evaluate": {"weights": CHECKPOINT}, "predict": {"weights": CHECKPOINT, "input": "an image, a folder or "
+            "a glob", "output": "the folder for label maps and overlays"}, "export": {"weights": CHECKPOINT,
+            "output": "the .onnx file to write"}, "report": {"run": "a training or evaluation output_dir"}}
+WRITES_OUTPUT_DIR = ("train", "evaluate", "demo", "bench", "data_bench")
 
 
 def load_toml(path):
@@ -183,15 +202,10 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
     return config
 
 
-CARRIED_DATA = ("dataset", "root", "val_splits", "classes", "palette", "label_suffix", "reduce_zero_label",
-                "test_scale")
-
-
 def carry_from_checkpoint(config, overridden, stored_config_for, log=print):
     """When `weights` (after the overrides) is a seg checkpoint and the task evaluates, predicts or exports, the
-    section's model table, dataset and test size become the ones it was trained with; a train task takes only the
-    model table, with the section's num_classes. Overrides still apply after.
-    stored_config_for(path) -> the stored config or None (mmseg/detectron2 files keep the section's)."""
+    section's model table, dataset and test size become the checkpoint's; a train task takes only its model table
+    (with the section's num_classes); overrides apply after. stored_config_for(path) -> stored config or None."""
     stored = overridden.get("weights") and overridden.get("task") in ("train", "evaluate", "predict", "export") and \
         stored_config_for(overridden["weights"])
     if not stored or "model" not in stored:
@@ -246,27 +260,6 @@ def _literal(value):
     return repr(value)
 
 
-CHOICES = {"device": ("auto", "cpu", "cuda", "npu"), "amp": ("off", "fp16", "bf16", "auto"),
-           "data.dataset": ("voc", "cityscapes", "folder"),
-           "data.jitter_on": ("auto", "loader", "device"), "test.mode": ("whole", "slide"),
-           "schedule.policy": ("poly", "multistep"), "loss.average": ("all", "valid"),
-           "loss.class_weight_rule": ("", "enet"), "checkpoint.best": ("", "mIoU", "aAcc", "mAcc"),
-           "label_ids": ("", "cityscapes")}
-AT_LEAST = {"model.num_classes": 1, "iterations": 1,
-            "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 0, "save_predictions": 0,
-            "data.batch_size": 1, "data.workers": 0, "data.max_size": 1, "test.max_size": 1, "bench.warmup": 0,
-            "bench.steps": 1, "bench.batch_size": 1, "bench.images": 1, "accumulate": 1, "checkpoint.keep_last": 0,
-            "checkpoint.early_stop_patience": 0, "loss.ohem_min_kept": 2, "report.worst": 0}
-SIZES = ("data.crop_hw", "data.scale", "data.test_scale", "test.crop_hw", "test.stride_hw", "bench.crop_hw",
-         "bench.eval_hw", "export.hw")
-POSITIVE_LISTS = ("data.ratio_range", "data.short_edges", "test.scales")
-CHECKPOINT = "a seg, mmsegmentation or detectron2 checkpoint"
-REQUIRED = {"evaluate": {"weights": CHECKPOINT}, "predict": {"weights": CHECKPOINT, "input": "an image, a folder or "
-            "a glob", "output": "the folder for label maps and overlays"}, "export": {"weights": CHECKPOINT,
-            "output": "the .onnx file to write"}, "report": {"run": "a training or evaluation output_dir"}}
-WRITES_OUTPUT_DIR = ("train", "evaluate", "demo", "bench", "data_bench")
-
-
 def lookup(config, dotted):
     for key in dotted.split("."):
         config = config[key]
@@ -274,9 +267,8 @@ def lookup(config, dotted):
 
 
 def validate(config, world_size=1):
-    """Check the whole resolved config before any data is read or model built: choices, counts, list lengths, the
-    test windows, required paths, a writable output folder, a batch `world_size` processes share. UserError names
-    the first bad key."""
+    """Check the resolved config before any data is read or model built: choices, counts, list lengths, test windows,
+    required paths, a writable output folder, a batch `world_size` processes share; UserError names the bad key."""
     def check(key, ok, expected):
         if not ok:
             raise UserError(f"[{config['section']}] {key} = {_literal(lookup(config, key))}: expected {expected}")

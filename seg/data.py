@@ -214,8 +214,7 @@ def collate(samples, divisor=1, min_hw=(0, 0)):
         images[i, :, :h, :w] = torch.from_numpy(np.moveaxis(image, -1, 0))
         labels[i, :h, :w] = torch.from_numpy(label)
     batch = {"image": images, "label": labels, "hw": torch.tensor([sample[1].shape for sample in samples])}
-    jitters = [sample[2] for sample in samples if len(sample) > 2 and sample[2] is not None]
-    if jitters:
+    if jitters := [sample[2] for sample in samples if len(sample) > 2 and sample[2] is not None]:
         if len(jitters) != len(samples):
             raise ValueError("either every sample of a batch carries colour jitter parameters or none does")
         batch["jitter"] = torch.from_numpy(np.stack(jitters))

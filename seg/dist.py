@@ -6,6 +6,7 @@ nccl (CUDA), hccl (Ascend), gloo (CPU)."""
 import inspect
 import os
 import re
+import time
 import warnings
 
 import torch
@@ -14,6 +15,7 @@ import torch.distributed as torch_dist
 from seg.files import UserError
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+SLURM_RANKS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
 
 
 def import_torch_npu():
@@ -42,9 +44,6 @@ def resolve_device_type(device):
     if device == "npu" and not import_torch_npu().is_available():
         raise UserError("device = \"npu\" but torch_npu sees no NPU; check ASCEND_RT_VISIBLE_DEVICES")
     return device
-
-
-SLURM_RANKS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
 
 
 def launch_ranks():
@@ -131,9 +130,8 @@ def convert_sync_batchnorm(model, device_type, sync_bn):
 
 
 def wrap_ddp(model, torch_device):
-    """DistributedDataParallel when distributed, with rank-local buffers as both references (their
-    broadcast_buffers=False). torch 2.13 deprecates that argument for forward_sync_buffers=False, which
-    also syncs buffers once at init: a no-op here, every rank builds or loads the same buffers."""
+    """DistributedDataParallel when distributed, with rank-local buffers as both references (broadcast_buffers=False;
+    torch 2.13's forward_sync_buffers=False syncs them once at init: a no-op, every rank has the same buffers)."""
     if not is_distributed():
         return model
     device_ids = None if torch_device.type == "cpu" else [torch_device.index]
@@ -147,6 +145,19 @@ def synchronize(torch_device):
     """Wait for queued device work (timing and peak-memory readings only)."""
     if torch_device.type != "cpu":
         torch.get_device_module(torch_device).synchronize()
+
+
+def time_calls(function, torch_device, warmup, steps):
+    """(seconds of the first call, [seconds of each of `steps` calls after `warmup` untimed ones]), each call timed
+    between two synchronize()s."""
+    times = []
+    for _ in range(warmup + steps):
+        synchronize(torch_device)
+        start = time.perf_counter()
+        function()
+        synchronize(torch_device)
+        times.append(time.perf_counter() - start)
+    return times[0], times[warmup:]
 
 
 def peak_memory_mib(torch_device):

@@ -10,8 +10,7 @@ divided by the count. Each view's logits are resized to the original size: one v
 (detectron2); several scales or test.flip average the softmax probabilities over views × flips (mmseg aug_test).
 
 The confusion matrix (seg/metrics.py) is accumulated on the device without per-image host reads, then all-reduced;
-no prediction maps are kept. Evaluation leaves the model in the train/eval modes it found.
-"""
+no prediction maps are kept. Evaluation leaves the model in the train/eval modes it found."""
 import contextlib
 import itertools
 
@@ -58,8 +57,7 @@ def collate_views(samples):
 # ------------------------------------------------------------------------------------------- inference
 
 def channels_last(model):
-    """Whether the model's convolutions hold their weights in channels_last (NHWC) memory format (1×1 weights are
-    both; a k×k one tells)."""
+    """Whether the model's convolutions hold their weights in channels_last (NHWC) memory format (a k×k one tells)."""
     return any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
                for p in model.parameters())
 
@@ -107,19 +105,16 @@ def slide_logits(model, image, crop_hw, stride_hw, windows_per_batch=4):
 
 
 def test_time_scores(model, image, hw, out_hw, test):
-    """Scores 1×C×h×w at the original size out_hw = (h, w) from the views of one image.
-
-    image: uint8 V×3×H×W, the views padded (stack_views); hw: V×2 valid sizes, read on the host (pass the
-    loader's CPU tensor: a device tensor would cost a sync per image); test: the [test] table. One view without flip:
-    its logits; otherwise softmax probabilities averaged over views × flips (flipped logits mirrored back first).
-    """
+    """Scores 1×C×h×w at the original size out_hw = (h, w) from the views of one image: image uint8 V×3×H×W, the
+    views padded (stack_views); hw: V×2 valid sizes, read on the host (pass the loader's CPU tensor: a device tensor
+    would cost a sync per image); test: the [test] table. One view without flip: its logits; otherwise softmax
+    probabilities averaged over views × flips (flipped logits mirrored back first)."""
     def view_logits(view):
         if test["mode"] == "slide":
             return slide_logits(model, view, test["crop_hw"], test["stride_hw"])
         return whole_logits(model, view)
     flips = (False, True) if test["flip"] else (False,)
-    sizes = hw.tolist()
-    total = None
+    sizes, total = hw.tolist(), None
     for view, (height, width) in zip(image, sizes):
         view = view[None, :, :height, :width]
         for flip in flips:
@@ -143,8 +138,7 @@ def host_and_device_batches(loader, torch_device):
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """The model in eval mode inside, and every module back in the train/eval mode it had after (norm_eval's BN
-    layers stay in eval mode in a training model)."""
+    """The model in eval mode inside; after, every module back in the mode it had (norm_eval's BN layers: eval)."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -156,14 +150,11 @@ def eval_mode(model):
 
 @torch.no_grad()
 def confusion_over(model, loader, torch_device, num_classes, autocast, test, progress=None, per_image=None):
-    """Dataset-level confusion matrix, summed over this rank's images and then over all ranks. Nothing is read
-    back from the device per image, so the device runs ahead of Python and the loader. progress(images done).
-
-    per_image = (dataset size, the dataset index of each loader batch) also returns {"per_image": int64
-    images×2×C (intersection, union) of every image, "val_loss": the pixel cross-entropy over every valid pixel,
-    a scalar, or None}, on the device; val_loss only in whole mode at one scale without flip, where the scores are
-    the model's logits.
-    """
+    """Dataset-level confusion matrix, summed over this rank's images and then over all ranks. Nothing is read back
+    from the device per image, so the device runs ahead of Python and the loader. progress(images done). per_image =
+    (dataset size, the dataset index of each loader batch) also returns {"per_image": int64 images×2×C
+    (intersection, union) of every image, "val_loss": the pixel cross-entropy over every valid pixel, a scalar, or
+    None}, on the device; val_loss only in whole mode at one scale without flip, where the scores are the logits."""
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=torch_device)
     counts = torch.zeros(per_image[0] if per_image else 0, 2, num_classes, dtype=torch.int64, device=torch_device)
     loss_sum = torch.zeros((), device=torch_device)
@@ -186,5 +177,3 @@ def confusion_over(model, loader, torch_device, num_classes, autocast, test, pro
         return matrix
     loss = dist.all_reduce_sum(loss_sum) / matrix.sum().clamp(min=1) if logits else None
     return matrix, {"per_image": dist.all_reduce_sum(counts), "val_loss": loss}
-
-

@@ -265,8 +265,7 @@ def _lock_is_stale(lock_path, stale_s):
 
 def take_lock(path):
     """Create `path` holding "host pid" (a hard link: exclusive, never half-written), taking over a lock whose process
-    is gone from this host or is this one (left by a run it finished); UserError naming the holder otherwise.
-    Returns release(), which also runs at exit (after an error, Ctrl-C)."""
+    is gone from this host or is this one; else UserError naming the holder. release() is returned and runs at exit."""
     mine, temporary = f"{socket.gethostname()} {os.getpid()}", f"{path}.{os.getpid()}.tmp"
     write_text_atomic(mine, temporary)
     try:

@@ -56,9 +56,8 @@ def enet_class_weight(pixels):
 
 def pspnet_losses(outputs, label, average="all", aux_weight=0.4, class_weight=(), ohem=False, ohem_thresh=0.7,
                   ohem_min_kept=100000):
-    """mmsegmentation's decode + 0.4·auxiliary loss: logits are resized to the label size first. class_weight
-    (C weights, () = none) weighs both heads; ohem keeps only the decode head's hard pixels (`ohem_kept`), as
-    mmseg's configs put the sampler on decode_head only."""
+    """mmsegmentation's decode + 0.4·auxiliary loss, logits resized to the label size first. class_weight (C weights,
+    () = none) weighs both heads; ohem keeps the decode head's hard pixels only (`ohem_kept`), as in mmseg's configs."""
     size = label.shape[-2:]
     seg = resize_logits(outputs["seg"], size)
     weight = seg.new_tensor(class_weight) if class_weight else None
@@ -71,10 +70,9 @@ def pspnet_losses(outputs, label, average="all", aux_weight=0.4, class_weight=()
 
 
 def pointrend_losses(outputs, label):
-    """detectron2's coarse loss plus the point loss. The stride-4 coarse logits are upsampled to the padded
-    input size (= label size) and averaged over valid pixels. Point labels are nearest-sampled from the padded
-    labels at the points the model used; the point loss averages over valid points and is 0 when all are
-    ignored (detectron2 issue #1455 went NaN there)."""
+    """detectron2's coarse loss plus the point loss. The stride-4 coarse logits are upsampled to the padded input size
+    (= label size) and averaged over valid pixels. Point labels are nearest-sampled from the padded labels at the
+    model's points; the point loss averages over valid points, 0 when all are ignored (detectron2 #1455 went NaN)."""
     coarse = resize_logits(outputs["coarse"], label.shape[-2:])
     point_labels = sample_labels_nearest(label, outputs["point_coords"])
     return {"loss_sem_seg": pixel_cross_entropy(coarse, label, "valid"),
@@ -82,8 +80,7 @@ def pointrend_losses(outputs, label):
 
 
 def loss_function(model_name, loss_table):
-    """outputs, label -> dict of losses for model `model_name`; loss_table is the config's [loss] (PSPNet's;
-    class_weight_rule is the task's to turn into class_weight)."""
+    """outputs, label -> dict of losses of `model_name`; loss_table: the config's [loss] (class_weight_rule aside)."""
     if model_name == "pspnet":
         return functools.partial(pspnet_losses, **{k: v for k, v in loss_table.items() if k != "class_weight_rule"})
     return pointrend_losses

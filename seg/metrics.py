@@ -40,9 +40,8 @@ def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
 def metrics_from_confusion(matrix):
     """Scores as fractions: aAcc, mIoU, mAcc and per class IoU, Acc (NaN for a class absent from the truth; IoU NaN
     only if never predicted either), Precision (NaN if never predicted), Recall (= Acc) and Dice (= F1 = 2PR / (P + R),
-    NaN if the class is in neither truth nor prediction), their means skipping NaN classes (as mmsegmentation's
-    np.nanmean), frequency-weighted IoU (Σ truth share × IoU over the classes in the truth, as FCN's paper defines it)
-    and the matrix itself as "confusion" (counts, rows truth)."""
+    NaN for a class in neither truth nor prediction), their means over non-NaN classes (mmsegmentation's np.nanmean),
+    frequency-weighted IoU (Σ truth share × IoU over the truth's classes, FCN's paper) and "confusion" (rows truth)."""
     matrix = matrix.double().cpu()
     intersection, label_area, predicted_area = matrix.diag(), matrix.sum(dim=1), matrix.sum(dim=0)
     iou = intersection / (label_area + predicted_area - intersection)  # 0/0 -> NaN, as in mmsegmentation
@@ -59,8 +58,7 @@ def metrics_from_confusion(matrix):
 
 def worst_images(counts, k):
     """[(image index, its mIoU)] of the k images of lowest mIoU over the classes in their truth or prediction, lowest
-    first (ties: lower index), from int64 images×2×C (intersection, union) counts; images with no valid pixel are left
-    out."""
+    first, ties by index, from int64 images×2×C (intersection, union) counts; images without a valid pixel left out."""
     miou = torch.nanmean(counts[:, 0].double() / counts[:, 1], dim=1).tolist()  # 0/0: a class not in the image
     return [(index, value) for value, index in sorted((v, i) for i, v in enumerate(miou) if v == v)[:k]]
 
@@ -79,8 +77,7 @@ def format_table(metrics, class_names):
 
 
 def progress_lines(total, every, log):
-    """progress(done): every `every` images, a line with the count, images/s and ETA (host time: the device may
-    still be working on the last ones)."""
+    """progress(done): every `every` images, a line with the count, images/s and ETA (host time: the device may lag)."""
     start = time.perf_counter()
 
     def progress(done):
@@ -197,8 +194,7 @@ def report_evaluation(result, classes, images, record, output_dir, board=None):
     print(f"evaluation on {images} images{where}:\n{format_table(result, classes)}", flush=True)
     record = {**record, "classes": classes, **result}
     files.write_text_atomic(json.dumps(record, indent=1), os.path.join(output_dir, "eval.json"))
-    summary = [key for key in ("aAcc", "mIoU", "mAcc", "mDice", "val_loss") if result.get(key) is not None]
-    scores = {key: result[key] for key in summary}
+    scores = {key: result[key] for key in ("aAcc", "mIoU", "mAcc", "mDice", "val_loss") if result.get(key) is not None}
     append_record({"iteration": record["iteration"], **scores}, output_dir, board,
                   {**scores, **{f"IoU/{name}": iou for name, iou in zip(classes, result["IoU"])}}, "val")
 

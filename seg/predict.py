@@ -1,8 +1,6 @@
-"""Prediction of single photos and the pictures made from it: label maps, colours, overlays, photo | truth |
-prediction panels with legends; and ONNX export of the same computation, checked in onnxruntime.
-
-predict_label runs the inference path of seg/evaluate.py (views, whole or slide mode, flips, scales) on one photo.
-"""
+"""Prediction of single photos (the inference path of seg/evaluate.py: views, whole or slide mode, flips, scales) and
+the pictures made from it: label maps, colours, overlays, photo | truth | prediction panels with legends; and ONNX
+export of the same computation, checked in onnxruntime."""
 import contextlib
 import io
 import logging
@@ -16,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from seg import files, transforms
+from seg import dist, files, transforms
 from seg.evaluate import eval_mode, resize_to_scales, stack_views, test_time_scores, whole_logits
 from seg.files import UserError
 
@@ -25,9 +23,8 @@ OVERLAY_QUALITY = 95  # with 4:4:4 chroma, so thin class borders keep their colo
 
 @torch.no_grad()
 def predict_scores(model, image_bgr, test, test_scale, autocast):
-    """(float 1×K×H×W test_time_scores at the size of a uint8 H×W×3 BGR image, whether it ran in slide mode): views
-    whose long side exceeds test["max_size"] switch a whole-mode image to slide mode (bounds device memory). `model`
-    must be in eval mode; autocast() gives the precision context."""
+    """(float 1×K×H×W test_time_scores at the size of a uint8 H×W×3 BGR image, whether it ran in slide mode): a view
+    longer than test["max_size"] switches whole mode to slide mode (bounds device memory). `model` in eval mode."""
     views = resize_to_scales(image_bgr, test_scale, test["scales"])
     slide = test["mode"] == "whole" and max(max(view.shape[:2]) for view in views) > test["max_size"]
     image, hw = stack_views(views)
@@ -54,10 +51,9 @@ def probabilities_of(scores, test):
 
 
 def predict_files(model, jobs, output, inference, legend, log=print):
-    """Label maps and overlays under `output` for jobs [(image path, output stem)]; returns how many were written.
-    inference: {"test": [test], "test_scale", "autocast", "save_probabilities": also <stem>_prob.npz[, "label_ids": see
-    write_prediction]}; legend: (palette, class names). Unreadable images are skipped with a warning naming them.
-    `model` must be in eval mode."""
+    """Label maps and overlays under `output` of jobs [(image path, output stem)] by `model` (eval mode); returns how
+    many were written (unreadable images: skipped with a warning). inference: {"test": [test], "test_scale", "autocast",
+    "save_probabilities": also <stem>_prob.npz[, "label_ids": see write_prediction]}; legend: (palette, class names)."""
     test, written, told = inference["test"], 0, False
     for number, (path, stem) in enumerate(jobs, 1):
         begin = time.perf_counter()
@@ -67,8 +63,10 @@ def predict_files(model, jobs, output, inference, legend, log=print):
             print(f"warning: skipping {path}: {error}", file=sys.stderr, flush=True)
             continue
         scores, slide = predict_scores(model, image, test, inference["test_scale"], inference["autocast"])
-        if inference.get("save_probabilities"):
-            write_probabilities(os.path.join(output, f"{stem}_prob.npz"), probabilities_of(scores, test))
+        if inference.get("save_probabilities"):  # float16 K×H×W "probabilities" of a compressed .npz
+            probabilities = probabilities_of(scores, test).astype(np.float16)
+            files.write_atomic(os.path.join(output, f"{stem}_prob.npz"),
+                               lambda stream: np.savez_compressed(stream, probabilities=probabilities))
         if slide and not told:
             told = True
             log(f"note: images whose test-resized long side exceeds test.max_size = {test['max_size']} run in slide "
@@ -112,8 +110,7 @@ def draw_legend(image, classes, palette, names):
 def overlay(photo, label, palette, names):
     """uint8 H×W×3 RGB photo with the label colours blended at 50 % ((photo + colour + 1) // 2) and a legend
     of the classes present. Returns (Pillow RGB image, legend box (left, top, right, bottom) inclusive)."""
-    colours = colorize(label, palette)
-    image = Image.fromarray(((photo.astype(np.uint16) + colours + 1) // 2).astype(np.uint8))
+    image = Image.fromarray(((photo.astype(np.uint16) + colorize(label, palette) + 1) // 2).astype(np.uint8))
     return image, draw_legend(image, np.unique(label).tolist(), palette, names)
 
 
@@ -124,17 +121,9 @@ def label_png(label, palette):
     return files.image_bytes(image, "PNG")
 
 
-def write_probabilities(path, probabilities):
-    """`probabilities` (K×H×W) as float16 array "probabilities" of a compressed .npz, written atomically."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, probabilities=probabilities.astype(np.float16))
-    files.write_bytes_atomic(buffer.getvalue(), path)
-
-
 def write_prediction(folder, stem, photo, label, palette, names, label_ids=None):
-    """FOLDER/<stem>.png (indexed label map; with `label_ids`, a uint8 table from class to id, those ids in a plain
-    grey PNG, as Cityscapes' test server and cityscapesScripts read labelIds) and FOLDER/<stem>_overlay.jpg (RGB
-    `photo`), each atomically."""
+    """FOLDER/<stem>.png (indexed label map; with `label_ids`, a uint8 table class -> id, those ids in a grey PNG as
+    Cityscapes' test server and cityscapesScripts read labelIds), FOLDER/<stem>_overlay.jpg (RGB `photo`); atomic."""
     if label_ids is not None:
         files.write_label_png(os.path.join(folder, f"{stem}.png"), label_ids[label])
     else:
@@ -158,9 +147,8 @@ def panel(photo, label, prediction, palette, names, min_height=256):
 
 @torch.no_grad()
 def prediction_panels(model, dataset, count, inference, legend, indices=None):
-    """[(stem, panel)] of the first `count` samples of an EvalDataset (or of those at `indices`), predicted as
-    evaluation does (any size: no switch to slide mode); inference and legend as for predict_files. The model's
-    modes are left as they were."""
+    """[(stem, panel)] of the first `count` samples of an EvalDataset (or those at `indices`), predicted as evaluation
+    does (no switch to slide mode); inference and legend as for predict_files. The model keeps its modes."""
     panels, test = [], {**inference["test"], "max_size": float("inf")}
     with eval_mode(model):
         for index in range(min(count, len(dataset))) if indices is None else indices:
@@ -169,11 +157,6 @@ def prediction_panels(model, dataset, count, inference, legend, indices=None):
             stem = os.path.splitext(os.path.basename(dataset.items[index][0]))[0]
             panels.append((stem, panel(image[:, :, ::-1], label, prediction, *legend)))
     return panels
-
-
-def write_png(path, picture):
-    """An RGB uint8 H×W×3 picture as a PNG, written atomically."""
-    files.write_bytes_atomic(files.image_bytes(Image.fromarray(picture), "PNG"), path)
 
 
 def palette_and_names(palette, classes, num_classes):
@@ -190,9 +173,8 @@ def palette_and_names(palette, classes, num_classes):
 # --------------------------------------------------------------------------------------------- export
 
 class ExportGraph(torch.nn.Module):
-    """What an exported file computes: uint8 N×3×H×W BGR `image` (normalised inside the model) -> float32 N×K×H×W
-    `logits` at the input size, exactly whole_logits (PointRend's subdivision steps included), and int64 N×H×W
-    `label`, their argmax."""
+    """What an exported file computes: uint8 N×3×H×W BGR `image` -> float32 N×K×H×W `logits` at the input size,
+    exactly whole_logits (normalising, PointRend's subdivision steps included) and int64 N×H×W `label`, their argmax."""
 
     def __init__(self, model):
         super().__init__()
@@ -234,14 +216,6 @@ def is_seg_onnx(path):
     return [x.name for x in graph.input] == ["image"] and [x.name for x in graph.output] == ["logits", "label"]
 
 
-def export_check_images(paths, hw):
-    """uint8 N×3×H×W BGR images to check an export on: the photos at `paths` resized to hw, or two generated ones."""
-    if not paths:
-        return torch.randint(0, 256, (2, 3, *hw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    photos = [transforms.resize_image(files.read_image_bgr(path, upright=True), hw) for path in paths]
-    return torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).contiguous()
-
-
 @torch.no_grad()
 def compare_onnx(path, model, images):
     """{"agreement": share of pixels whose labels agree, "max_difference": max |Δlogit|, "max_logit": max |logit|,
@@ -251,14 +225,8 @@ def compare_onnx(path, model, images):
     session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits, label = session.run(["logits", "label"], {"image": images.numpy()})
     eager_logits, eager_label = ExportGraph(model)(images)
-    seconds = []
-    for run in (lambda: session.run(["label"], {"image": images[:1].numpy()}), lambda: ExportGraph(model)(images[:1])):
-        times = []
-        for _ in range(4):  # the first is a warm-up
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        seconds.append(statistics.median(times[1:]))
+    seconds = [statistics.median(dist.time_calls(run, torch.device("cpu"), 1, 3)[1]) for run in (  # after a warm-up
+        lambda: session.run(["label"], {"image": images[:1].numpy()}), lambda: ExportGraph(model)(images[:1]))]
     return {"agreement": float((label == eager_label.numpy()).mean()), "runtime_s": seconds[0], "eager_s": seconds[1],
             "max_difference": float(np.abs(logits - eager_logits.numpy()).max()),
             "max_logit": float(eager_logits.abs().max())}
@@ -268,7 +236,9 @@ def export_and_check(model, hw, path, check_paths):
     """Export `model` (eval mode, on the CPU) for H×W = hw to `path`, run the file in onnxruntime on the photos at
     `check_paths` (or generated ones) and print how far it agrees with seg; UserError below 99.9% label agreement."""
     export_onnx(model, hw, path)
-    images = export_check_images(check_paths, hw)
+    photos = [transforms.resize_image(files.read_image_bgr(photo, upright=True), hw) for photo in check_paths]
+    images = (torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).contiguous() if photos else  # uint8 N×3×H×W BGR
+              torch.randint(0, 256, (2, 3, *hw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
     check = compare_onnx(path, model, images)
     print(f"wrote {path}: image uint8 N×3×{hw[0]}×{hw[1]} BGR -> logits, label; onnxruntime vs seg on {len(images)} "
           f"images: labels agree on {100 * check['agreement']:.4f}% of pixels, max |Δlogit| "

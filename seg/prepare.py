@@ -21,6 +21,12 @@ _SBD_HINT = ("Download SBD's benchmark.tgz and move its benchmark_RELEASE/datase
              "train.txt, val.txt) to data/VOCdevkit/VOCaug/dataset.")
 _CITYSCAPES_HINT = ("Download gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip from cityscapes-dataset.com "
                     "and unzip both into one folder, giving <root>/{gtFine,leftImg8bit}/{train,val,test}/<city>/.")
+_DEMO_VERSION = 4  # bump when the generators change, so old demo folders are not silently reused
+_PICK_ANOTHER = "pick another data_root or empty that folder"
+_DEMO_VOC_SHAPES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}  # aeroplane, bicycle, bird, boat
+_DEMO_VOC_TURN, _DEMO_VOC_TRIES = 0.1, 20  # VOC demo shapes: turned within ±0.1·π (±18°); places tried per shape
+_DEMO_CITY_COLOURS = {7: (110, 100, 110), 8: (170, 150, 160), 11: (120, 90, 70), 21: (70, 120, 40),
+                      23: (120, 170, 230), 4: (150, 140, 60), 1: (30, 30, 30), 0: (0, 0, 0)}  # label id: base RGB
 
 
 def _require(hint, *paths):
@@ -73,8 +79,7 @@ def prepare_voc_aug(voc_root, sbd_root, log=print, workers=4):
     sbd_all = set(read_split(sbd_root / "train.txt") + read_split(sbd_root / "val.txt"))
     # as mmseg's `tools/convert_datasets/voc_aug.py` builds them, sorted so reruns give identical files
     aug, trainaug = sorted(sbd_all - (voc_train | voc_val)), sorted((voc_train | sbd_all) - voc_val)
-    unlabelled = sorted(set(aug) - {mat.stem for mat in mats})
-    if unlabelled:
+    if unlabelled := sorted(set(aug) - {mat.stem for mat in mats}):
         raise UserError(f"{len(unlabelled)} images of SBD's train.txt/val.txt have no cls/<name>.mat: "
                         f"{name_list(unlabelled)}. Is the SBD download complete? {_SBD_HINT}")
     if (len(voc_train), len(voc_val)) != (1464, 1449):
@@ -119,8 +124,7 @@ def prepare_cityscapes(root, workers=4, log=print):
         images, gt_folder = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")), root / "gtFine" / split
         labels = [gt_folder / image.parent.name / image.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
                   for image in images]
-        missing = [label for label in labels if not label.exists()]
-        if missing:
+        if missing := [label for label in labels if not label.exists()]:
             raise UserError(f"{len(missing)} of {len(images)} {split} images have no labelIds file: "
                             f"{name_list(missing)}. {_CITYSCAPES_HINT}")
         counts[split] = len(images)
@@ -138,14 +142,6 @@ def prepare_cityscapes(root, workers=4, log=print):
         log("note: full Cityscapes has 2975 train / 500 val images")
     log(f"Cityscapes: {counts['train']} train and {counts['val']} val images with labels")
     return counts
-
-
-_DEMO_VERSION = 4  # bump when the generators change, so old demo folders are not silently reused
-_PICK_ANOTHER = "pick another data_root or empty that folder"
-_DEMO_VOC_SHAPES = {1: "disc", 2: "square", 3: "triangle", 4: "cross"}  # aeroplane, bicycle, bird, boat
-_DEMO_VOC_TURN, _DEMO_VOC_TRIES = 0.1, 20  # VOC demo shapes: turned within ±0.1·π (±18°); places tried per shape
-_DEMO_CITY_COLOURS = {7: (110, 100, 110), 8: (170, 150, 160), 11: (120, 90, 70), 21: (70, 120, 40),
-                      23: (120, 170, 230), 4: (150, 140, 60), 1: (30, 30, 30), 0: (0, 0, 0)}  # label id: base RGB
 
 
 def _claim_demo_folder(root, parameters, generated_folders):

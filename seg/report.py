@@ -7,7 +7,6 @@ A run in progress works (a line of metrics.jsonl being written is skipped), and 
 keeps one record per iteration; should one repeat, the last is kept). matplotlib is imported only here."""
 import contextlib
 import html
-import io
 import json
 import os
 from pathlib import Path
@@ -19,10 +18,10 @@ from seg.files import UserError
 
 
 def read_records(path):
-    """The records of a metrics.jsonl, in order ([] without it); a line that does not parse (torn) is skipped."""
+    """The records of a metrics.jsonl, in order ([] without it), less the lines that do not parse (torn, not UTF-8)."""
     records = []
-    for line in Path(path).read_text().splitlines() if os.path.isfile(path) else ():
-        with contextlib.suppress(ValueError):
+    for line in Path(path).read_bytes().splitlines() if os.path.isfile(path) else ():
+        with contextlib.suppress(ValueError):  # UnicodeDecodeError is one
             records.append(json.loads(line))
     return records
 
@@ -46,9 +45,7 @@ def run_config(run, evaluation):
 
 
 def save_png(figure, path):
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    files.write_bytes_atomic(buffer.getvalue(), path)
+    files.write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=100, bbox_inches="tight"))
     return os.path.basename(path)
 
 

@@ -50,8 +50,7 @@ def loss_function(config, log=print):
 def start(config):
     """(torch.device, rank, world size, print on rank 0) after setting up the process group and seed."""
     torch_device, rank, world_size = dist.setup(config["device"])
-    message = amp.unsupported(torch_device.type, config["amp"])
-    if message:
+    if message := amp.unsupported(torch_device.type, config["amp"]):
         raise UserError(f"amp = \"{config['amp']}\": {message}")
     torch.manual_seed(config["seed"] + rank)
     return torch_device, rank, world_size, print if rank == 0 else (lambda *args, **kwargs: None)
@@ -72,27 +71,24 @@ def model_with_weights(config, torch_device, log):
     return model
 
 
-def autocast_of(config, torch_device):
-    return amp.autocast_for(torch_device.type, config["amp"])
-
-
-def inference_precision(config, model, torch_device, say):
-    """config with the `amp` and `channels_last` evaluation and prediction run in ("auto" chosen by
-    amp.inference_precision, said in one line); the model made channels_last when that says so (not on NPU)."""
+def inference_model(config, torch_device, say):
+    """(model_with_weights in eval mode, config with the `amp` and `channels_last` evaluation and prediction run in):
+    "auto" resolved by amp.inference_precision, said in one line; channels_last converts the model (not on NPU)."""
+    model = model_with_weights(config, torch_device, say).eval()
     precision, channels_last = amp.inference_precision(torch_device.type, config["amp"], config["channels_last"])
     if config["amp"] == "auto":
         say(f'amp = "auto" on this {torch_device.type}: {"fp32" if precision == "off" else precision}'
             f'{" + channels_last" if channels_last else ""}; amp=off gives exact fp32')
     if channels_last and torch_device.type != "npu":  # torch_npu supports only contiguous tensors
         model.to(memory_format=torch.channels_last)
-    return {**config, "amp": precision, "channels_last": channels_last}
+    return model, {**config, "amp": precision, "channels_last": channels_last}
 
 
 def inference_options(config, torch_device):
     """What predicting one photo takes: the [test] table, data.test_scale, the autocast context and the table from
     class to the label ids written (label_ids = "cityscapes") or None."""
     return {"test": config["test"], "test_scale": config["data"]["test_scale"],
-            "autocast": autocast_of(config, torch_device),
+            "autocast": amp.autocast_for(torch_device.type, config["amp"]),
             "label_ids": data.CITYSCAPES_TRAINID_TO_ID if config["label_ids"] == "cityscapes" else None}
 
 
@@ -112,8 +108,7 @@ def split_items(config, splits_key, cache=True, complete=True):
     file must exist (a cheap check at start, so a missing val image is not found after training)."""
     cfg, info = config["data"], dataset_info(config)
     items = info["list"](os.path.join(config["data_root"], cfg["root"]), cfg[splits_key])
-    missing = [path for item in items for path in item if complete and not os.path.isfile(path)]
-    if missing:
+    if missing := [path for item in items for path in item if complete and not os.path.isfile(path)]:
         raise UserError(f"{missing[0]}: not found, one of {len(missing)} missing files of data.{splits_key} (e.g. "
                         f"{', '.join(missing[1:4]) or 'no other'}); check data_root, data.root and the split lists")
     if not cfg["cache"] or not cache:
@@ -172,11 +167,7 @@ def train_task(config, load_section=None):
     also appends whatever it prints to <output_dir>/log.txt, after the resolved config and the environment."""
     for key in ("train_splits", "val_splits")[: 1 + bool(config["eval_interval"] or config["final_eval"])]:
         split_items(config, key, cache=False)
-    torch_device, rank, world_size, say = start(config)
-    batch_size, accumulate = config["data"]["batch_size"], config["accumulate"]
-    if batch_size % (world_size * accumulate):  # config.validate checks it first when torchrun starts the processes
-        raise UserError(f"data.batch_size = {batch_size} (global) is not divisible by {world_size} processes × "
-                        f"accumulate = {accumulate} micro-batches")
+    torch_device, rank, world_size, say = start(config)  # config.validate checked the batch these processes share
     resuming = config["resume"] or bool(config["resume_from"])
     release = train.own_output_dir(config["output_dir"], config["section"], checkpoint.run_identity(config),
                                    resuming) if rank == 0 else (lambda: None)
@@ -219,9 +210,9 @@ def train_model(config, torch_device, rank, world_size, say, resuming):
     runner = train.speedups(model, torch_device, config["channels_last"], config["compile"], say)
     board = metrics.tensorboard(config["output_dir"], say) if rank == 0 else None
     step = {"loss_fn": loss_function(config, say), "optimizer": optimizer, "scaler": scaler, "seed": config["seed"],
-            "autocast": autocast_of(config, torch_device), "norm_eval": config["norm_eval"], "rank": rank,
+            "autocast": amp.autocast_for(torch_device.type, config["amp"]), "norm_eval": config["norm_eval"],
             "lr_at": functools.partial(train.lr_at, base_lr=config["optimizer"]["lr"], schedule=config["schedule"],
-                                       total=config["iterations"]), "accumulate": accumulate}
+                                       total=config["iterations"]), "accumulate": accumulate, "rank": rank}
     intervals = {"log": config["log_interval"], "checkpoint": config["checkpoint_interval"],
                  "eval": config["eval_interval"], "final_eval": config["final_eval"]}
     evaluate = evaluation(config, model, torch_device, board) if config["eval_interval"] or config["final_eval"] \
@@ -263,11 +254,10 @@ def checkpoint_hooks(config, state_of, progress, evaluate, say):
 
 
 def evaluation(config, model, torch_device, board=None):
-    """evaluate(iteration=None) -> scores of `model` on the val split: rank 0 prints the table and writes eval.json,
-    a metrics.jsonl line (and TensorBoard scalars and three panels to `board`). The global CPU generator is left as
-    it was: evaluating never changes training."""
+    """evaluate(iteration=None) -> scores of `model` on the val split; rank 0 prints the table, writes eval.json and a
+    metrics.jsonl line (TensorBoard scalars, three panels to `board`). The global CPU generator is left as it was."""
     dataset, info = eval_dataset(config)
-    rank, world_size = dist.rank(), dist.world_size()
+    rank, world_size, autocast = dist.rank(), dist.world_size(), amp.autocast_for(torch_device.type, config["amp"])
     loader = data.eval_loader(dataset, rank, world_size, config["data"]["workers"], torch_device.type != "cpu",
                               evaluate.collate_views)
 
@@ -275,7 +265,7 @@ def evaluation(config, model, torch_device, board=None):
         progress = metrics.progress_lines(len(loader), max(10, len(loader) // 10), print) if rank == 0 else None
         with torch.random.fork_rng(devices=[]):
             matrix, details = evaluate.confusion_over(model, loader, torch_device, config["model"]["num_classes"],
-                                                      autocast_of(config, torch_device), config["test"], progress,
+                                                      autocast, config["test"], progress,
                                                       per_image=(len(dataset), loader.dataset.indices))
         loss = details["val_loss"]
         result = {**metrics.metrics_from_confusion(matrix), "val_loss": None if loss is None else loss.item()}
@@ -298,7 +288,7 @@ def worst_panels(config, model, torch_device, counts, dataset_and_info):
     listed = []
     for number, ((index, miou), (stem, picture)) in enumerate(zip(worst, panels), 1):
         path = os.path.join("worst", f"{number:02d}_{stem}.png")
-        predict.write_png(os.path.join(config["output_dir"], path), picture)
+        files.save_image(os.path.join(config["output_dir"], path), picture, "PNG")
         listed.append({"index": index, "stem": stem, "mIoU": miou, "panel": path})
     return listed
 
@@ -319,8 +309,7 @@ def evaluate_task(config, load_section=None):
     split_items(config, "val_splits", cache=False)  # every file is there before the model loads
     torch_device, rank, world_size, say = start(config)
     os.makedirs(config["output_dir"], exist_ok=True)
-    model = model_with_weights(config, torch_device, say)
-    config = inference_precision(config, model, torch_device, say)
+    model, config = inference_model(config, torch_device, say)
     result = evaluation(config, model, torch_device)()
     dist.print_on_rank0(f"wrote {os.path.join(config['output_dir'], 'eval.json')}")
     if rank == 0 and config["save_predictions"] > 0:
@@ -343,7 +332,7 @@ def save_predictions(config, model, torch_device):
     folder = os.path.join(config["output_dir"], "predictions")
     panels = panels_of(config, model, torch_device, config["save_predictions"])
     for stem, picture in panels:
-        predict.write_png(os.path.join(folder, f"{stem}.png"), picture)
+        files.save_image(os.path.join(folder, f"{stem}.png"), picture, "PNG")
     print(f"wrote {len(panels)} colour-coded predictions to {folder}")
 
 
@@ -356,8 +345,7 @@ def predict_task(config, load_section=None):
     """`weights` applied to every image of `input`; label maps and overlays under `output`."""
     jobs = predict_jobs(config)
     torch_device, rank, world_size, say = start(config)
-    model = model_with_weights(config, torch_device, say).eval()
-    config = inference_precision(config, model, torch_device, say)
+    model, config = inference_model(config, torch_device, say)
     info = dataset_info(config)
     inference = {**inference_options(config, torch_device), "save_probabilities": config["save_probabilities"]}
     written = predict.predict_files(model, jobs[rank::world_size], config["output"], inference,
@@ -370,9 +358,8 @@ def predict_task(config, load_section=None):
 
 
 def export_task(config, load_section=None):
-    """`weights` as an ONNX file at `output` for export.hw images (a seg checkpoint may set it: config.py
-    carry_from_checkpoint), then run in onnxruntime on a few images (`input`, resized to export.hw, or generated
-    ones) against seg's own prediction: exit 2 below 99.9% label agreement."""
+    """`weights` as an ONNX file at `output` for export.hw images (a seg checkpoint may set it), run in onnxruntime on
+    a few images (`input` resized to export.hw, or generated) against seg: exit 2 below 99.9% label agreement."""
     model = model_with_weights(config, torch.device("cpu"), print).eval()
     print(f"exporting for H×W = {config['export']['hw'][0]}×{config['export']['hw'][1]} images (export.hw)")
     return predict.export_and_check(model, tuple(config["export"]["hw"]), config["output"],
@@ -380,8 +367,7 @@ def export_task(config, load_section=None):
 
 
 def demo_task(config, load_section=None):
-    """Generate the demo data (local rank 0 of each node; the others wait at a barrier), train, evaluate, and
-    write colour-coded predictions from the model it trained."""
+    """Generate the demo data (local rank 0 per node; the others wait), train, evaluate, save its predictions."""
     _, rank, _, _ = start(config)
     root = os.path.join(config["data_root"], config["data"]["root"])
     generate = prepare.make_demo_voc if config["data"]["dataset"] == "voc" else prepare.make_demo_cityscapes

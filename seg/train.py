@@ -16,6 +16,8 @@ from seg.files import UserError
 from seg.metrics import drop_records_after
 
 NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
+SEG_OUTPUTS = re.compile(r"iter_\d+\.pth|best\.pth|metrics\.jsonl|eval\.json|log\.txt|config\.toml|tb|predictions|"
+                         r"report")
 
 
 def lr_at(iteration, base_lr, schedule, total):
@@ -98,9 +100,8 @@ def train_one_step(model, batch, loss_fn, optimizer, scaler, autocast, accumulat
 
 
 def reseed(seed, rank, iteration):
-    """Restart every rank's torch generators (CPU and device: dropout, PointRend's points) after each checkpoint
-    and on resume: a resumed run draws what the uninterrupted run drew, with no generator state to gather across
-    ranks (HCCL cannot all_gather the int64 that would need)."""
+    """Restart every rank's torch generators (CPU and device: dropout, PointRend's points) after each checkpoint and
+    on resume: a resumed run draws what the uninterrupted one drew, with no generator state to gather (HCCL cannot)."""
     torch.manual_seed((seed * 1_000_003 + iteration) * 4099 + rank)
 
 
@@ -182,10 +183,6 @@ def resume(model, optimizer, scaler, output_dir, iterations, log, reseed_with=(0
     return state["iteration"]
 
 
-SEG_OUTPUTS = re.compile(r"iter_\d+\.pth|best\.pth|metrics\.jsonl|eval\.json|log\.txt|config\.toml|tb|predictions|"
-                         r"report")
-
-
 def own_output_dir(output_dir, section, identity, resuming):
     """Lock `output_dir` (files.take_lock) and make it this run's: <output_dir>/run.json records the section, a
     fingerprint of `identity` (checkpoint.run_identity) and the time. A folder holding anything is trained into only
@@ -221,7 +218,6 @@ def own_output_dir(output_dir, section, identity, resuming):
 
 
 def training_state(model, optimizer, scaler, iteration, config, best=None):
-    """What a checkpoint holds: model, optimizer, scaler, iteration and the resolved config (and checkpoint.best's
-    progress when it is on)."""
+    """What a checkpoint holds: model, optimizer, scaler, iteration, the config (and checkpoint.best's progress)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": amp.scaler_state(scaler),
             "iteration": iteration, "config": config, **({"best": dict(best)} if best else {})}

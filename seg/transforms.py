@@ -158,14 +158,11 @@ def detectron2_accepts(label, max_area, ignore_index):
 def choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last):
     """Draw windows in hw until accepts(label_of(window) -> label crop), at most `tries` times -> (window, label crop).
     If all fail, mmseg (draw_after_last=True) draws one more, untested; detectron2 (False) keeps the last tried."""
-    for _ in range(tries):
+    for attempt in range(tries + (draw_after_last or tries == 0)):  # the extra draw is not tested
         window = _draw_window(rng, hw, crop_hw)
         crop_label = label_of(window)
-        if accepts(crop_label):
-            return window, crop_label
-    if draw_after_last or tries == 0:
-        window = _draw_window(rng, hw, crop_hw)
-        crop_label = label_of(window)
+        if attempt < tries and accepts(crop_label):
+            break
     return window, crop_label
 
 
@@ -428,9 +425,8 @@ def _round_trip_torch(x, maps, saturation_base, shift):
 
 
 def apply_jitter(images, params):
-    """apply_jitter_planes, bit for bit, on a batch on any device: uint8 N×3×H×W images and int16 N×JITTER_SIZE
-    parameters -> uint8 N×3×H×W. Steps a sample did not draw are computed for the whole batch and discarded with
-    torch.where, so nothing is read back to the host (cheap on a GPU)."""
+    """apply_jitter_planes, bit for bit, on a batch on any device: uint8 N×3×H×W images, int16 N×JITTER_SIZE parameters
+    -> uint8 N×3×H×W. Steps a sample did not draw are computed anyway and dropped by torch.where: nothing read back."""
     count = images.shape[0]
     params = params.to(torch.int32)
     maps = params[:, :POST.stop].contiguous().view(-1)  # the three 256-entry maps of every sample

@@ -309,3 +309,24 @@ def test_enet_weights_by_hand_and_the_rule_in_a_run(voc_root, tmp_path, capsys):
     loss_fn = tasks.loss_function(cfg)
     assert "loss.class_weight = [" in capsys.readouterr().out and len(loss_fn.keywords["class_weight"]) == 5
     assert "class_weight_rule" not in loss_fn.keywords
+
+
+def test_keep_last_and_resume_agree_on_which_checkpoints_are_this_runs(tmp_path):
+    """One rule (checkpoint.why_not_this_run) for keep_last and resume: every run_identity key must be equal; a key
+    the identity does not name (a newer seg's model option) does not make a checkpoint foreign, a differing one does."""
+    cfg = load(f"output_dir={tmp_path}")
+    extra, other = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    extra["model"]["not_an_identity_key"] = 1
+    other["data"]["train_splits"] = ["someone_else"]
+    identity = checkpoint.run_identity(cfg)
+    for iteration, stored in ((2, cfg), (4, extra), (6, other)):
+        checkpoint.save_atomic(seg_state(stored, iteration), tmp_path / f"iter_{iteration:07d}.pth")
+    reasons = [checkpoint.why_not_this_run(path, checkpoint.stored_config(path), identity)
+               for path in checkpoint.checkpoints_newest_first(tmp_path)]
+    assert reasons[1:] == [None, None] and "its data.train_splits is ['someone_else']" in reasons[0]
+    with pytest.raises(UserError, match="iter_0000006.pth is not a checkpoint of this run: its data.train_splits"):
+        checkpoint.latest_loadable_checkpoint(tmp_path, identity=identity)
+    (tmp_path / "iter_0000006.pth").rename(tmp_path / "elsewhere.pth")
+    assert checkpoint.latest_loadable_checkpoint(tmp_path, identity=identity)[0].name == "iter_0000004.pth"
+    checkpoint.keep_newest(tmp_path, cfg, 1, log=lambda *a, **k: None)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere.pth", "iter_0000004.pth"]

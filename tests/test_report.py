@@ -236,3 +236,11 @@ def test_cityscapes_label_ids_round_trip_and_score_as_seg_does(tmp_path):
     if official is None:
         pytest.skip("cityscapesscripts is not installed (pip install --no-deps cityscapesscripts pyquaternion)")
     assert official == pytest.approx(result["mIoU"], rel=1e-9)
+
+
+def test_records_skip_torn_and_non_utf8_lines(tmp_path):
+    """A metrics.jsonl line that is not UTF-8 is skipped like a torn one (reading it raised UnicodeDecodeError)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"iteration": 2, "lr": 0.1}\n{"iteration": 4, "lr": "\xff"}\n{"iteration": 6, "lr": 0.05}\n'
+                     b'{"iteration": 8, "l')
+    assert report.read_records(path) == [{"iteration": 2, "lr": 0.1}, {"iteration": 6, "lr": 0.05}]
