@@ -12,10 +12,10 @@
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 \\
              --nproc_per_node 8 run.py pointrend_8p       # several nodes (node_rank 1 on the other)
 
-Installed (pip install -e .), `seg` is the same command from any folder (seg/cli.py).
+Installed (pip install -e .), `seg` is the same command from any folder (seg/__init__.py).
 Mistakes in the config or the data exit with code 2 and a message naming the key or file.
 """
-from seg.cli import CONFIG_PATH, console, main, user_message  # noqa: F401 - scripts and tests use run.main
+from seg import CONFIG_PATH, console, main, user_message  # noqa: F401 - scripts and tests use run.main
 
 if __name__ == "__main__":
     console(__doc__)

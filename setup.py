@@ -1,6 +1,6 @@
 """Everything is in pyproject.toml but one build step: the top-level configs.toml (where a checkout keeps it, next to
-run.py) is copied into the built package as seg/configs.toml, which seg/cli.py finds first when installed. An editable
-install (pip install -e .) runs seg/ from the checkout and so finds the checkout's file: nothing to copy."""
+run.py) is copied into the built package as seg/configs.toml, which seg/__init__.py finds first when installed. An
+editable install (pip install -e .) runs seg/ from the checkout and so finds the checkout's file: nothing to copy."""
 import os
 
 from setuptools import setup

@@ -1,7 +1,7 @@
 """The task layer, the only code that reads a resolved config: each task turns it into objects (device, model with
 its weights, datasets, loaders, optimizer, scaler, autocast, callbacks) and hands them to the module that does the
 work: seg/train.py trains, seg/evaluate.py evaluates, seg/predict.py predicts and exports.
-seg/cli.py calls TASKS[config["task"]](config, load_section)."""
+seg.main calls TASKS[config["task"]](config, load_section)."""
 import contextlib
 import functools
 import inspect
@@ -11,7 +11,7 @@ import os
 import torch
 
 from seg import (amp, bench, checkpoint, data, dist, evaluate, files, losses, metrics, pointrend, predict, prepare,
-                 pspnet, report, resnet, train, transforms)
+                 pspnet, resnet, train, transforms)
 from seg.config import section_toml
 from seg.files import UserError
 
@@ -422,7 +422,7 @@ def prepare_task(config, load_section=None):
 
 
 def report_task(config, load_section=None):
-    return report.write_report(config["run"])
+    return metrics.write_report(config["run"])
 
 
 TASKS = {"train": train_task, "evaluate": evaluate_task, "predict": predict_task, "export": export_task,

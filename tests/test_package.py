@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import seg
-from seg import checkpoint, cli, config, evaluate, predict, tasks
+from seg import checkpoint, config, evaluate, predict, tasks
 from seg.files import UserError
 from seg.pspnet import build_pspnet
 
@@ -230,21 +230,21 @@ def test_a_dumped_resolved_config_loads_as_it_was(tmp_path, name):
 
 def test_list_shows_each_sections_file_and_the_command_line_takes_config(tmp_path, capsys, monkeypatch):
     mine = write(tmp_path / "my.toml", '[mine]\ninherit = "demo"\ndescription = "my demo"\niterations = 3\n')
-    assert cli.main(["--list", "--config", mine]) == 0
+    assert seg.main(["--list", "--config", mine]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"# {CONFIGS}" and lines[-2:] == [f"# {mine}", f"{'mine':<20} my demo"]
     assert "demo" in [line.split()[0] for line in lines[1:-2]]
-    cli.main(["mine", f"--config={mine}", "--show"])
+    seg.main(["mine", f"--config={mine}", "--show"])
     assert "iterations = 3" in capsys.readouterr().out
     with pytest.raises(UserError, match="--config needs a file"):
-        cli.main(["mine", "--config"])
+        seg.main(["mine", "--config"])
     bad = write(tmp_path / "bad.toml", '[mine]\ninherit = "demo"\nitrations = 3\n')
     monkeypatch.setattr(sys, "argv", ["seg", "mine", "--config", bad])
     with pytest.raises(SystemExit) as exited:
-        cli.console()
+        seg.console()
     assert exited.value.code == 2 and capsys.readouterr().err.startswith(
         f"error: {bad} [mine]: unknown key 'itrations'; closest: iterations")
-    assert cli.main(["--help"]) == 0 and "seg mine --config my.toml" in capsys.readouterr().out
+    assert seg.main(["--help"]) == 0 and "seg mine --config my.toml" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------ the installed package

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from seg import config, data, evaluate, metrics, prepare, report, tasks
+from seg import config, data, evaluate, metrics, prepare, tasks
 from seg.pointrend import build_pointrend
 from seg.pspnet import build_pspnet
 
@@ -160,10 +160,10 @@ def test_report_page_references_only_files_that_exist_and_plots_are_pngs(voc_roo
     tasks.train_task({**cfg, "iterations": 6, "resume": True})  # a resumed run
     with open(run / "metrics.jsonl", "a") as handle:
         handle.write('{"iteration": 7, "loss')  # a run in progress: its newest line is half written
-    page = report.write_report(str(run))
-    records = report.read_records(run / "metrics.jsonl")
-    assert [r["iteration"] for r in report.by_iteration(records, "mIoU")] == [2, 4, 6]
-    assert [r["iteration"] for r in report.by_iteration(records, "lr")] == [2, 4, 6]
+    page = metrics.write_report(str(run))
+    records = metrics.read_records(run / "metrics.jsonl")
+    assert [r["iteration"] for r in metrics.by_iteration(records, "mIoU")] == [2, 4, 6]
+    assert [r["iteration"] for r in metrics.by_iteration(records, "lr")] == [2, 4, 6]
     assert "evaluation at iteration 6:" in Path(page).read_text()
     parser = Sources()
     text = Path(page).read_text()
@@ -243,4 +243,4 @@ def test_records_skip_torn_and_non_utf8_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"iteration": 2, "lr": 0.1}\n{"iteration": 4, "lr": "\xff"}\n{"iteration": 6, "lr": 0.05}\n'
                      b'{"iteration": 8, "l')
-    assert report.read_records(path) == [{"iteration": 2, "lr": 0.1}, {"iteration": 6, "lr": 0.05}]
+    assert metrics.read_records(path) == [{"iteration": 2, "lr": 0.1}, {"iteration": 6, "lr": 0.05}]
