@@ -1,4 +1,4 @@
-"""Datasets on disk (VOC12aug, Cityscapes): metadata, listers, datasets, sampler, collation and loaders."""
+"""Datasets on disk (VOC12aug, Cityscapes): metadata, listers, datasets, sampler, collation, normalisation, loaders."""
 import collections
 import concurrent.futures
 import functools
@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from seg import transforms
 from seg.files import IGNORE_INDEX, IMAGE_EXTENSIONS, UserError, read_image_bgr, read_label
@@ -219,6 +220,27 @@ def collate(samples, divisor=1, min_hw=(0, 0)):
             raise ValueError("either every sample of a batch carries colour jitter parameters or none does")
         batch["jitter"] = torch.from_numpy(np.stack(jitters))
     return batch
+
+
+def normalize_and_pad(image, hw, mean, std, rgb, divisor):
+    """collate pads on the host, this normalises on the device: a padded batch of BGR images -> network input. image:
+    N×3×H×W uint8 (or float) in 0..255, BGR; hw: int N×2 valid (height, width), padding at bottom/right; mean, std: 3
+    values in the model's channel order (RGB if `rgb`: flip BGR to RGB first); divisor: pad H, W up to a multiple of it
+    (1 = none). Returns float32 N×3×H'×W': (x - mean) / std inside each valid area, exactly 0 elsewhere (both references
+    pad after normalising: 0 = mean)."""
+    x = image.float().flip(1) if rgb else image.float()
+    mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
+    x = (x - mean) / std
+    height, width = x.shape[-2:]
+    hw = hw.to(x.device)
+    # A mask instead of a loop over images keeps hw on the device: no host sync per batch.
+    rows = torch.arange(height, device=x.device).view(1, height, 1) < hw[:, 0].view(-1, 1, 1)
+    cols = torch.arange(width, device=x.device).view(1, 1, width) < hw[:, 1].view(-1, 1, 1)
+    x = x.masked_fill(~(rows & cols).unsqueeze(1), 0.0)
+    if image.is_contiguous(memory_format=torch.channels_last):  # masked_fill returns NCHW; keep the caller's NHWC
+        x = x.contiguous(memory_format=torch.channels_last)
+    pad_h, pad_w = -height % divisor, -width % divisor
+    return F.pad(x, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else x
 
 
 def train_loader(dataset, per_device_batch, rank, world_size, seed, workers, pin_memory, start=0, divisor=1,

@@ -1,16 +1,159 @@
-"""PointRend semantic segmentation (detectron2 SemanticFPN + PointRend, R101-FPN, Cityscapes); state-dict names and
-shapes equal detectron2's (tests/data/checkpoint_keys/detectron2_pointrend_r101_fpn.txt). Point maths uses gathers
-instead of F.grid_sample, so the loss path stays on the device (the Ascend port ran grid_sample on the host) and
-autograd flows through the bilinear weights. Coordinates are (x, y) in [0, 1] of the padded input; pixel centres sit at
-((i + 0.5)/W, (j + 0.5)/H), as for grid_sample with align_corners=False."""
+"""PointRend semantic segmentation (detectron2 SemanticFPN + PointRend, R101-FPN, Cityscapes) on detectron2's MSRA
+ResNet + FPN. Module names follow detectron2's (`bottom_up.res4.22.conv2.norm`, `fpn_lateral3`), so checkpoints load
+unrenamed (names, shapes: tests/data/checkpoint_keys/detectron2_pointrend_r101_fpn.txt); reduced models: same code.
+Point maths uses gathers instead of F.grid_sample, so the loss path stays on the device (the Ascend port ran grid_sample
+on the host) and autograd flows through the bilinear weights. Coordinates are (x, y) in [0, 1] of the padded input;
+pixel centres sit at ((i + 0.5)/W, (j + 0.5)/H), as for grid_sample with align_corners=False."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seg.resnet import build_resnet_fpn, c2_msra_fill, normalize_and_pad
+from seg.data import normalize_and_pad
+from seg.pspnet import EXPANSION, batch_norm, stage_blocks
 
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
 FPN_STRIDES = (4, 8, 16, 32)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine terms (buffers; train()/eval() change nothing): y = x·scale + shift,
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean·scale. Fresh: the identity (as detectron2)."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features) - eps)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def c2_msra_fill(conv):
+    """detectron2/fvcore init for convs followed by ReLU: kaiming-normal (fan_out, relu), bias 0."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class NormedConv2d(nn.Conv2d):
+    """Bias-free conv with its norm as child `norm` (detectron2: `conv1.weight`, `conv1.norm.*`); no activation.
+    norm: "frozen" (FrozenBatchNorm2d) or "bn" (pspnet.batch_norm: nn.BatchNorm2d, the trainer may make it SyncBN)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, norm="frozen"):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.norm = FrozenBatchNorm2d(out_channels) if norm == "frozen" else batch_norm(out_channels, norm)
+
+    def forward(self, x):
+        return self.norm(super().forward(x))
+
+
+class BottleneckMSRA(nn.Module):
+    """MSRA bottleneck, stride on the first 1x1 conv (stride_in_1x1); the shortcut is a strided 1x1 conv + norm
+    when the channel count changes (first block of a stage), else the identity."""
+
+    def __init__(self, in_channels, width, stride, norm):
+        super().__init__()
+        out_channels = width * EXPANSION
+        self.shortcut = (NormedConv2d(in_channels, out_channels, 1, stride=stride, norm=norm)
+                         if in_channels != out_channels else None)
+        self.conv1 = NormedConv2d(in_channels, width, 1, stride=stride, norm=norm)
+        self.conv2 = NormedConv2d(width, width, 3, padding=1, norm=norm)
+        self.conv3 = NormedConv2d(width, out_channels, 1, norm=norm)
+
+    def forward(self, x):
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        y = F.relu(self.conv1(x), inplace=True)
+        y = F.relu(self.conv2(y), inplace=True)
+        return F.relu(self.conv3(y) + shortcut, inplace=True)
+
+
+class StemMSRA(nn.Module):
+    """7x7 stride-2 conv + norm + ReLU, then 3x3 stride-2 max-pool (floor mode): output stride 4."""
+
+    def __init__(self, out_channels, norm):
+        super().__init__()
+        self.conv1 = NormedConv2d(3, out_channels, 7, stride=2, padding=3, norm=norm)
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu(self.conv1(x), inplace=True), kernel_size=3, stride=2, padding=1)
+
+
+class ResNetMSRA(nn.Module):
+    """detectron2-style ResNet; forward(x) -> {"res2".."res5"} at strides 4, 8, 16, 32."""
+
+    def __init__(self, blocks, stem_channels, base_channels, norm):
+        super().__init__()
+        self.stem = StemMSRA(stem_channels, norm)
+        self.out_channels, in_channels = {}, stem_channels
+        for i, count in enumerate(blocks):
+            name, width, stride = f"res{i + 2}", base_channels * 2**i, 1 if i == 0 else 2
+            layer = [BottleneckMSRA(in_channels, width, stride, norm)]
+            layer += [BottleneckMSRA(width * EXPANSION, width, 1, norm) for _ in range(count - 1)]
+            self.add_module(name, nn.Sequential(*layer))
+            in_channels = width * EXPANSION
+            self.out_channels[name] = in_channels
+
+    def forward(self, x):
+        """x: N×3×H×W -> dict res2..res5, N×C×(H/s)×(W/s) for s = 4, 8, 16, 32."""
+        x = self.stem(x)
+        outputs = {}
+        for name in self.out_channels:
+            x = getattr(self, name)(x)
+            outputs[name] = x
+        return outputs
+
+
+def build_resnet_msra(depth=101, stem_channels=64, base_channels=64, norm="frozen", blocks=None):
+    """MSRA ResNet (detectron2 R-50/R-101, FrozenBN everywhere, no stage frozen), convs c2_msra_fill'ed.
+    Stage res{i+2} has width base_channels·2^i and outputs 4× that; `blocks` overrides `depth`'s block counts."""
+    model = ResNetMSRA(stage_blocks(depth, blocks), stem_channels, base_channels, norm)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            c2_msra_fill(module)
+    return model
+
+
+class FPN(nn.Module):
+    """Feature pyramid p2..p5 on an MSRA ResNet, all `out_channels` wide, sum fusion, no p6. Children are named
+    and registered as in detectron2, so state_dict() lists the reference checkpoint's keys in its order."""
+
+    def __init__(self, bottom_up, out_channels):
+        super().__init__()
+        for level in (2, 3, 4, 5):
+            lateral = nn.Conv2d(bottom_up.out_channels[f"res{level}"], out_channels, 1)
+            output = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            for conv in (lateral, output):  # detectron2's c2_xavier_fill: kaiming-uniform with a=1, bias 0
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+                nn.init.zeros_(conv.bias)
+            self.add_module(f"fpn_lateral{level}", lateral)
+            self.add_module(f"fpn_output{level}", output)
+        self.bottom_up = bottom_up
+
+    def forward(self, x):
+        """x: N×3×H×W (H, W multiples of 32) -> {"p2": N×C×H/4×W/4, ..., "p5": N×C×H/32×W/32}."""
+        features = self.bottom_up(x)
+        merged = self.fpn_lateral5(features["res5"])
+        outputs = {"p5": self.fpn_output5(merged)}
+        for level in (4, 3, 2):
+            lateral = getattr(self, f"fpn_lateral{level}")(features[f"res{level}"])
+            # size= as the NPU interpolate has no scale_factor; with H, W multiples of 32 this is nearest x2
+            merged = lateral + F.interpolate(merged, size=lateral.shape[-2:], mode="nearest")
+            outputs[f"p{level}"] = getattr(self, f"fpn_output{level}")(merged)
+        return {name: outputs[name] for name in ("p2", "p3", "p4", "p5")}
+
+
+def build_resnet_fpn(depth=101, out_channels=256, stem_channels=64, base_channels=64, norm="frozen", blocks=None):
+    """PointRend backbone, MSRA ResNet (`bottom_up`) + FPN: forward(x) -> {"p2".."p5"}. With the defaults,
+    state_dict() equals the `backbone.` entries of the detectron2 R101-FPN checkpoint."""
+    return FPN(build_resnet_msra(depth, stem_channels, base_channels, norm, blocks), out_channels)
 
 
 def _pixel_coordinate(unit, size, single_rounding=False):

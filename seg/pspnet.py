@@ -1,10 +1,106 @@
-"""PSPNet (mmseg 0.10.0 R50-D8): ResNetV1c backbone, pyramid pooling head, auxiliary FCN head. Module names are
-mmseg's: `state_dict()` equals tests/data/checkpoint_keys/mmseg_pspnet_r50_d8.txt key for key."""
+"""PSPNet (mmseg 0.10.0 R50-D8): mmseg's ResNetV1c backbone, pyramid pooling head, auxiliary FCN head. Module names
+follow mmcv's / mmseg's (`stem.0`, `layer1.0.downsample.1`), so checkpoints load unrenamed: `state_dict()` equals
+tests/data/checkpoint_keys/mmseg_pspnet_r50_d8.txt key for key. Reduced widths/blocks run the same code."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg.resnet import build_resnet_v1c, normalize_and_pad
+from seg.data import normalize_and_pad
+from seg.files import UserError
+
+EXPANSION = 4  # bottleneck output channels = 4 x its width
+STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}  # blocks per stage; pointrend.py's MSRA ResNet uses them too
+
+
+def batch_norm(channels, norm="bn"):
+    """mmcv's BN, nn.BatchNorm2d (eps 1e-5, momentum 0.1; the trainer may convert it to SyncBN): ResNetV1c's norm."""
+    if norm != "bn":
+        raise UserError(f"unknown norm {norm!r}; use 'bn' (PointRend's MSRA ResNet also takes 'frozen')")
+    return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
+
+
+def stage_blocks(depth, blocks):
+    """Blocks per stage: `blocks` if given (a reduced demo model), else the standard layout of `depth`."""
+    if blocks is not None:
+        if len(blocks) != 4 or min(blocks) < 1:
+            raise UserError(f"blocks must be 4 positive counts, one per stage (got {blocks!r})")
+        return tuple(blocks)
+    if depth not in STAGE_BLOCKS:
+        raise UserError(f"ResNet depth {depth} is not supported; use one of {sorted(STAGE_BLOCKS)}")
+    return STAGE_BLOCKS[depth]
+
+
+class BottleneckV1c(nn.Module):
+    """mmcv "pytorch"-style bottleneck, stride and dilation on the 3x3 conv: in -> width (1x1) -> width (3x3)
+    -> 4·width (1x1), plus the shortcut (`downsample`: strided 1x1 conv + norm when the shape changes), ReLU."""
+
+    def __init__(self, in_channels, width, stride, dilation, norm):
+        super().__init__()
+        out_channels = width * EXPANSION
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = batch_norm(width, norm)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = batch_norm(width, norm)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = batch_norm(out_channels, norm)
+        self.downsample = None if stride == 1 and in_channels == out_channels else nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), batch_norm(out_channels, norm))
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = F.relu(self.bn2(self.conv2(y)), inplace=True)
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + shortcut, inplace=True)
+
+
+class ResNetV1c(nn.Module):
+    """Deep-stem ResNet with dilated late stages (mmseg ResNetV1c). Built by build_resnet_v1c."""
+
+    def __init__(self, blocks, dilations, strides, contract_dilation, stem_channels, base_channels, norm):
+        super().__init__()
+        # Deep stem, 3x3 convs 3 -> stem/2 -> stem/2 -> stem (first stride 2) + norm + ReLU: convs 0/3/6, norms 1/4/7
+        half, stem = stem_channels // 2, []
+        for cin, cout, stride in ((3, half, 2), (half, half, 1), (half, stem_channels, 1)):
+            stem += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), batch_norm(cout, norm),
+                     nn.ReLU(inplace=True)]
+        self.stem = nn.Sequential(*stem)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.out_channels, in_channels = [], stem_channels
+        for i, (count, stride, dilation) in enumerate(zip(blocks, strides, dilations)):
+            width = base_channels * 2**i
+            # contract_dilation: the block that enters a dilated stage uses half the dilation.
+            first = dilation // 2 if contract_dilation and dilation > 1 else dilation
+            layer = [BottleneckV1c(in_channels, width, stride, first, norm)]
+            layer += [BottleneckV1c(width * EXPANSION, width, 1, dilation, norm) for _ in range(count - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
+            in_channels = width * EXPANSION
+            self.out_channels.append(in_channels)
+
+    def forward(self, x):
+        """x: N×3×H×W -> list of the 4 stage outputs (strides 4, 8, 8, 8 for the default D8 layout)."""
+        x = self.maxpool(self.stem(x))
+        outputs = []
+        for i in range(len(self.out_channels)):
+            x = getattr(self, f"layer{i + 1}")(x)
+            outputs.append(x)
+        return outputs
+
+
+def build_resnet_v1c(depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True,
+                     stem_channels=64, base_channels=64, norm="bn", blocks=None, zero_init_residual=True):
+    """mmseg ResNetV1c, by default the R50-D8 PSPNet backbone (output stride 8). Stage i has width
+    base_channels·2^i and outputs 4× that (256/512/1024/2048); `blocks` overrides `depth`'s block counts.
+    mmcv's from-scratch init: convs kaiming_init(mode="fan_out"), norms 1 / 0 (as built), and
+    with zero_init_residual every bn3 weight 0 (each residual branch starts as the identity)."""
+    model = ResNetV1c(stage_blocks(depth, blocks), dilations, strides, contract_dilation,
+                      stem_channels, base_channels, norm)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):  # all bias-free
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif zero_init_residual and isinstance(module, BottleneckV1c):
+            nn.init.zeros_(module.bn3.weight)
+    return model
 
 
 class ConvBNReLU(nn.Module):
@@ -13,7 +109,7 @@ class ConvBNReLU(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1)
+        self.bn = batch_norm(out_channels)
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)), inplace=True)

@@ -11,7 +11,7 @@ import os
 import torch
 
 from seg import (amp, bench, checkpoint, data, dist, evaluate, files, losses, metrics, pointrend, predict, prepare,
-                 pspnet, resnet, train, transforms)
+                 pspnet, train, transforms)
 from seg.config import section_toml
 from seg.files import UserError
 
@@ -21,7 +21,7 @@ MODELS = {"pspnet": pspnet.build_pspnet, "pointrend": pointrend.build_pointrend}
 def builder_defaults(name):
     """The builder's keyword arguments and defaults: the keys a config's [model] table may set. build_pointrend
     passes **backbone_kwargs on to build_resnet_fpn (whose out_channels it sets itself)."""
-    functions = [resnet.build_resnet_fpn, pointrend.build_pointrend] if name == "pointrend" else [MODELS.get(name)]
+    functions = [pointrend.build_resnet_fpn, pointrend.build_pointrend] if name == "pointrend" else [MODELS.get(name)]
     parameters = [p for function in functions if function for p in inspect.signature(function).parameters.values()]
     return {p.name: p.default for p in parameters if p.default is not p.empty and p.name != "out_channels"}
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from seg import amp, checkpoint, config, evaluate, metrics, predict, prepare, tasks
+from seg.data import normalize_and_pad
 from seg.files import UserError
 from seg.pspnet import build_pspnet
-from seg.resnet import normalize_and_pad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs.toml")

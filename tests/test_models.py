@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from seg.pspnet import build_pspnet
-from seg.resnet import (BottleneckMSRA, BottleneckV1c, FrozenBatchNorm2d, build_resnet_fpn, build_resnet_msra,
-                        build_resnet_v1c, normalize_and_pad)
+from seg.data import normalize_and_pad
+from seg.pointrend import BottleneckMSRA, FrozenBatchNorm2d, build_resnet_fpn, build_resnet_msra
+from seg.pspnet import BottleneckV1c, build_pspnet, build_resnet_v1c
 
 REPO = Path(__file__).resolve().parents[1]
 # key names and shapes of the published checkpoints (mmseg's pspnet_r50-d8 VOC12aug file, detectron2's PointRend
