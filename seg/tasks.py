@@ -1,6 +1,5 @@
-"""The task layer, the only code that reads a resolved config: each task turns it into objects (device, model with
-its weights, datasets, loaders, optimizer, scaler, autocast, callbacks) and hands them to the module that does the
-work: seg/train.py trains, seg/evaluate.py evaluates, seg/predict.py predicts and exports.
+"""The task layer, the only code that reads a resolved config: each task turns it into objects and hands them to the
+module that does the work: seg/train.py trains, seg/evaluate.py evaluates, seg/predict.py predicts and exports.
 seg.main calls TASKS[config["task"]](config, load_section)."""
 import contextlib
 import functools
@@ -34,8 +33,7 @@ def build_model(model_table):
 
 
 def loss_function(config, log=print):
-    """outputs, label -> dict of losses, for the configured model. loss.class_weight_rule = "enet" sets
-    loss.class_weight from the pixels of each class in the training split (every pair decoded once, in threads)."""
+    """outputs, label -> dict of losses; loss.class_weight_rule = "enet" weighs the classes by their training pixels."""
     table = dict(config["loss"])
     if table["class_weight_rule"]:
         items, info, _ = split_items(config, "train_splits", cache=False)
@@ -72,8 +70,7 @@ def model_with_weights(config, torch_device, log):
 
 
 def inference_model(config, torch_device, say):
-    """(model_with_weights in eval mode, config with the `amp` and `channels_last` evaluation and prediction run in):
-    "auto" resolved by amp.inference_precision, said in one line; channels_last converts the model (not on NPU)."""
+    """(model_with_weights in eval mode, config with the `amp` ("auto" resolved) and `channels_last` of inference)."""
     model = model_with_weights(config, torch_device, say).eval()
     precision, channels_last = amp.inference_precision(torch_device.type, config["amp"], config["channels_last"])
     if config["amp"] == "auto":
@@ -85,16 +82,14 @@ def inference_model(config, torch_device, say):
 
 
 def inference_options(config, torch_device):
-    """What predicting one photo takes: the [test] table, data.test_scale, the autocast context and the table from
-    class to the label ids written (label_ids = "cityscapes") or None."""
+    """What predicting one photo takes (predict.predict_files' and predict.prediction_panels' `inference`)."""
     return {"test": config["test"], "test_scale": config["data"]["test_scale"],
             "autocast": amp.autocast_for(torch_device.type, config["amp"]),
             "label_ids": data.CITYSCAPES_TRAINID_TO_ID if config["label_ids"] == "cityscapes" else None}
 
 
 def dataset_info(config):
-    """The dataset's lister(root, splits), label hint, and the model's class names and palette (data.classes and
-    data.palette replace the dataset's own; classes beyond them get names "class k" and fixed colours)."""
+    """The dataset's lister(root, splits) and label hint; the model's class names and palette (data.* override)."""
     cfg, info = config["data"], data.dataset_info(config["data"]["dataset"])
     if cfg["dataset"] == "folder":
         info["list"] = functools.partial(data.folder_items, label_suffix=cfg["label_suffix"])
@@ -120,8 +115,7 @@ def split_items(config, splits_key, cache=True, complete=True):
 
 
 def augmentation(config):
-    """Whose training pipeline: the dataset's reference ("voc": mmseg, "cityscapes": detectron2); a folder dataset
-    gets its model's (PSPNet: mmseg's, PointRend: detectron2's)."""
+    """Whose training pipeline ("voc": mmseg's, "cityscapes": detectron2's): the dataset's, for a folder its model's."""
     if config["data"]["dataset"] != "folder":
         return config["data"]["dataset"]
     return "voc" if config["model"]["name"] == "pspnet" else "cityscapes"
@@ -215,8 +209,7 @@ def train_model(config, torch_device, rank, world_size, say, resuming):
                                        total=config["iterations"]), "accumulate": accumulate, "rank": rank}
     intervals = {"log": config["log_interval"], "checkpoint": config["checkpoint_interval"],
                  "eval": config["eval_interval"], "final_eval": config["final_eval"]}
-    evaluate = evaluation(config, model, torch_device, board) if config["eval_interval"] or config["final_eval"] \
-        else None
+    evaluate = evaluation(config, model, torch_device, board) if intervals["eval"] or intervals["final_eval"] else None
     hooks = {"say": say, "log": functools.partial(metrics.log_record, output_dir=config["output_dir"], rank=rank,
                                                   board=board),
              **checkpoint_hooks(config, lambda iteration: train.training_state(

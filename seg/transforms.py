@@ -1,13 +1,12 @@
 """Training-time augmentation: mmsegmentation 0.10 (VOC) and detectron2 PointRend (Cityscapes).
 
-Images are uint8 H×W×3 BGR, labels uint8 H×W (255 = ignore), randomness from the `rng: numpy.random.Generator`
-argument; nothing here normalises or pads (collate pads, the model normalises). A sampler is three stages, which
-seg/bench.py times apart: a crop plan (CROP_PLANS: scale, crop windows tested on label windows gathered from the
-original label, flip coin), resize_image_window (bit for bit that window of a full resize), draw_jitter. Labels are
-resized exactly by OpenCV's (VOC) or Pillow's (Cityscapes) nearest rule, images with OpenCV INTER_LINEAR's geometry
-in float32 (README "Differences from the references"): VOC images ±1 on a few pixels (OpenCV's 11-bit weights; not
-checked against cv2), Cityscapes within 1 of Pillow BILINEAR upscaling, sharper downscaling (no antialiasing: mean
-~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
+Images are uint8 H×W×3 BGR, labels uint8 H×W (255 = ignore), randomness from the `rng: numpy.random.Generator` argument;
+nothing here normalises or pads (collate pads, the model normalises). A sampler is three stages, which seg/bench.py
+times apart: a crop plan (CROP_PLANS: scale, crop windows tested on label windows gathered from the original label, flip
+coin), resize_image_window, draw_jitter. Labels are resized exactly by OpenCV's (VOC) or Pillow's (Cityscapes) nearest
+rule, images with OpenCV INTER_LINEAR's geometry in float32 (README "Differences from the references"): VOC images ±1 on
+a few pixels (OpenCV's 11-bit weights; not checked against cv2), Cityscapes within 1 of Pillow BILINEAR upscaling,
+sharper downscaling (no antialiasing: mean ~1.5 levels, max ~10 on a noisy photo-like image; up to ~40 on fine stripes).
 
 Colour jitter (mmseg PhotoMetricDistortion, detectron2 ColorAugSSD) on 3×H×W planes or H×W×3 views of them:
 draw_jitter draws a sample's parameters in the loader worker; apply_jitter_planes (numpy) applies them there, or
@@ -167,8 +166,7 @@ def choose_window(rng, label_of, hw, crop_hw, accepts, tries, draw_after_last):
 
 
 def _plan_window(rng, label, hw, crop_hw, accepts, draw_after_last, nearest_src):
-    """Crop window of the label resized to hw (up to 10 tries of accepts; None: no test), then the flip coin ->
-    (hw, window, flip, label crop mirrored if flip)."""
+    """(hw, crop window (up to 10 tries of accepts; None: no test), flip coin, label crop mirrored if flip)."""
     label_of = lambda window: resize_label_window(label, hw, window, nearest_src)  # noqa: E731
     window, crop_label = choose_window(rng, label_of, hw, crop_hw, accepts, 10 if accepts else 0, draw_after_last)
     flip = bool(rng.random() < 0.5)
@@ -200,9 +198,8 @@ CROP_PLANS = {"voc": (voc_crop_plan, 18), "cityscapes": (cityscapes_crop_plan, 1
 
 
 def _train_sample(name, rng, image, label, **options):
-    """CROP_PLANS[name](**options) -> that window of the resized image -> draw_jitter, drawn last -> (H×W×3 uint8 BGR
-    image, a view of channel planes; H×W uint8 label, not padded; int16 jitter parameters, applied later by
-    jittered or apply_jitter). Flip drawn before the jitter (detectron2: after): the jitter is per pixel."""
+    """(H×W×3 uint8 BGR image, a view of channel planes; H×W uint8 label, not padded; int16 jitter parameters, applied
+    later by jittered or apply_jitter). Flip drawn before the jitter (detectron2: after): the jitter is per pixel."""
     if image.shape[:2] != label.shape:
         raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
     plan, hue_high = CROP_PLANS[name]
@@ -210,8 +207,7 @@ def _train_sample(name, rng, image, label, **options):
     return planar_view(resize_image_window(image, hw, window, flip)), label, draw_jitter(rng, hue_high)
 
 
-# (rng, image, label, **crop plan options; defaults: the recipes') -> sample: mmseg 0.10's VOC train pipeline
-# (voc_crop_plan, PhotoMetricDistortion) and detectron2 PointRend's Cityscapes one (cityscapes_crop_plan, ColorAugSSD)
+# (rng, image, label, **crop plan options; defaults: the recipes') -> sample: mmseg 0.10's VOC, detectron2's Cityscapes
 voc_train_sample = functools.partial(_train_sample, "voc")
 cityscapes_train_sample = functools.partial(_train_sample, "cityscapes")
 TRAIN_SAMPLERS = {"voc": voc_train_sample, "cityscapes": cityscapes_train_sample}
@@ -359,7 +355,6 @@ def draw_jitter(rng, hue_high):
     for detectron2's inclusive randint), contrast if not first; brightness and contrast compose exactly into one map."""
     def maybe(draw, default=None):
         return draw() if rng.integers(2) else default
-    params = np.zeros(JITTER_SIZE, np.int16)
     pre = maybe(lambda: _affine_map(1, rng.uniform(-32, 32)), _IDENTITY)
     contrast_first = rng.integers(2)
     if contrast_first:
@@ -367,10 +362,9 @@ def draw_jitter(rng, hue_high):
     saturation = maybe(lambda: _affine_map(rng.uniform(0.5, 1.5), 0))
     shift = maybe(lambda: int(rng.integers(-18, hue_high)))
     post = _IDENTITY if contrast_first else maybe(lambda: _affine_map(rng.uniform(0.5, 1.5), 0), _IDENTITY)
-    params[PRE], params[POST] = pre, post
-    params[SATURATION] = _IDENTITY if saturation is None else saturation
-    params[SATURATION_ON], params[HUE_ON] = saturation is not None, shift is not None
-    params[HUE_SHIFT] = shift or 0
+    params = np.zeros(JITTER_SIZE, np.int16)
+    params[PRE], params[SATURATION], params[POST] = pre, _IDENTITY if saturation is None else saturation, post
+    params[SATURATION_ON], params[HUE_ON], params[HUE_SHIFT] = saturation is not None, shift is not None, shift or 0
     return params
 
 
