@@ -160,12 +160,11 @@ def load_training_state(path, state=None):
 
 def stored_config(path):
     """The resolved config a seg training checkpoint stores, or None for any other file (mmap: tensors stay unread)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if zipfile.is_zipfile(path) else None
+    try:  # mmap=True: torch.load raises for a file not in torch's zip format (a legacy one too)
+        state = load_training_state(path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except Exception:  # noqa: BLE001 - unreadable files are reported when the weights are loaded
         return None
-    seg_file = isinstance(state, dict) and {"model", "iteration"} <= state.keys()
-    return state["config"] if seg_file and isinstance(state.get("config"), dict) and state["config"] else None
+    return state["config"] if isinstance(state.get("config"), dict) and state["config"] else None
 
 
 def first_line(error):
@@ -303,12 +302,9 @@ def load_weights_file(path):
 def match_names(model_names, file_names, suffix_match):
     """{model name: file name}: exact, or detectron2's rule, the longest file name equal to a dot-suffix of the
     model name (`res4.22.conv2.norm.running_var` for `backbone.bottom_up.res4.22...`). One model name per file name."""
-    file_names = set(file_names)
-    if not suffix_match:
-        return {name: name for name in model_names if name in file_names}
-    matches = {}
-    for name in model_names:
-        suffixes = (name.split(".", start)[-1] for start in range(name.count(".") + 1))  # longest first
+    file_names, matches = set(file_names), {}
+    for name in model_names:  # the name itself first, then (suffix_match) ever shorter dot-suffixes
+        suffixes = (name.split(".", start)[-1] for start in range(name.count(".") + 1 if suffix_match else 1))
         if (found := next((suffix for suffix in suffixes if suffix in file_names), None)) is not None:
             matches[name] = found
     shared = [file_name for file_name, count in collections.Counter(matches.values()).items() if count > 1]
@@ -332,7 +328,7 @@ def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_miss
     if len(mapped) != len(state):
         raise UserError(f"{source}: two names in the file become the same name after removing prefixes.")
     model_state = module.state_dict()
-    matches = match_names(list(model_state), list(mapped), suffix_match)
+    matches = match_names(model_state, mapped, suffix_match)
     taken = set(matches.values())
     report = dict(loaded=[], shape_mismatch=[], missing=[], unused=[name for name in mapped if name not in taken])
     for name, target in model_state.items():
@@ -342,7 +338,7 @@ def load_into(module, state, *, prefix_map=None, suffix_match=False, strict_miss
             report["shape_mismatch"].append((name, tuple(mapped[matches[name]].shape), tuple(target.shape)))
         else:
             report["loaded"].append(name)
-    if strict_missing:  # the model tensors left unloaded, optional ones aside
+    if strict_missing:
         unloaded = [name for name in report["missing"] if name.rsplit(".", 1)[-1] not in OPTIONAL_MODEL_TENSORS]
         unloaded += [f"{name} (file {file}, model {model})" for name, file, model in report["shape_mismatch"]]
         if unloaded:
