@@ -16,6 +16,7 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -199,7 +200,7 @@ def is_current(index, items):
     return False
 
 
-def build_cache(items, path, read_image, read_label, log=print, workers=1, lock_path=None):
+def build_cache(items, path, read_image, read_label, log, workers, lock_path):
     """Decode every item with read_image(path) -> uint8 H×W×3 and read_label(path) -> uint8 H×W in `workers` threads
     (Pillow releases the GIL) into a temporary file renamed to `path` (their errors propagate; it is removed); touch
     `lock_path` at most once a second, so waiters know the builder is alive. Returns the index dict."""
@@ -214,7 +215,7 @@ def build_cache(items, path, read_image, read_label, log=print, workers=1, lock_
                     handle.write(b"\0" * (-handle.tell() % ALIGN))
                     entries[-1].append([handle.tell(), list(array.shape)])
                     handle.write(np.ascontiguousarray(array).tobytes())
-                if lock_path is not None and time.time() - touched >= 1.0:
+                if time.time() - touched >= 1.0:
                     touched = time.time()
                     with contextlib.suppress(OSError):
                         os.utime(lock_path)
@@ -229,8 +230,7 @@ def build_cache(items, path, read_image, read_label, log=print, workers=1, lock_
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
+        Path(temporary).unlink(missing_ok=True)
     log(f"cache {path}: {len(items)} items, {os.path.getsize(path) / 2**30:.2f} GiB, "
         f"built in {time.time() - start:.1f} s")
     return index
@@ -281,8 +281,7 @@ def take_lock(path):
                 raise UserError(f"{os.path.dirname(path)} is in use by process {pid} on {host} ({path}): wait for "
                                 f"that run to end, or choose another output_dir (delete {path} if that process is "
                                 f"gone from its host)")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+            Path(path).unlink(missing_ok=True)
     finally:
         os.remove(temporary)
 
@@ -306,8 +305,7 @@ def ensure_cache(items, path, read_image, read_label, log=print, workers=1, stal
         except FileExistsError:
             if _lock_is_stale(lock_path, stale_s):
                 log(f"cache {path}: taking over a stale lock")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(lock_path)
+                Path(lock_path).unlink(missing_ok=True)
                 continue
             if not logged_wait:
                 log(f"cache {path}: waiting for another process to finish building it")
@@ -322,8 +320,7 @@ def ensure_cache(items, path, read_image, read_label, log=print, workers=1, stal
                             os.remove(temporary)
                 build_cache(items, path, read_image, read_label, log, workers, lock_path)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(lock_path)
+            Path(lock_path).unlink(missing_ok=True)
     return CachedReader(path)
 
 
