@@ -44,7 +44,6 @@ def inference_precision(device_type, amp, channels_last):
 
 
 def autocast_context(device_type, amp):
-    """A context manager running the forward pass in the requested precision."""
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[amp])
@@ -56,8 +55,7 @@ def autocast_for(device_type, amp):
 
 
 def make_scaler(device_type, amp, loss_scale):
-    """torch.amp.GradScaler, enabled for fp16 only (elsewhere its calls pass through). A static scale is one
-    that never grows; step() undoes the halving GradScaler applies after an overflow."""
+    """The module docstring's GradScaler; a static scale never grows, and step() undoes its halving on overflow."""
     dynamic = loss_scale == "dynamic"
     options = {"init_scale": 2.0**16 if dynamic else float(loss_scale), "enabled": amp == "fp16",
                "growth_interval": 2000 if dynamic else STATIC_SCALE}

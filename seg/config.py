@@ -157,10 +157,10 @@ def apply_overrides(config, overrides, model_defaults):
                 raise UserError(f"unknown key '{dotted}'{closest(key, node)}")
             node = node[key]
         last = keys[-1]
-        if keys[0] == "model" and len(keys) == 2 and last not in node and last in model_defaults:
-            default = model_defaults[last]
-        elif last in node:
+        if last in node:
             default = node[last]
+        elif keys[0] == "model" and len(keys) == 2 and last in model_defaults:
+            default = model_defaults[last]
         else:
             candidates = list(node) + (list(model_defaults) if keys[0] == "model" else [])
             raise UserError(f"unknown key '{dotted}'{closest(last, candidates)}")
@@ -186,8 +186,8 @@ def load_config(path, section, overrides=(), model_defaults_for=lambda name: {},
         check_keys(resolved, sections[BASE], defaults, f"{origins[name]} [{name}]")
     config = resolve_section(sections, section, origins.get(section, ", ".join(dict.fromkeys(origins.values()))))
     model_name = config.get("model", {}).get("name", "")
-    config = carry_from_checkpoint(config, apply_overrides(copy.deepcopy(config), overrides,
-                                                           model_defaults_for(model_name)), stored_config_for, log)
+    overridden = apply_overrides(copy.deepcopy(config), overrides, model_defaults_for(model_name))
+    config = carry_from_checkpoint(config, overridden, stored_config_for, log)
     config = apply_overrides(config, overrides, model_defaults_for(config.get("model", {}).get("name", "")))
     if not model_name:
         return config

@@ -1,8 +1,7 @@
 """Devices and torchrun: one process per device, falling back cleanly to a single process.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them, srun's SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS
-(as torchvision's references/segmentation `utils.py`), else seg runs as rank 0 of 1. The backend follows the device:
-nccl (CUDA), hccl (Ascend), gloo (CPU)."""
+(as torchvision's references/segmentation `utils.py`), else seg runs as rank 0 of 1."""
 import inspect
 import os
 import re
@@ -47,8 +46,7 @@ def resolve_device_type(device):
 
 
 def launch_ranks():
-    """(rank, local rank, world size) the launcher gave this process: torchrun's RANK, LOCAL_RANK, WORLD_SIZE, else
-    srun's (SLURM_RANKS), or (0, 0, 1) without one. The only reader of the launcher's environment."""
+    """(rank, local rank, world size) the launcher set (module docstring); the only reader of its environment."""
     if "RANK" not in os.environ and all(key in os.environ for key in SLURM_RANKS):
         return tuple(int(os.environ[key]) for key in SLURM_RANKS)
     return tuple(int(os.environ.get(key, default)) for key, default in
