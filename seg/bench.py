@@ -62,8 +62,7 @@ def environment(torch_device, command):
 
 
 def run_environment(torch_device, world_size):
-    """environment() plus what a training log records: Python, CUDA/cuDNN or torch_npu/CANN versions, every
-    visible device's name, the world size, and seg's git commit when it runs from a checkout (and git is there)."""
+    """For training logs: environment() + Python, CUDA/cuDNN or torch_npu/CANN, device names, world size, git commit."""
     found = {**environment(torch_device, None), "python": platform.python_version(), "world_size": world_size}
     if torch_device.type == "cuda":
         found.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
@@ -111,8 +110,7 @@ def peak_tflops(name, device_type, precision, override):
 
 
 def workload(model_parts, options, torch_device, seed, loss_scale, num_classes, combination=("off", False, False)):
-    """(model, train_step, infer) for one (amp, channels_last, compile) combination: a fresh model, its optimizer
-    and synthetic batches; model_parts = (build_model, make_optimizer, loss_fn) as model_bench takes them."""
+    """(model, train_step, infer) for one combination: a fresh model, its optimizer and synthetic batches."""
     (build_model, make_optimizer, loss_fn), (amp_mode, channels_last, use_compile) = model_parts, combination
     torch.manual_seed(seed)
     if use_compile:  # a fresh compile: batch sizes an earlier combination saw would make this one's shapes dynamic
@@ -222,10 +220,9 @@ def pipeline_row(dataset, read, params, count, options, jitter_in_loader, torch_
             totals = dict.fromkeys((*STAGES, "device_colour"), 0.0)
         rng, start = np.random.default_rng([0, position]), time.perf_counter()
         image, label = read(position % count)
-        totals["decode"] += time.perf_counter() - start
-        start = time.perf_counter()
+        totals["decode"] += (decoded := time.perf_counter()) - start
         hw, window, flip, label = plan(rng, label, **params)
-        totals["crop_choice"] += (planned := time.perf_counter()) - start
+        totals["crop_choice"] += (planned := time.perf_counter()) - decoded
         image = transforms.planar_view(transforms.resize_image_window(image, hw, window, flip))
         totals["resize"] += (resized := time.perf_counter()) - planned
         jitter = transforms.draw_jitter(rng, hue_high)

@@ -209,12 +209,10 @@ def _demo_voc_sample(rng, hw):
             angle = rng.uniform(-np.pi, np.pi) * _DEMO_VOC_TURN
             mask = _shape_mask(_DEMO_VOC_SHAPES[class_id], hw, centre, radius, angle)
             if not (mask & (label > 0)).any():
+                hsv = rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0)
+                image[mask] = _texture(rng, hw, np.array(colorsys.hsv_to_rgb(*hsv)) * 255, amplitude=12.0)[mask]
+                label[mask] = class_id
                 break
-        else:
-            continue
-        colour = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))) * 255
-        image[mask] = _texture(rng, hw, colour, amplitude=12.0)[mask]
-        label[mask] = class_id
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
