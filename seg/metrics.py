@@ -110,7 +110,7 @@ class Meter:
         self.images_per_step, self.device = images_per_step, torch_device
         self.sums, self.count, self.data_time, self.done = {}, 0, 0.0, 0
         self.tick = time.perf_counter()
-        self.warm = None  # [iterations done, time] once warm
+        self.warm = None  # the time WARMUP iterations were done
         self.measured = None  # (iterations, seconds) from the warm start to the latest read
 
     def add(self, losses, data_time):
@@ -119,7 +119,7 @@ class Meter:
         self.count, self.data_time, self.done = self.count + 1, self.data_time + data_time, self.done + 1
         if self.done == self.WARMUP:
             dist.synchronize(self.device)
-            self.warm = [self.done, time.perf_counter()]
+            self.warm = time.perf_counter()
 
     def read(self, iteration, total, lr):
         """The log record since the last read: mean loss terms over steps and ranks, lr, speed, ETA, memory."""
@@ -128,8 +128,8 @@ class Meter:
         scale = max(self.count, 1) * dist.world_size()
         dist.synchronize(self.device)
         now = time.perf_counter()
-        if self.warm is not None and self.done > self.WARMUP:
-            self.measured = (self.done - self.warm[0], now - self.warm[1])
+        if self.done > self.WARMUP:  # then warm is set
+            self.measured = (self.done - self.WARMUP, now - self.warm)
         speed = self.images_per_step * self.count / (now - self.tick)
         record = {"iteration": iteration, "total": total, **{k: v / scale for k, v in zip(keys, stacked.tolist())},
                   "lr": lr, "images_per_s": speed, "data_time_s": self.data_time / max(self.count, 1),
@@ -145,7 +145,7 @@ class Meter:
         elapsed = time.perf_counter() - start
         self.tick += elapsed
         if self.warm is not None:
-            self.warm[1] += elapsed
+            self.warm += elapsed
 
     def summary(self, world_size):
         """The run's global images/s after the warm-up (None for runs of WARMUP iterations or fewer)."""
