@@ -20,8 +20,6 @@ from seg.losses import pixel_cross_entropy
 from seg.metrics import confusion_matrix
 
 
-# ------------------------------------------------------------------------------- views (data side)
-
 def resize_to_scales(image, long_short, ratios):
     """One uint8 h×w×3 view per ratio: `image` with long side <= int(max(long_short)·ratio) and short side
     <= int(min(long_short)·ratio), aspect kept (mmcv.imrescale); the image itself where no resize is needed."""
@@ -47,8 +45,6 @@ def collate_views(samples):
     image, hw = stack_views(views)
     return {"image": image, "hw": hw, "label": torch.tensor(label)[None]}  # a copy: labels may be read-only
 
-
-# ------------------------------------------------------------------------------------------- inference
 
 def channels_last(model):
     """Whether the model's convolutions hold their weights in channels_last (NHWC) memory format (a k×k one tells)."""
@@ -120,8 +116,6 @@ def test_time_scores(model, image, hw, out_hw, test):
             total = probabilities if total is None else total + probabilities
     return total / (len(sizes) * len(flips))
 
-
-# ------------------------------------------------------------------------------------------ evaluation
 
 def host_and_device_batches(loader, torch_device):
     """(batch as the loader made it, its device copy) pairs; batch k+1 is copied while the caller computes on batch

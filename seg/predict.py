@@ -78,8 +78,6 @@ def predict_files(model, jobs, output, inference, legend, log=print):
     return written
 
 
-# ------------------------------------------------------------------------------------------- pictures
-
 def colorize(label, palette):
     """H×W class indices -> H×W×3 uint8 RGB; 255 (ignore) and indices beyond the palette are drawn white."""
     table = np.full((256, 3), 255, np.uint8)
@@ -167,8 +165,6 @@ def palette_and_names(palette, classes, num_classes):
         names.append(f"class {len(names)}")
     return palette, names
 
-
-# --------------------------------------------------------------------------------------------- export
 
 class ExportGraph(torch.nn.Module):
     """What an exported file computes: uint8 N×3×H×W BGR `image` -> float32 N×K×H×W `logits` at the input size,
