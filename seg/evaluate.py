@@ -7,10 +7,7 @@ side. Whole mode: the model's logits resized (bilinear, align_corners=False) to 
 view (detectron2 sem_seg_postprocess). Slide mode (mmseg slide_inference): windows of test.crop_hw every
 test.stride_hw, the last one per axis shifted back to end at the border, logits summed where windows overlap and
 divided by the count. Each view's logits are resized to the original size: one view without flip gives the scores
-(detectron2); several scales or test.flip average the softmax probabilities over views × flips (mmseg aug_test).
-
-The confusion matrix (seg/metrics.py) is accumulated on the device without per-image host reads, then all-reduced;
-no prediction maps are kept. Evaluation leaves the model in the train/eval modes it found."""
+(detectron2); several scales or test.flip average the softmax probabilities over views × flips (mmseg aug_test)."""
 import contextlib
 import itertools
 
@@ -23,17 +20,12 @@ from seg.losses import pixel_cross_entropy
 from seg.metrics import confusion_matrix
 
 
-# ------------------------------------------------------------------------------- views (data side)
-
 def resize_to_scales(image, long_short, ratios):
     """One uint8 h×w×3 view per ratio: `image` with long side <= int(max(long_short)·ratio) and short side
     <= int(min(long_short)·ratio), aspect kept (mmcv.imrescale); the image itself where no resize is needed."""
-    views = []
-    for ratio in ratios:
-        scaled = (int(long_short[0] * ratio), int(long_short[1] * ratio))
-        height, width = transforms.rescale_hw(image.shape[0], image.shape[1], scaled)
-        views.append(image if (height, width) == image.shape[:2] else transforms.resize_image(image, (height, width)))
-    return views
+    sizes = [transforms.rescale_hw(*image.shape[:2], (int(long_short[0] * ratio), int(long_short[1] * ratio)))
+             for ratio in ratios]
+    return [image if hw == image.shape[:2] else transforms.resize_image(image, hw) for hw in sizes]
 
 
 def stack_views(views):
@@ -53,8 +45,6 @@ def collate_views(samples):
     image, hw = stack_views(views)
     return {"image": image, "hw": hw, "label": torch.tensor(label)[None]}  # a copy: labels may be read-only
 
-
-# ------------------------------------------------------------------------------------------- inference
 
 def channels_last(model):
     """Whether the model's convolutions hold their weights in channels_last (NHWC) memory format (a k×k one tells)."""
@@ -126,8 +116,6 @@ def test_time_scores(model, image, hw, out_hw, test):
             total = probabilities if total is None else total + probabilities
     return total / (len(sizes) * len(flips))
 
-
-# ------------------------------------------------------------------------------------------ evaluation
 
 def host_and_device_batches(loader, torch_device):
     """(batch as the loader made it, its device copy) pairs; batch k+1 is copied while the caller computes on batch

@@ -73,10 +73,12 @@ def worst_images(counts, k):
     return [(index, value) for value, index in sorted((v, i) for i, v in enumerate(miou) if v == v)[:k]]
 
 
+def percent(value, missing="nan"):
+    return missing if value is None or value != value else f"{100 * value:.2f}"  # None: not in this eval.json; NaN
+
+
 def format_table(metrics, class_names):
     """The per-class IoU/Acc table and the summary line, in percent with 2 decimals."""
-    def percent(value):
-        return "nan" if value != value else f"{100 * value:.2f}"
     width = max(len(name) for name in class_names)
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
     for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"]):
@@ -108,7 +110,7 @@ class Meter:
         self.images_per_step, self.device = images_per_step, torch_device
         self.sums, self.count, self.data_time, self.done = {}, 0, 0.0, 0
         self.tick = time.perf_counter()
-        self.warm = None  # [iterations done, time] once warm
+        self.warm = None  # the time WARMUP iterations were done
         self.measured = None  # (iterations, seconds) from the warm start to the latest read
 
     def add(self, losses, data_time):
@@ -117,7 +119,7 @@ class Meter:
         self.count, self.data_time, self.done = self.count + 1, self.data_time + data_time, self.done + 1
         if self.done == self.WARMUP:
             dist.synchronize(self.device)
-            self.warm = [self.done, time.perf_counter()]
+            self.warm = time.perf_counter()
 
     def read(self, iteration, total, lr):
         """The log record since the last read: mean loss terms over steps and ranks, lr, speed, ETA, memory."""
@@ -126,8 +128,8 @@ class Meter:
         scale = max(self.count, 1) * dist.world_size()
         dist.synchronize(self.device)
         now = time.perf_counter()
-        if self.warm is not None and self.done > self.WARMUP:
-            self.measured = (self.done - self.warm[0], now - self.warm[1])
+        if self.done > self.WARMUP:  # then warm is set
+            self.measured = (self.done - self.WARMUP, now - self.warm)
         speed = self.images_per_step * self.count / (now - self.tick)
         record = {"iteration": iteration, "total": total, **{k: v / scale for k, v in zip(keys, stacked.tolist())},
                   "lr": lr, "images_per_s": speed, "data_time_s": self.data_time / max(self.count, 1),
@@ -143,7 +145,7 @@ class Meter:
         elapsed = time.perf_counter() - start
         self.tick += elapsed
         if self.warm is not None:
-            self.warm[1] += elapsed
+            self.warm += elapsed
 
     def summary(self, world_size):
         """The run's global images/s after the warm-up (None for runs of WARMUP iterations or fewer)."""
@@ -261,7 +263,6 @@ def save_png(figure, path):
 
 
 def curves_figure(figure, train, evals):
-    """Loss terms, lr, images/s, data time against iteration, then mIoU / aAcc and val_loss per evaluation."""
     losses = sorted({key for record in train for key in record if key.startswith("loss")})
     panels = [(title, keys, records) for title, keys, records in (
         ("loss terms", losses, train), ("learning rate", ["lr"], train), ("images/s (global)", ["images_per_s"], train),
@@ -309,10 +310,6 @@ def confusion_figure(figure, evaluation):
     return figure
 
 
-def page_percent(value):
-    return "–" if value is None or value != value else f"{100 * value:.2f}"  # None: not in this eval.json; NaN
-
-
 def page(run, evaluation, plots, worst, config_text):
     """The HTML text: headline scores and the per-class table of eval.json, the plots, the worst panels, the config."""
     esc = html.escape
@@ -322,18 +319,18 @@ def page(run, evaluation, plots, worst, config_text):
     if evaluation:
         loss, iteration = evaluation.get("val_loss"), evaluation.get("iteration")
         parts.append(f"<p>evaluation{f' at iteration {iteration}' if iteration else ''}: " + ", ".join(
-            f"{key} {page_percent(evaluation.get(key))}" for key in ("aAcc", "mIoU", "mAcc", "mDice", "fwIoU")) +
+            f"{key} {percent(evaluation.get(key), '–')}" for key in ("aAcc", "mIoU", "mAcc", "mDice", "fwIoU")) +
             (f", val_loss {loss:.4f}" if loss is not None else "") + "</p>")
         keys = [key for key in ("IoU", "Acc", "Precision", "Recall", "Dice") if key in evaluation]
         rows = ["<tr><th>class</th>" + "".join(f"<th>{key}</th>" for key in keys) + "</tr>"] + [
-            f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{page_percent(evaluation[key][k])}</td>" for key in keys) +
+            f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{percent(evaluation[key][k], '–')}</td>" for key in keys) +
             "</tr>" for k, name in enumerate(evaluation["classes"])]
         parts.append("<table>" + "\n".join(rows) + "</table>")
     parts += [f"<h2>{esc(title)}</h2><img src='{esc(name)}' alt='{esc(title)}'>" for title, name in plots]
     if worst:
         parts.append("<h2>worst images (photo | truth | prediction)</h2>" + "".join(
             f"<figure><img src='../{esc(item['panel'])}'><figcaption>{esc(item['stem'])}: mIoU "
-            f"{page_percent(item['mIoU'])}</figcaption></figure>" for item in worst))
+            f"{percent(item['mIoU'], '–')}</figcaption></figure>" for item in worst))
     parts.append(f"<h2>config ({esc(config_text[1])})</h2><pre>{esc(config_text[0])}</pre></body></html>\n")
     return "\n".join(parts)
 

@@ -78,8 +78,6 @@ def predict_files(model, jobs, output, inference, legend, log=print):
     return written
 
 
-# ------------------------------------------------------------------------------------------- pictures
-
 def colorize(label, palette):
     """H×W class indices -> H×W×3 uint8 RGB; 255 (ignore) and indices beyond the palette are drawn white."""
     table = np.full((256, 3), 255, np.uint8)
@@ -90,9 +88,8 @@ def colorize(label, palette):
 def draw_legend(image, classes, palette, names):
     """Draw a white box listing `classes` (swatch and name) at the top left of a Pillow RGB image, in Pillow's
     default font scaled to the image. Returns the box (left, top, right, bottom), inclusive."""
-    size = max(10, round(min(image.size) / 40))
     try:
-        font = ImageFont.load_default(size)
+        font = ImageFont.load_default(max(10, round(min(image.size) / 40)))
     except TypeError:  # Pillow < 10.1: a fixed bitmap font
         font = ImageFont.load_default()
     draw = ImageDraw.Draw(image)
@@ -139,8 +136,7 @@ def panel(photo, label, prediction, palette, names, min_height=256):
     picture = np.concatenate([photo, colorize(label, palette), colorize(prediction, palette)], axis=1)
     scale = -(-min_height // picture.shape[0])
     image = Image.fromarray(picture.repeat(scale, axis=0).repeat(scale, axis=1))
-    present = [k for k in np.union1d(np.unique(label), np.unique(prediction)).tolist() if k < len(names)]
-    if present:
+    if present := [k for k in np.union1d(np.unique(label), np.unique(prediction)).tolist() if k < len(names)]:
         draw_legend(image, present, palette, names)
     return np.asarray(image)
 
@@ -169,8 +165,6 @@ def palette_and_names(palette, classes, num_classes):
         names.append(f"class {len(names)}")
     return palette, names
 
-
-# --------------------------------------------------------------------------------------------- export
 
 class ExportGraph(torch.nn.Module):
     """What an exported file computes: uint8 N×3×H×W BGR `image` -> float32 N×K×H×W `logits` at the input size,

@@ -1,7 +1,6 @@
-"""The training loop shared by PSPNet and PointRend, and its pieces: optimizer, learning rate, norm_eval, speed-ups,
-one step, reseeding, resume, the output folder's ownership and what a checkpoint holds. `train` reads top to bottom:
-set the lr, wait for a batch, step, and on their intervals log, checkpoint and evaluate; it takes objects and
-callables (the loss, autocast and scaler in `step`, checkpoint and evaluation `hooks`) built by seg/tasks.py."""
+"""The training loop shared by PSPNet and PointRend, and its pieces: optimizer, learning rate, norm_eval, speed-ups, one
+step, reseeding, resume, the output folder's ownership and what a checkpoint holds. `train` reads top to bottom: set the
+lr, wait for a batch, step, and on their intervals log, checkpoint and evaluate; seg/tasks.py builds what it takes."""
 import contextlib
 import hashlib
 import json
@@ -74,8 +73,7 @@ def on_device(batch):
     """Finish a training batch on the device: apply the colour jitter the loader drew (if it did not apply it)
     and widen the uint8 labels to int64 for the losses. Only device ops: no host synchronisation."""
     batch = dict(batch, label=batch["label"].long())
-    jitter = batch.pop("jitter", None)
-    if jitter is not None:
+    if (jitter := batch.pop("jitter", None)) is not None:
         batch["image"] = transforms.apply_jitter(batch["image"], jitter)
     return batch
 
@@ -114,11 +112,10 @@ def train(runner, batches, step, iterations, intervals, hooks, meter):
 
     runner: the model as trained (DDP / compiled); batches: an iterator of device batches; step: {"loss_fn",
     "optimizer", "scaler", "autocast", "lr_at": 0-based iteration -> lr, "norm_eval", "seed", "rank", "accumulate"
-    (micro-batches per step; 1 if absent)};
-    intervals: {"log", "checkpoint", "eval", "final_eval"}; hooks: {"log": record -> None, "checkpoint":
-    iteration -> None, "evaluate": iteration -> None or why to stop early, "say": print on rank 0}; meter:
-    metrics.Meter. Checkpoints and evaluations are not training time (meter.paused); an evaluation comes before
-    the checkpoint of its iteration (which then holds its result), and after each checkpoint every rank reseeds.
+    (micro-batches per step; 1 if absent)}; intervals: {"log", "checkpoint", "eval", "final_eval"}; hooks: {"log":
+    record -> None, "checkpoint": iteration -> None, "evaluate": iteration -> None or why to stop early, "say": print on
+    rank 0}; meter: metrics.Meter. Checkpoints and evaluations are not training time (meter.paused); an evaluation comes
+    before the checkpoint of its iteration (which then holds its result), and after each checkpoint every rank reseeds.
     An early stop ends like the last iteration: with a checkpoint; returns its reason, or None."""
     optimizer, scaler, total = step["optimizer"], step["scaler"], iterations.stop - 1
     runner.train()
