@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 
 import pytest
@@ -18,3 +19,11 @@ def voc_root(tmp_path_factory):
     data_root = tmp_path_factory.mktemp("data")
     prepare.make_demo_voc(str(data_root / "voc"), n_train=8, n_val=4, size=(48, 64), seed=1)
     return str(data_root)
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port nothing listens on now, for a test's process group (fixed ports collide when test runs overlap)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -234,12 +234,12 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_any_work(tmp_path)
     assert result.returncode == 2 and "data.batch_size" in result.stderr and os.listdir(tmp_path) == []
 
 
-def test_a_user_error_on_one_rank_stops_every_rank_with_exit_2_and_no_traceback(tmp_path):
+def test_a_user_error_on_one_rank_stops_every_rank_with_exit_2_and_no_traceback(tmp_path, free_port):
     """Rank 0 cannot generate the demo data (data_root is a file); rank 1 waits for it at a barrier."""
     (tmp_path / "file").write_text("not a folder")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29533", "run.py", "demo", f"data_root={tmp_path / 'file'}", f"output_dir={tmp_path / 'out'}",
+                             str(free_port), "run.py", "demo", f"data_root={tmp_path / 'file'}", f"output_dir={tmp_path / 'out'}",
                              "data.workers=0"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     ranks = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert "[rank1]: Traceback" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]

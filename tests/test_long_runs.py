@@ -172,7 +172,7 @@ def one_step(model, batch, accumulate):
     return {key: float(value) for key, value in found.items()}, applied
 
 
-def test_accumulating_two_micro_batches_gives_the_weights_of_one_whole_batch():
+def test_accumulating_two_micro_batches_gives_the_weights_of_one_whole_batch(free_port):
     """PSPNet with BN in eval mode (norm_eval) and no dropout has no batch-dependent layer, and its loss averages
     over all pixels: two half batches average to the whole batch's gradient (DDP's no_sync path included)."""
     generator = torch.Generator().manual_seed(0)
@@ -184,7 +184,7 @@ def test_accumulating_two_micro_batches_gives_the_weights_of_one_whole_batch():
     for model in (whole, split):
         model.decode_head.dropout.p = model.auxiliary_head.dropout.p = 0.0
         train.set_norm_eval(model, True)
-    torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(split)
         expected, got = one_step(whole, batch, 1), one_step(wrapped, batch, 2)
@@ -226,7 +226,7 @@ def test_launch_ranks_read_slurm_only_without_torchrun(monkeypatch):
     assert dist.launch_ranks() == (0, 0, 2)
 
 
-def test_two_slurm_tasks_train_together_like_torchrun(voc_root, tmp_path):
+def test_two_slurm_tasks_train_together_like_torchrun(voc_root, tmp_path, free_port):
     """Two processes given only srun's variables rendezvous on the node list's first host and train the weights of
     one process with the same global batch, which test_train_e2e shows a 2-process torchrun run trains."""
     import subprocess
@@ -238,7 +238,7 @@ def test_two_slurm_tasks_train_together_like_torchrun(voc_root, tmp_path):
     slurm = str(tmp_path / "slurm")
     env = {key: value for key, value in os.environ.items()
            if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.[1-2]", MASTER_PORT="29535")
+    env.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.[1-2]", MASTER_PORT=str(free_port))
     processes = [subprocess.Popen([sys.executable, "run.py", "demo", *overrides(voc_root, slurm, *common)],
                                   cwd=os.path.dirname(CONFIGS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})

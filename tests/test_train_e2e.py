@@ -71,13 +71,13 @@ def run_cli(*args, env_extra=None):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(voc_root, tmp_path):
+def test_two_processes_equal_one_with_the_same_global_batch(voc_root, tmp_path, free_port):
     common = ["iterations=2", "checkpoint_interval=0", "model.dropout=0.0", "norm_eval=true"]
     one = str(tmp_path / "one")
     result = run_cli("run.py", "demo", *overrides(voc_root, one, *common))
     assert result.returncode == 0, result.stderr
     two = str(tmp_path / "two")
-    result = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    result = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
                      "run.py", "demo", *overrides(voc_root, two, *common))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "img/s" in result.stdout  # global throughput on every log line
