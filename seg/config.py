@@ -318,6 +318,10 @@ def check_paths(config, check):
     for key, hint in REQUIRED.get(config["task"], {}).items():
         if not config[key]:
             raise UserError(f"[{config['section']}] needs {key}=PATH ({hint})")
+    if config["task"] in ("train", "demo", "evaluate", "predict", "export", "load"):  # the tasks that read weights
+        check("weights", not config["weights"] or os.path.isfile(config["weights"]), f"a file: {CHECKPOINT}")
+        check("pretrained", not config["pretrained"] or os.path.isfile(config["pretrained"]), "the ImageNet backbone "
+              "there (mmcv resnet50_v1c-2cccc1ad.pth for PSPNet, MSRA R-101.pkl for PointRend), or \"\" from scratch")
     if config["task"] in WRITES_OUTPUT_DIR:
         check_writable_folder(config["output_dir"], "output_dir")
     if config["task"] == "predict":

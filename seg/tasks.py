@@ -57,11 +57,7 @@ def start(config):
 def model_with_weights(config, torch_device, log):
     """The model on the device with `pretrained` (backbone only), then `weights` (whole model) loaded."""
     model = build_model(config["model"]).to(torch_device)
-    if config["pretrained"]:
-        if not os.path.isfile(config["pretrained"]):
-            raise UserError(f"pretrained = {config['pretrained']}: file not found. Download the ImageNet backbone "
-                            f"(mmcv resnet50_v1c-2cccc1ad.pth for PSPNet, detectron2's MSRA R-101.pkl for PointRend) "
-                            f"to that path, or train from scratch with pretrained=\"\"")
+    if config["pretrained"]:  # config.validate checked that the file is there
         checkpoint.load_pretrained_backbone(model.backbone, config["pretrained"], log=log, verbose=config["verbose"])
     if config["weights"]:
         checkpoint.load_model_weights(model, config["weights"], allow_missing=config["allow_missing_weights"],

@@ -124,6 +124,15 @@ def test_command_line_errors_are_one_line_exit_2_and_write_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+
+@pytest.mark.parametrize("key", ["pretrained", "weights"])
+def test_a_missing_weights_file_is_found_before_data_or_output_are_made(tmp_path, key):
+    """A missing pretrained file used to surface once the demo data were generated and the run folder made."""
+    result = subprocess.run([sys.executable, "run.py", "demo", f"data_root={tmp_path}", f"{key}={tmp_path / 'no.pth'}",
+                             f"output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and f"{key} = " in result.stderr
+    assert os.listdir(tmp_path) == []
+
 def copy_of_voc(voc_root, tmp_path):
     import shutil
 
