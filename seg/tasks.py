@@ -262,7 +262,7 @@ def evaluation(config, model, torch_device, board=None):
             worst = worst_panels(config, model, torch_device, details["per_image"], (dataset, info))
             metrics.report_evaluation(result, info["classes"], len(dataset), {"iteration": iteration, "test":
                                       config["test"], "worst": worst}, config["output_dir"], board)
-        for stem, picture in panels_of(config, model, torch_device, 3) if board is not None else ():
+        for stem, picture in panels_of(config, model, torch_device, 3, (dataset, info)) if board is not None else ():
             board.add_image(f"val/{stem}", picture, iteration, dataformats="HWC")
         return result
     return run
@@ -309,9 +309,9 @@ def evaluate_task(config, load_section=None):
     return result
 
 
-def panels_of(config, model, torch_device, count):
+def panels_of(config, model, torch_device, count, dataset_and_info=None):
     """[(stem, photo | truth | prediction picture)] of the first `count` val images, predicted as evaluation does."""
-    dataset, info = eval_dataset(config)
+    dataset, info = dataset_and_info or eval_dataset(config)
     return predict.prediction_panels(model, dataset, count, inference_options(config, torch_device),
                                      (info["palette"], info["classes"]))
 
