@@ -223,11 +223,10 @@ def collate(samples, divisor=1, min_hw=(0, 0)):
 
 
 def normalize_and_pad(image, hw, mean, std, rgb, divisor):
-    """collate pads on the host, this normalises on the device: a padded batch of BGR images -> network input. image:
-    N×3×H×W uint8 (or float) in 0..255, BGR; hw: int N×2 valid (height, width), padding at bottom/right; mean, std: 3
-    values in the model's channel order (RGB if `rgb`: flip BGR to RGB first); divisor: pad H, W up to a multiple of it
-    (1 = none). Returns float32 N×3×H'×W': (x - mean) / std inside each valid area, exactly 0 elsewhere (both references
-    pad after normalising: 0 = mean)."""
+    """The model's first step, on the device (collate padded on the host): image N×3×H×W uint8 (or float) 0..255 BGR;
+    hw: int N×2 valid (height, width), padding at bottom/right; mean, std: 3 values in the model's channel order (RGB
+    if `rgb`: flip BGR to RGB first); divisor: pad H, W up to a multiple of it (1 = none). Returns float32 N×3×H'×W':
+    (x - mean) / std inside each valid area, exactly 0 elsewhere (both references pad after normalising: 0 = mean)."""
     x = image.float().flip(1) if rgb else image.float()
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
     x = (x - mean) / std

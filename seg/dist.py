@@ -159,9 +159,8 @@ def time_calls(function, torch_device, warmup, steps):
 
 
 def peak_memory_mib(torch_device):
-    if torch_device.type == "cpu":
-        return 0.0
-    return torch.get_device_module(torch_device).max_memory_allocated(torch_device) / 2**20
+    device = None if torch_device.type == "cpu" else torch.get_device_module(torch_device)  # cpu: no allocator count
+    return device.max_memory_allocated(torch_device) / 2**20 if device else 0.0
 
 
 def peer_failed(error):

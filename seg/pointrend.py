@@ -44,8 +44,7 @@ def c2_msra_fill(conv):
 
 
 class NormedConv2d(nn.Conv2d):
-    """Bias-free conv with its norm as child `norm` (detectron2: `conv1.weight`, `conv1.norm.*`); no activation.
-    norm: "frozen" (FrozenBatchNorm2d) or "bn" (pspnet.batch_norm: nn.BatchNorm2d, the trainer may make it SyncBN)."""
+    """Bias-free conv, no activation, its norm ("frozen" or "bn") as child `norm` (detectron2: `conv1.norm.*`)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, norm="frozen"):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)

@@ -130,8 +130,7 @@ def jitter_in_loader(config, device_type):
     """data.jitter_on: the colour jitter in the loader workers (numpy) or on the device after the copy (torch).
     "auto": the device on CUDA (it frees the workers of their costliest stage); the loader on CPU (numpy is 5-10×
     faster there) and NPU (torch_npu's int32 table lookups are unverified; the Ascend ports jitter in workers)."""
-    place = config["data"]["jitter_on"]
-    return place == "loader" or (place == "auto" and device_type != "cuda")
+    return {"loader": True, "device": False}.get(config["data"]["jitter_on"], device_type != "cuda")
 
 
 def train_dataset(config, in_loader=True):
@@ -282,19 +281,9 @@ def worst_panels(config, model, torch_device, counts, dataset_and_info):
     return listed
 
 
-def save_label_ids(config, model, torch_device):
-    """<output_dir>/label_ids/<stem>.png in the label_ids' ids (and overlays) of every val image, predicted as
-    evaluation does (no switch to slide mode): the files cityscapesScripts' evaluator reads."""
-    dataset, info = eval_dataset(config)
-    folder, inference = os.path.join(config["output_dir"], "label_ids"), inference_options(config, torch_device)
-    jobs = data.prediction_jobs([image for image, _ in dataset.items], folder)
-    written = predict.predict_files(model.eval(), jobs, folder, {**inference, "test": {
-        **config["test"], "max_size": float("inf")}}, (info["palette"], info["classes"]))
-    print(f"wrote {written} label maps in {config['label_ids']} label ids to {folder}")
-
-
 def evaluate_task(config, load_section=None):
-    """Load `weights`, score the val split, optionally save colour-coded predictions."""
+    """Load `weights`, score the val split, optionally save colour-coded predictions and (label_ids) the val label maps
+    cityscapesScripts' evaluator reads (<output_dir>/label_ids/<stem>.png), predicted as evaluation: no slide switch."""
     split_items(config, "val_splits", cache=False)  # every file is there before the model loads
     torch_device, rank, world_size, say = start(config)
     os.makedirs(config["output_dir"], exist_ok=True)
@@ -304,7 +293,12 @@ def evaluate_task(config, load_section=None):
     if rank == 0 and config["save_predictions"] > 0:
         save_predictions(config, model, torch_device)
     if rank == 0 and config["label_ids"]:
-        save_label_ids(config, model, torch_device)
+        dataset, info = eval_dataset(config)
+        folder, inference = os.path.join(config["output_dir"], "label_ids"), inference_options(config, torch_device)
+        jobs = data.prediction_jobs([image for image, _ in dataset.items], folder)
+        written = predict.predict_files(model.eval(), jobs, folder, {**inference, "test": {
+            **config["test"], "max_size": float("inf")}}, (info["palette"], info["classes"]))
+        print(f"wrote {written} label maps in {config['label_ids']} label ids to {folder}")
     dist.cleanup()
     return result
 

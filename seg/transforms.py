@@ -388,9 +388,8 @@ def jittered(image, params):
     return planar_view(apply_jitter_planes(planes_of(image), params))
 
 
-# On the device: the same tables and operation order in int32/float32 torch ops, batched, no host synchronisation.
-# On a CPU 5-10× slower than numpy (one thread: 17 vs 3.3 ms per 512×512 round trip; 38-53 vs ~4 ms per VOC crop,
-# which always computes both round trips), so the host keeps numpy.
+# On the device: the same tables and operation order in int32/float32 torch ops, batched, no host synchronisation. On a
+# CPU 5-10× slower than numpy (one thread: 17 vs 3.3 ms per 512×512 round trip), so the host keeps numpy.
 @functools.lru_cache(maxsize=None)
 def _device_tables(device):
     """(saturation, hue, middle, low) tables as int32 / float32 tensors on `device`, built once per device."""
